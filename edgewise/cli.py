@@ -1,0 +1,204 @@
+"""The `edgewise` command: a thin layer over the Python API.
+
+Every user-facing failure is an `EdgewiseError`, printed as one line (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from edgewise import __version__
+from edgewise.errors import EdgewiseError
+
+EXAMPLES = """\
+examples:
+  edgewise generate "Once upon a time"                 # the embedded SmolLM2-135M, compiled decode
+  edgewise generate --chat "Write a haiku about flash memory"
+  edgewise chat
+  edgewise eval ppl --text shakespeare --ctx 512 --max-tokens 8192
+  edgewise generate --model ~/models/tinyllama.Q4_1.gguf "Hello"
+"""
+
+
+def _add_model_args(p: argparse.ArgumentParser, compile_default: bool = True) -> None:
+    p.add_argument("--model", metavar="PATH.gguf", help="a llama-architecture GGUF (default: the embedded SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument(
+        "--precision",
+        choices=("quant", "bf16", "fp32"),
+        default="quant",
+        help="quant: int4/int8 kernels on the GGUF's own quantized weights (fast, default); "
+        "bf16/fp32: dequantized weights (fp32 is the reference)",
+    )
+    if compile_default:
+        p.add_argument("--no-compile", action="store_true", help="decode eagerly instead of with the cached AOTInductor step")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128, help="new tokens to generate at most (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.7 for varied text")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass when temperature > 0 (default 0.9)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgewise",
+        description="Run, train and compress AI models on the device itself.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"edgewise {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="continue a prompt, streaming tokens, then print TTFT, tok/s and peak RSS")
+    gen.add_argument("prompt", help="the text to continue")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as one user turn")
+    _add_model_args(gen)
+    _add_sampling_args(gen)
+
+    chat = sub.add_parser("chat", help="interactive chat with the model's template (empty line or Ctrl-D ends)")
+    chat.add_argument("--system", help="a system prompt (default: the template's own)")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+
+    ev = sub.add_parser("eval", help="evaluate a model")
+    ev_sub = ev.add_subparsers(dest="metric", metavar="METRIC", required=True)
+    ppl = ev_sub.add_parser(
+        "ppl",
+        help="perplexity over non-overlapping windows of a text",
+        description="Perplexity over non-overlapping windows of --ctx tokens across the first --max-tokens "
+        "tokens of the text. Ends with a line `ppl = X`.",
+    )
+    ppl.add_argument("--text", required=True, metavar="shakespeare|austen|FILE", help="a bundled corpus or any UTF-8 file")
+    ppl.add_argument("--ctx", type=int, default=1024, help="window length in tokens (default 1024)")
+    ppl.add_argument("--max-tokens", type=int, default=None, help="score only the first M tokens of the text (default: all)")
+    _add_model_args(ppl, compile_default=False)
+    return parser
+
+
+def _progress_bar(desc: str):
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="layer" if "load" in desc else "window", leave=False, file=sys.stderr)
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    return update
+
+
+def _load(args, compile: bool):
+    from edgewise.lm.runtime import LanguageModel
+
+    return LanguageModel.load(
+        args.model,
+        precision=args.precision,
+        compile=compile,
+        progress=_progress_bar("loading model"),
+        log=lambda msg: print(msg, file=sys.stderr),
+    )
+
+
+def _sampler(args):
+    from edgewise.lm.runtime import Sampler
+
+    return Sampler(args.temperature, args.top_p, args.seed)
+
+
+def cmd_generate(args) -> int:
+    if not args.prompt.strip():
+        raise EdgewiseError("empty prompt: give some text to continue, e.g. edgewise generate \"Once upon a time\"")
+    lm = _load(args, compile=not args.no_compile)
+    text = lm.chat_template.render([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    ids = lm.tokenizer.encode(text)
+    lm.check_prompt(ids, args.max_tokens)
+    if not args.chat:
+        print(args.prompt, end="", flush=True)
+    for piece in lm.tokenizer.stream(lm.generate(ids, args.max_tokens, _sampler(args))):
+        print(piece, end="", flush=True)
+    print()
+    print(lm.last_stats.line(), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    lm = _load(args, compile=not args.no_compile)
+    sampler = _sampler(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"chatting with {lm.path.name} (empty line or Ctrl-D to end)", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        ids = lm.chat_ids(messages)
+        if len(ids) + args.max_tokens > lm.cfg.context_length:
+            raise EdgewiseError(f"the conversation ({len(ids)} tokens) no longer fits the model's context of {lm.cfg.context_length}")
+        reply = []
+        for piece in lm.tokenizer.stream(lm.generate(ids, args.max_tokens, sampler)):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        print(lm.last_stats.line(), file=sys.stderr)
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def cmd_eval_ppl(args) -> int:
+    from edgewise.data.text import load_text
+    from edgewise.metrics.perplexity import perplexity
+
+    text = load_text(args.text)
+    lm = _load(args, compile=False)
+    if args.ctx > lm.cfg.context_length:
+        raise EdgewiseError(f"--ctx {args.ctx} is longer than the model's context of {lm.cfg.context_length} tokens")
+    ids = lm.tokenizer.encode(text)
+    cache = lm.new_cache(args.ctx)
+    result = perplexity(
+        lambda window: lm.prefill(window, cache, last_only=False),
+        ids,
+        args.ctx,
+        args.max_tokens,
+        progress=_progress_bar("perplexity"),
+    )
+    print(
+        f"{lm.path.name} [{args.precision}] on {args.text}: {result.n_windows} windows x {result.ctx} tokens,"
+        f" {result.n_predicted} predictions, mean NLL {result.nll_sum / result.n_predicted:.4f}"
+    )
+    print(f"ppl = {result.ppl:.4f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handlers = {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval_ppl}
+    try:
+        return handlers[args.command](args)
+    except EdgewiseError as exc:
+        if args.debug:
+            raise
+        print(f"edgewise: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

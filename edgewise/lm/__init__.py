@@ -1,0 +1,1 @@
+"""The language-model runtime: config, tokenizer, weights, the decoder, generation, compiled decode."""

@@ -1,0 +1,175 @@
+"""A loaded language model: tokenizer, decoder, KV cache, sampling, and the compiled decode step.
+
+    lm = LanguageModel.load()                       # the default SmolLM2-135M, quantized, compiled
+    for piece in lm.stream("Once upon a time", max_new_tokens=64):
+        print(piece, end="")
+    print(lm.last_stats.line())
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from edgewise.errors import EdgewiseError
+from edgewise.gguf_io import read_gguf
+from edgewise.lm.chat import ChatTemplate
+from edgewise.lm.compiled import MIN_LIVE, CompiledDecoder, load_or_compile
+from edgewise.lm.model import KVCache, Llama, causal_mask
+from edgewise.lm.tokenizer import TextTokenizer
+from edgewise.lm.weights import PRECISIONS, Precision
+from edgewise.metrics.memory import peak_rss_mb
+from edgewise.models import resolve_model
+
+
+@dataclass
+class Sampler:
+    """Greedy at temperature 0; otherwise temperature plus nucleus (top-p) sampling, seeded."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self):
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise EdgewiseError(f"bad sampling settings: temperature {self.temperature} (>= 0), top-p {self.top_p} (in (0, 1])")
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        if self.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if self.top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < self.top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    ttft_s: float = 0.0  # prompt in, first new token out (prefill + first sample)
+    decode_s: float = 0.0  # from the first new token to the last
+    peak_rss_mb: float = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.ttft_s if self.ttft_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s and self.new_tokens > 1 else 0.0
+
+    def line(self) -> str:
+        return (
+            f"TTFT {self.ttft_s * 1000:.0f} ms | prefill {self.prefill_tok_s:.0f} tok/s ({self.prompt_tokens} tokens)"
+            f" | decode {self.decode_tok_s:.1f} tok/s ({self.new_tokens} tokens) | peak RSS {self.peak_rss_mb:.0f} MB"
+        )
+
+
+class LanguageModel:
+    def __init__(self, path: Path, model: Llama, tokenizer: TextTokenizer, chat_template: ChatTemplate, decoder: CompiledDecoder | None, compile_s: float):
+        self.path, self.model, self.tokenizer, self.chat_template = path, model, tokenizer, chat_template
+        self.decoder = decoder  # None: decode eagerly
+        self.compile_s = compile_s
+        self.cfg = model.cfg
+        self.last_stats = GenerationStats()
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None = None,
+        precision: Precision = "quant",
+        compile: bool = True,
+        cache_dir: Path | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        log: Callable[[str], None] = lambda msg: None,
+    ) -> "LanguageModel":
+        """Load a llama-architecture GGUF (the default model when `path` is None)."""
+        if precision not in PRECISIONS:
+            raise EdgewiseError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+        os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # before torch's OpenMP pool starts work; PASSIVE is 3-4x slower here
+        path = resolve_model(path)
+        gguf = read_gguf(path)
+        tokenizer = TextTokenizer.from_gguf(gguf)
+        model = Llama.from_gguf(gguf, precision, progress=progress)
+        if tokenizer.vocab_size != model.cfg.vocab_size:
+            raise EdgewiseError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {model.cfg.vocab_size}")
+        tokens = gguf.require("tokenizer.ggml.tokens")
+        template = ChatTemplate(
+            gguf.metadata.get("tokenizer.chat_template"),
+            bos_token=tokens[tokenizer.bos_id] if tokenizer.bos_id is not None else "",
+            eos_token=tokens[tokenizer.eos_id] if tokenizer.eos_id is not None else "",
+        )
+        decoder, compile_s = load_or_compile(model, cache_dir, log=log) if compile else (None, 0.0)
+        return cls(path, model, tokenizer, template, decoder, compile_s)
+
+    # -- the two steps -------------------------------------------------------------------------
+    def new_cache(self, capacity: int) -> KVCache:
+        return self.model.new_cache(max(capacity, MIN_LIVE))
+
+    @torch.no_grad()
+    def prefill(self, ids: list[int], cache: KVCache, start: int = 0, last_only: bool = True) -> torch.Tensor:
+        """Run `ids` at positions start.. through the model, filling the cache; fp32 logits [T or 1, vocab]."""
+        n = len(ids)
+        if start + n > cache.capacity:
+            raise EdgewiseError(f"{start + n} tokens exceed the KV cache of {cache.capacity}")
+        tokens = torch.tensor(ids, dtype=torch.long)
+        positions = torch.arange(start, start + n)
+        return self.model(tokens, positions, causal_mask(start, n), cache.keys, cache.values, last_only=last_only)
+
+    @torch.no_grad()
+    def decode(self, token: int, position: int, cache: KVCache) -> torch.Tensor:
+        """One token at `position`; fp32 logits [vocab]. Uses the compiled step when there is one."""
+        live = max(position + 1, MIN_LIVE)  # the compiled step takes L >= 2; slot 1 is masked at position 0
+        mask = causal_mask(position, 1, live)
+        args = (torch.tensor([token]), torch.tensor([position]), mask, cache.keys, cache.values)
+        step = self.decoder if self.decoder is not None else self.model
+        return step(*args)[0]
+
+    # -- generation ----------------------------------------------------------------------------
+    def check_prompt(self, ids: list[int], max_new_tokens: int) -> None:
+        if not ids:
+            raise EdgewiseError("empty prompt: give some text to continue")
+        if len(ids) + max_new_tokens > self.cfg.context_length:
+            raise EdgewiseError(
+                f"prompt ({len(ids)} tokens) plus --max-tokens ({max_new_tokens}) exceeds the model's context of {self.cfg.context_length} tokens"
+            )
+
+    def generate(self, ids: list[int], max_new_tokens: int, sampler: Sampler | None = None, stop_at_eot: bool = True) -> Iterator[int]:
+        """Yield new token ids; `self.last_stats` is complete once the iterator ends."""
+        self.check_prompt(ids, max_new_tokens)
+        sampler = sampler or Sampler()
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
+        cache = self.new_cache(len(ids) + max_new_tokens)
+        t0 = time.perf_counter()
+        token = sampler(self.prefill(ids, cache)[-1])
+        t_first = time.perf_counter()
+        stats.ttft_s = t_first - t0
+        position = len(ids)
+        for i in range(max_new_tokens):
+            stats.new_tokens = i + 1
+            stats.decode_s = time.perf_counter() - t_first
+            yield token
+            if (stop_at_eot and token in self.tokenizer.eot_ids) or i + 1 == max_new_tokens:
+                break
+            token = sampler(self.decode(token, position, cache))
+            position += 1
+        stats.decode_s = time.perf_counter() - t_first
+        stats.peak_rss_mb = peak_rss_mb()
+
+    def stream(self, prompt: str, max_new_tokens: int = 128, sampler: Sampler | None = None) -> Iterator[str]:
+        """Text pieces of the continuation of `prompt` (raw, no chat template)."""
+        ids = self.tokenizer.encode(prompt)
+        yield from self.tokenizer.stream(self.generate(ids, max_new_tokens, sampler))
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.tokenizer.encode(self.chat_template.render(messages, add_generation_prompt=True))

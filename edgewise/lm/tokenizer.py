@@ -1,0 +1,116 @@
+"""The model's own tokenizer, built with the `tokenizers` library from GGUF metadata.
+
+GGUF stores a byte-level BPE as `tokenizer.ggml.tokens` (already in GPT-2's byte alphabet),
+`tokenizer.ggml.merges`, and names its pre-tokenizer in `tokenizer.ggml.pre`. The pre-tokenizer
+table below follows llama.cpp's reading of those names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers.decoders import DecodeStream
+
+from edgewise.errors import EdgewiseError
+from edgewise.gguf_io import GGUFFile
+
+_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _byte_level(split: str | None, digits: bool) -> pre_tokenizers.PreTokenizer:
+    steps: list = []
+    if digits:
+        steps.append(pre_tokenizers.Digits(individual_digits=True))
+    if split is None:
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    else:
+        steps.append(pre_tokenizers.Split(Regex(split), behavior="isolated"))
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+    return pre_tokenizers.Sequence(steps)
+
+
+# tokenizer.ggml.pre -> the pre-tokenizer its merges were learned with.
+PRE_TOKENIZERS = {
+    "default": lambda: _byte_level(None, digits=False),
+    "gpt-2": lambda: _byte_level(None, digits=False),
+    # SmolLM/StarCoder: every digit is its own word, then GPT-2's byte-level split.
+    "smollm": lambda: _byte_level(None, digits=True),
+    "starcoder": lambda: _byte_level(None, digits=True),
+    "refact": lambda: _byte_level(None, digits=True),
+    "llama3": lambda: _byte_level(_LLAMA3_SPLIT, digits=False),
+    "llama-bpe": lambda: _byte_level(_LLAMA3_SPLIT, digits=False),
+    "smaug-bpe": lambda: _byte_level(_LLAMA3_SPLIT, digits=False),
+}
+
+TOKEN_TYPE_CONTROL = 3
+TOKEN_TYPE_USER_DEFINED = 4
+
+
+class TextTokenizer:
+    """Encode and decode text exactly as the GGUF's model expects; special tokens stay whole."""
+
+    def __init__(self, tokenizer: Tokenizer, bos_id: int | None, eos_id: int | None, add_bos: bool, eot_ids: set[int]):
+        self.backend = tokenizer
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.add_bos = add_bos
+        self.eot_ids = eot_ids  # tokens that end a turn or a text: generation stops at any of them
+
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile) -> "TextTokenizer":
+        kind = gguf.require("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise EdgewiseError(
+                f"{gguf.path}: tokenizer type '{kind}' is not supported yet; edgewise reads byte-level BPE ('gpt2') tokenizers"
+            )
+        pre = gguf.metadata.get("tokenizer.ggml.pre", "default")
+        if pre not in PRE_TOKENIZERS:
+            raise EdgewiseError(
+                f"{gguf.path}: pre-tokenizer '{pre}' is unknown to edgewise; known: {', '.join(sorted(PRE_TOKENIZERS))}"
+            )
+        tokens: list[str] = gguf.require("tokenizer.ggml.tokens")
+        merges = [tuple(m.split(" ", 1)) for m in gguf.require("tokenizer.ggml.merges")]
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+        tk.pre_tokenizer = PRE_TOKENIZERS[pre]()
+        tk.decoder = decoders.ByteLevel()
+        types = gguf.metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_CONTROL])
+        tk.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_USER_DEFINED])
+        if tk.get_vocab_size(with_added_tokens=True) != len(tokens):
+            raise EdgewiseError(f"{gguf.path}: tokenizer vocabulary has duplicate tokens")
+
+        bos = gguf.metadata.get("tokenizer.ggml.bos_token_id")
+        eos = gguf.metadata.get("tokenizer.ggml.eos_token_id")
+        eot = {int(eos)} if eos is not None else set()
+        for name in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>"):
+            if name in vocab and types[vocab[name]] == TOKEN_TYPE_CONTROL:
+                eot.add(vocab[name])
+        add_bos = bool(gguf.metadata.get("tokenizer.ggml.add_bos_token", False))
+        return cls(tk, int(bos) if bos is not None else None, int(eos) if eos is not None else None, add_bos, eot)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def stream(self, ids: Iterable[int], skip_special: bool = True) -> Iterator[str]:
+        """Text pieces as tokens arrive; a piece is held back until its UTF-8 bytes are complete."""
+        state = DecodeStream(skip_special_tokens=skip_special)
+        for i in ids:
+            piece = state.step(self.backend, i)
+            if piece:
+                yield piece

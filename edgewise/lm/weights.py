@@ -1,0 +1,133 @@
+"""Linear layers over GGUF weights, kept quantized where torch has a fast kernel.
+
+Three precisions (`Precision`):
+- "quant": Q4_0/Q4_1 go onto torch's int4 weight-only kernel, exactly: the kernel computes
+  `(q - 8) * s + z` per group of 32, and Q4_1 is `q * d + m`, so `s = d, z = m + 8d`; the only
+  loss is rounding the fp16 d and m to bf16. Q8_0 goes onto the int8 per-channel kernel (its
+  per-block scales are re-expressed per row, a small requantization). Activations are bf16,
+  which these kernels need to be fast. Other types are dequantized to bf16.
+- "bf16" and "fp32": every weight dequantized (the fp32 one is the reference path).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as QT
+from gguf import quants
+from torch import nn
+
+from edgewise.gguf_io import GGUFTensor
+
+Precision = Literal["quant", "bf16", "fp32"]
+PRECISIONS: tuple[str, ...] = ("quant", "bf16", "fp32")
+GROUP = 32  # elements per Q4/Q8 block, and the int4 kernel's group size
+INT4_INNER_K_TILES = 8  # measured fastest of 2, 4, 8 on this CPU (benchmarks/kernels.py)
+
+
+def activation_dtype(precision: Precision) -> torch.dtype:
+    return torch.float32 if precision == "fp32" else torch.bfloat16
+
+
+def dequantize(t: GGUFTensor, rows: np.ndarray | None = None) -> torch.Tensor:
+    """The tensor as fp32, optionally only some rows (the raw rows are independent blocks)."""
+    raw = t.raw if rows is None else t.raw[rows]
+    return torch.from_numpy(np.array(quants.dequantize(raw, t.qtype), dtype=np.float32, copy=True)).reshape(
+        len(raw) if rows is not None else t.shape[0], *t.shape[1:]
+    )
+
+
+def _q4_unpack(raw: np.ndarray, k: int, with_min: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_0/Q4_1 rows -> (q [N, K] int32 in 0..15, d [N, K/32], m [N, K/32]) with value = q*d + m."""
+    n = raw.shape[0]
+    block_bytes = 20 if with_min else 18
+    blocks = raw.reshape(n, k // GROUP, block_bytes)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if with_min:
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        qs = blocks[..., 4:]
+    else:  # Q4_0: value = (q - 8) * d
+        m = -8.0 * d
+        qs = blocks[..., 2:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, k).astype(np.int32)
+    return q, d, m
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T with W in torch's packed int4 layout, one (scale, zero) per group of 32."""
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, out_features: int, in_features: int):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)
+
+    @classmethod
+    def from_q4(cls, raw: np.ndarray, k: int, with_min: bool) -> "Int4Linear":
+        q, d, m = _q4_unpack(raw, k, with_min)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q), INT4_INNER_K_TILES)
+        scale = torch.from_numpy(d)
+        zero = torch.from_numpy(m) + 8.0 * scale
+        scales_zeros = torch.stack([scale.T, zero.T], dim=-1).to(torch.bfloat16).contiguous()  # [K/32, N, 2]
+        return cls(packed, scales_zeros, raw.shape[0], k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
+
+
+class Int8Linear(nn.Module):
+    """y = (x @ Q.T) * s with int8 Q [N, K] and one bf16 scale per output row."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> "Int8Linear":
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scale.to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows, for an embedding table that shares this weight."""
+        return self.weight.index_select(0, ids).to(torch.float32) * self.scales.index_select(0, ids).to(torch.float32)[:, None]
+
+
+class DenseLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight.index_select(0, ids).to(torch.float32)
+
+
+def load_linear(t: GGUFTensor, precision: Precision, row_order: np.ndarray | None = None) -> nn.Module:
+    """A linear layer for a GGUF weight [out, in], rows optionally permuted (RoPE un-permutation)."""
+    raw = t.raw if row_order is None else t.raw[row_order]
+    n, k = t.shape
+    if precision == "quant" and t.qtype in (QT.Q4_0, QT.Q4_1) and k % GROUP == 0:
+        return Int4Linear.from_q4(np.ascontiguousarray(raw), k, with_min=t.qtype == QT.Q4_1)
+    w = dequantize(t, row_order) if row_order is not None else dequantize(t)
+    if precision == "quant" and t.qtype == QT.Q8_0:
+        return Int8Linear.from_float(w)
+    return DenseLinear(w.to(activation_dtype(precision)))
+
+
+def rope_row_order(n_heads: int, head_dim: int) -> np.ndarray:
+    """GGUF stores Q/K rows interleaved for llama.cpp's pairwise RoPE; this order restores
+    the half-split layout (rotate_half), as transformers' GGUF loader does."""
+    idx = np.arange(n_heads * head_dim).reshape(n_heads, head_dim // 2, 2)
+    return idx.swapaxes(1, 2).reshape(-1)

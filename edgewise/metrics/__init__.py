@@ -1,0 +1,1 @@
+"""Measurements shared by the pillars: memory, speed, perplexity."""

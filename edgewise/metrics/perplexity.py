@@ -1,0 +1,52 @@
+"""Perplexity over non-overlapping windows, the way llama.cpp's `perplexity` tool and most papers count it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from edgewise.errors import EdgewiseError
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    ppl: float
+    nll_sum: float
+    n_predicted: int
+    n_windows: int
+    ctx: int
+
+
+def perplexity(
+    logits_of: Callable[[list[int]], torch.Tensor],
+    ids: list[int],
+    ctx: int,
+    max_tokens: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PerplexityResult:
+    """exp(mean NLL) over windows of `ctx` tokens cut from the first `max_tokens` of `ids`.
+
+    Each window starts from an empty cache; within it, token t is predicted from tokens < t,
+    so a window of ctx tokens scores ctx - 1 predictions. A trailing partial window is dropped.
+    `logits_of(window)` returns fp32 logits [len(window), vocab].
+    """
+    if ctx < 2:
+        raise EdgewiseError(f"--ctx must be at least 2 (got {ctx})")
+    ids = ids[:max_tokens] if max_tokens else ids
+    n_windows = len(ids) // ctx
+    if n_windows == 0:
+        raise EdgewiseError(f"the text has {len(ids)} tokens, fewer than one window of --ctx {ctx}")
+    nll, count = 0.0, 0
+    for w in range(n_windows):
+        window = ids[w * ctx : (w + 1) * ctx]
+        logits = logits_of(window)
+        targets = torch.tensor(window[1:])
+        nll += float(F.cross_entropy(logits[:-1].float(), targets, reduction="sum"))
+        count += len(window) - 1
+        if progress is not None:
+            progress(w + 1, n_windows)
+    return PerplexityResult(math.exp(nll / count), nll, count, n_windows, ctx)

