@@ -48,8 +48,9 @@ def test_eval_ppl_on_a_file(tmp_path, capsys):
 def test_bad_input_is_one_line(argv, message, capsys):
     assert main(argv) == 1
     _, err = capsys.readouterr()
-    assert message in err
-    assert err.startswith("edgewise: error:") and err.count("\n") == 1 and "Traceback" not in err
+    final = err.split("\r")[-1]  # a progress bar may have been drawn, then erased with \r
+    assert message in final
+    assert final.startswith("edgewise: error:") and final.count("\n") == 1 and "Traceback" not in err
 
 
 def test_missing_default_model_package(monkeypatch, capsys):

@@ -44,10 +44,9 @@ def test_fp32_greedy_generation_is_token_identical(lm_fp32, hf_model, prompt):
 
 
 def test_quantized_logits_stay_close_to_fp32(lm_quant, hf_model):
-    """int4/int8 weight kernels with bf16 activations: bounded deviation, same top-1 almost everywhere.
-
-    Measured: max |dlogit| 0.93 on logits of magnitude ~33, top-1 agreement 96.5% (29 positions).
-    """
+    """The GGUF's quantized weights exactly, activations rounded to int16 per block of 32: the same function
+    as fp32 up to activation rounding. Measured: max |dlogit| 0.38 on logits of magnitude ~33, top-1
+    agreement 100% (47 positions). (With int8 activations, as llama.cpp: 2.1 and 97.9%.)"""
     ids = lm_quant.tokenizer.encode(PROMPTS[0] + " " + PROMPTS[3])
     ours = _ours(lm_quant, ids)
     with torch.no_grad():
@@ -55,5 +54,20 @@ def test_quantized_logits_stay_close_to_fp32(lm_quant, hf_model):
     deviation = (ours - ref).abs().max().item()
     agreement = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
     print(f"quantized vs fp32: max |dlogit| = {deviation:.3f}, top-1 agreement = {agreement:.3f}")
-    assert deviation < 2.0
-    assert agreement >= 0.9
+    assert deviation < 1.0
+    assert agreement >= 0.97
+
+
+def test_quantized_perplexity_within_half_a_percent_of_fp32(lm_fp32, lm_quant):
+    """The issue's quality bar, on 4 windows x 512 tokens of Austen (benchmarks/decode.py runs 16k tokens).
+    Measured +0.01% (int8 activations gave +0.58% here, which is why the kernels use int16)."""
+    from edgewise.data.text import load_text
+    from edgewise.metrics.perplexity import perplexity
+
+    ids = lm_fp32.tokenizer.encode(load_text("austen")[:40_000])
+    results = {}
+    for name, lm in (("fp32", lm_fp32), ("quant", lm_quant)):
+        cache = lm.new_cache(512)
+        results[name] = perplexity(lambda w: lm.prefill(w, cache, last_only=False), ids, 512, 2048).ppl
+    print(f"ppl fp32 {results['fp32']:.3f}, quant {results['quant']:.3f} ({results['quant'] / results['fp32'] - 1:+.2%})")
+    assert abs(results["quant"] / results["fp32"] - 1) < 0.005

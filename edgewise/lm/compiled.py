@@ -4,7 +4,8 @@
 dimension; `aoti_compile_and_package` turns it into a shared library. The package holds code
 only: its constants (the quantized weights, the RoPE tables) are handed over at load time as
 user-managed tensors, the very ones the eager model holds, so compiled decode and eager
-prefill share one copy of the weights. The package therefore depends on the model's shapes,
+prefill share one copy of the weights (on torch's own int4 kernel inductor adds small constants
+of its own; those packages keep theirs, mmapped). The package therefore depends on the model's shapes,
 not on its weight values: the cache key hashes the config, precision, torch version and this
 runtime's source.
 
@@ -24,10 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgewise import __version__
+from edgewise import __version__, kernels
 from edgewise.lm import model as model_module
 from edgewise.lm import weights as weights_module
 from edgewise.lm.model import Llama
+from edgewise.lm.weights import Int4Linear
 
 MIN_LIVE = 2
 
@@ -50,7 +52,7 @@ class DecodeStep(nn.Module):
 
 
 def package_key(model: Llama) -> str:
-    source = inspect.getsource(model_module) + inspect.getsource(weights_module) + inspect.getsource(DecodeStep)
+    source = inspect.getsource(model_module) + inspect.getsource(weights_module) + inspect.getsource(DecodeStep) + kernels.SOURCE.read_text()
     layout = sorted((name, tuple(b.shape), str(b.dtype)) for name, b in model.named_buffers())
     blob = json.dumps([__version__, torch.__version__, model.cfg.to_dict(), model.precision, layout, source], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -75,11 +77,11 @@ def compile_decode_step(model: Llama, package_path: Path) -> float:
     package_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = package_path.with_name(f".tmp-{os.getpid()}-{package_path.name}")
     try:
-        torch._inductor.aoti_compile_and_package(
-            exported,
-            package_path=str(tmp),
-            inductor_configs={"aot_inductor.force_mmap_weights": True},
-        )
+        # With edgewise's kernels every constant is a model buffer and the package is code only; torch's
+        # int4 kernel makes inductor add constants of its own, so those packages keep theirs (mmapped).
+        own_constants = any(isinstance(m, Int4Linear) for m in model.modules())
+        config = {"aot_inductor.force_mmap_weights": True} if own_constants else {"aot_inductor.package_constants_in_so": False}
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp), inductor_configs=config)
         os.replace(tmp, package_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -98,7 +100,7 @@ class CompiledDecoder:
         shared = {name: t for name, t in constants.items() if name in packaged}
         if len(shared) < len([n for n in packaged if n.startswith("model.")]):
             raise RuntimeError(f"compiled package {package_path} does not match the model's weights")
-        self.runner.load_constants(shared, check_full_update=False, user_managed=True)
+        self.runner.load_constants(shared, check_full_update=len(shared) == len(packaged), user_managed=True)
 
     def __call__(self, token, position, mask, k_caches, v_caches) -> torch.Tensor:
         return self.runner(token, position, mask, k_caches, v_caches)

@@ -20,7 +20,7 @@ from torch import nn
 
 from edgewise.gguf_io import GGUFFile
 from edgewise.lm.config import LlamaConfig
-from edgewise.lm.weights import Int8Linear, DenseLinear, Precision, activation_dtype, dequantize, load_linear, rope_row_order
+from edgewise.lm.weights import Precision, activation_dtype, cache_dtype, dequantize, load_embedding, load_linear, rope_row_order
 
 
 class RMSNorm(nn.Module):
@@ -138,7 +138,7 @@ class Llama(nn.Module):
         return self.output(self.norm(h).to(self.act_dtype)).float()
 
     def new_cache(self, capacity: int) -> KVCache:
-        return KVCache.allocate(self.cfg, capacity, self.act_dtype)
+        return KVCache.allocate(self.cfg, capacity, cache_dtype(self.precision))
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, precision: Precision = "quant", progress=None) -> "Llama":
@@ -149,10 +149,7 @@ class Llama(nn.Module):
         def norm(name: str) -> RMSNorm:
             return RMSNorm(dequantize(gguf.tensor(name)), cfg.norm_eps)
 
-        emb_t = gguf.tensor("token_embd.weight")
-        emb_w = dequantize(emb_t)
-        embedding = Int8Linear.from_float(emb_w) if precision == "quant" else DenseLinear(emb_w.to(activation_dtype(precision)))
-        del emb_w
+        embedding = load_embedding(gguf.tensor("token_embd.weight"), precision)
         output = embedding if cfg.tied_embeddings else load_linear(gguf.tensor("output.weight"), precision)
         blocks = []
         for i in range(cfg.n_layers):

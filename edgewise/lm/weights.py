@@ -1,11 +1,15 @@
-"""Linear layers over GGUF weights, kept quantized where torch has a fast kernel.
+"""Linear layers over GGUF weights, kept quantized.
 
 Three precisions (`Precision`):
-- "quant": Q4_0/Q4_1 go onto torch's int4 weight-only kernel, exactly: the kernel computes
-  `(q - 8) * s + z` per group of 32, and Q4_1 is `q * d + m`, so `s = d, z = m + 8d`; the only
-  loss is rounding the fp16 d and m to bf16. Q8_0 goes onto the int8 per-channel kernel (its
-  per-block scales are re-expressed per row, a small requantization). Activations are bf16,
-  which these kernels need to be fast. Other types are dequantized to bf16.
+- "quant": the GGUF's own quantized weights.
+  - With edgewise's native kernels (`edgewise.kernels`, AVX2): Q4_1, Q4_0 and Q8_0 stay in their
+    GGUF blocks, bit for bit (`Q4Linear`, `Q8Linear`); activations are fp32 and each kernel
+    quantizes them to int8 per block of 32, as llama.cpp does.
+  - Without them, torch's weight-only kernels with bf16 activations: Q4_x goes onto the int4
+    kernel exactly (it computes `(q - 8) * s + z` per group of 32, and Q4_1 is `q * d + m`, so
+    `s = d, z = m + 8d`; the only loss is rounding the fp16 d and m to bf16); Q8_0 onto the int8
+    per-channel kernel (per-block scales re-expressed per row, a small requantization).
+  - Other types are dequantized to bf16.
 - "bf16" and "fp32": every weight dequantized (the fp32 one is the reference path).
 """
 
@@ -28,7 +32,21 @@ GROUP = 32  # elements per Q4/Q8 block, and the int4 kernel's group size
 INT4_INNER_K_TILES = 8  # measured fastest of 2, 4, 8 on this CPU (benchmarks/kernels.py)
 
 
+def native_kernels():
+    """torch.ops.edgewise when the native quantized kernels are built for this CPU, else None."""
+    from edgewise.kernels import quant_matmul_ops
+
+    return quant_matmul_ops()
+
+
 def activation_dtype(precision: Precision) -> torch.dtype:
+    """What the linear layers take: fp32 for the reference and for the native kernels, bf16 for torch's."""
+    if precision == "fp32" or (precision == "quant" and native_kernels() is not None):
+        return torch.float32
+    return torch.bfloat16
+
+
+def cache_dtype(precision: Precision) -> torch.dtype:
     return torch.float32 if precision == "fp32" else torch.bfloat16
 
 
@@ -101,6 +119,71 @@ class Int8Linear(nn.Module):
         return self.weight.index_select(0, ids).to(torch.float32) * self.scales.index_select(0, ids).to(torch.float32)[:, None]
 
 
+def _blocks(raw: np.ndarray, k: int, block_bytes: int) -> np.ndarray:
+    return np.ascontiguousarray(raw).reshape(raw.shape[0], k // GROUP, block_bytes)
+
+
+class Q4Linear(nn.Module):
+    """Q4_1 blocks as stored in GGUF, on the native kernel: qs [N, K/2] nibbles, dm [N, K/32, 2] fp16 (d, m)."""
+
+    def __init__(self, qs: torch.Tensor, dm: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = qs.shape[0], qs.shape[1] * 2
+        self.register_buffer("qs", qs)
+        self.register_buffer("dm", dm)
+
+    @classmethod
+    def from_raw(cls, raw: np.ndarray, k: int, with_min: bool) -> "Q4Linear":
+        if with_min:  # Q4_1: d, m, 16 bytes of nibbles
+            blocks = _blocks(raw, k, 20)
+            dm = blocks[..., :4].copy().view(np.float16)
+            qs = blocks[..., 4:]
+        else:  # Q4_0: d, 16 bytes; (q - 8) * d == q * d + m with m = -8d, exact in fp16
+            blocks = _blocks(raw, k, 18)
+            d = blocks[..., :2].copy().view(np.float16)
+            dm = np.concatenate([d, d * np.float16(-8)], axis=-1)
+            qs = blocks[..., 2:]
+        return cls(torch.from_numpy(qs.reshape(raw.shape[0], k // 2).copy()), torch.from_numpy(np.ascontiguousarray(dm)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.edgewise.q4_1_linear(x, self.qs, self.dm, self.out_features, self.in_features)
+
+
+class Q8Linear(nn.Module):
+    """Q8_0 blocks as stored in GGUF, on the native kernel: qs [N, K] int8, d [N, K/32] fp16."""
+
+    def __init__(self, qs: torch.Tensor, d: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = qs.shape
+        self.register_buffer("qs", qs)
+        self.register_buffer("d", d)
+
+    @classmethod
+    def from_raw(cls, raw: np.ndarray, k: int) -> "Q8Linear":
+        blocks = _blocks(raw, k, 34)
+        d = blocks[..., :2].copy().view(np.float16)[..., 0]
+        qs = blocks[..., 2:].copy().view(np.int8).reshape(raw.shape[0], k)
+        return cls(torch.from_numpy(qs), torch.from_numpy(np.ascontiguousarray(d)))
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> "Q8Linear":
+        """Quantize to Q8_0 bit for bit as ggml does: d = max|w| / 127 per block of 32, codes
+        round(w / d) half away from zero with the fp32 d, then d stored as fp16."""
+        blocks = w.float().reshape(w.shape[0], -1, GROUP)
+        d = blocks.abs().amax(-1) / 127.0
+        scaled = blocks * torch.where(d > 0, 1.0 / d, 0.0)[..., None]
+        qs = (scaled.sign() * (scaled.abs() + 0.5).floor()).clamp(-127, 127).to(torch.int8).reshape(w.shape)
+        return cls(qs, d.to(torch.float16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.edgewise.q8_0_linear(x, self.qs, self.d, self.out_features, self.in_features)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Exactly dequantized rows, for an embedding table that shares this weight."""
+        q = self.qs.index_select(0, ids).to(torch.float32).reshape(ids.shape[0], -1, GROUP)
+        return (q * self.d.index_select(0, ids).to(torch.float32)[..., None]).reshape(ids.shape[0], -1)
+
+
 class DenseLinear(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -108,7 +191,7 @@ class DenseLinear(nn.Module):
         self.register_buffer("weight", weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight.index_select(0, ids).to(torch.float32)
@@ -118,12 +201,26 @@ def load_linear(t: GGUFTensor, precision: Precision, row_order: np.ndarray | Non
     """A linear layer for a GGUF weight [out, in], rows optionally permuted (RoPE un-permutation)."""
     raw = t.raw if row_order is None else t.raw[row_order]
     n, k = t.shape
+    native = precision == "quant" and native_kernels() is not None
     if precision == "quant" and t.qtype in (QT.Q4_0, QT.Q4_1) and k % GROUP == 0:
-        return Int4Linear.from_q4(np.ascontiguousarray(raw), k, with_min=t.qtype == QT.Q4_1)
+        cls = Q4Linear.from_raw if native else Int4Linear.from_q4
+        return cls(np.ascontiguousarray(raw), k, with_min=t.qtype == QT.Q4_1)
+    if native and t.qtype == QT.Q8_0:
+        return Q8Linear.from_raw(raw, k)
     w = dequantize(t, row_order) if row_order is not None else dequantize(t)
     if precision == "quant" and t.qtype == QT.Q8_0:
         return Int8Linear.from_float(w)
-    return DenseLinear(w.to(activation_dtype(precision)))
+    return DenseLinear(w.to(torch.float32 if precision == "fp32" else torch.bfloat16))
+
+
+def load_embedding(t: GGUFTensor, precision: Precision) -> nn.Module:
+    """The token embedding: a module with `rows(ids)`; in "quant" it also serves as a tied output layer."""
+    if precision == "quant" and native_kernels() is not None:
+        return Q8Linear.from_raw(t.raw, t.shape[1]) if t.qtype == QT.Q8_0 else Q8Linear.from_float(dequantize(t))
+    w = dequantize(t)
+    if precision == "quant":
+        return Int8Linear.from_float(w)
+    return DenseLinear(w.to(torch.float32 if precision == "fp32" else torch.bfloat16))
 
 
 def rope_row_order(n_heads: int, head_dim: int) -> np.ndarray:

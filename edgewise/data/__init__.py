@@ -1,0 +1,1 @@
+"""Datasets shared by the pillars: text corpora (more to come)."""
