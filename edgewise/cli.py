@@ -6,6 +6,7 @@ Every user-facing failure is an `EdgewiseError`, printed as one line (`--debug` 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -182,6 +183,9 @@ def cmd_eval_ppl(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP reads this once, when torch loads (imported lazily below): PASSIVE makes a decode step
+    # 3-4x slower on small machines, and unset was sometimes pathological.
+    os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

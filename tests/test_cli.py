@@ -63,3 +63,12 @@ def test_missing_default_model_package(monkeypatch, capsys):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "edgewise", "--help"], capture_output=True, text=True, check=True).stdout
     assert "generate" in out and "eval" in out and "examples:" in out
+
+
+def test_chat_session_through_stdin(monkeypatch, capsys):
+    turns = iter(["Hello! What is your name?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(turns))
+    assert main(["chat", "--max-tokens", "12", "--no-compile"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "<|im_" not in out
+    assert "decode" in err and "tok/s" in err

@@ -149,7 +149,7 @@ class Llama(nn.Module):
         def norm(name: str) -> RMSNorm:
             return RMSNorm(dequantize(gguf.tensor(name)), cfg.norm_eps)
 
-        embedding = load_embedding(gguf.tensor("token_embd.weight"), precision)
+        embedding = load_embedding(gguf.tensor("token_embd.weight"), precision, tied=cfg.tied_embeddings)
         output = embedding if cfg.tied_embeddings else load_linear(gguf.tensor("output.weight"), precision)
         blocks = []
         for i in range(cfg.n_layers):

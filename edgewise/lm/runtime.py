@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,16 @@ class GenerationStats:
         )
 
 
+_WARNED: set[str] = set()
+
+
+def _check_omp_wait_policy() -> None:
+    """OpenMP reads OMP_WAIT_POLICY once, when torch loads it, so it cannot be set from here: say so once."""
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "ACTIVE" and "omp" not in _WARNED:
+        _WARNED.add("omp")
+        warnings.warn("OMP_WAIT_POLICY is not ACTIVE: decoding can be several times slower; set OMP_WAIT_POLICY=ACTIVE before starting Python", stacklevel=3)
+
+
 class LanguageModel:
     def __init__(self, path: Path, model: Llama, tokenizer: TextTokenizer, chat_template: ChatTemplate, decoder: CompiledDecoder | None, compile_s: float):
         self.path, self.model, self.tokenizer, self.chat_template = path, model, tokenizer, chat_template
@@ -96,7 +107,7 @@ class LanguageModel:
         """Load a llama-architecture GGUF (the default model when `path` is None)."""
         if precision not in PRECISIONS:
             raise EdgewiseError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
-        os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # before torch's OpenMP pool starts work; PASSIVE is 3-4x slower here
+        _check_omp_wait_policy()
         path = resolve_model(path)
         gguf = read_gguf(path)
         tokenizer = TextTokenizer.from_gguf(gguf)

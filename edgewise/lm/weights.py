@@ -213,10 +213,14 @@ def load_linear(t: GGUFTensor, precision: Precision, row_order: np.ndarray | Non
     return DenseLinear(w.to(torch.float32 if precision == "fp32" else torch.bfloat16))
 
 
-def load_embedding(t: GGUFTensor, precision: Precision) -> nn.Module:
-    """The token embedding: a module with `rows(ids)`; in "quant" it also serves as a tied output layer."""
+def load_embedding(t: GGUFTensor, precision: Precision, tied: bool) -> nn.Module:
+    """The token embedding: a module with `rows(ids)`, also the output layer when `tied`."""
     if precision == "quant" and native_kernels() is not None:
-        return Q8Linear.from_raw(t.raw, t.shape[1]) if t.qtype == QT.Q8_0 else Q8Linear.from_float(dequantize(t))
+        if t.qtype == QT.Q8_0:
+            return Q8Linear.from_raw(t.raw, t.shape[1])
+        if tied:  # it is also the largest matmul of a token: quantize it to Q8_0
+            return Q8Linear.from_float(dequantize(t))
+        return DenseLinear(dequantize(t).to(torch.float16 if t.qtype == QT.F16 else torch.bfloat16))  # lookups only
     w = dequantize(t)
     if precision == "quant":
         return Int8Linear.from_float(w)
