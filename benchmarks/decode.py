@@ -64,6 +64,7 @@ def worker_llama(args) -> dict:
     llm = Llama(str(path), n_threads=args.threads, n_threads_batch=args.threads, n_ctx=512, verbose=False)
 
     def run(n: int) -> dict:
+        llm.reset()  # else generate() reuses the KV prefix of the identical previous prompt and skips prefill
         t0 = time.perf_counter()
         t_first = None
         count = 0
@@ -150,7 +151,7 @@ def main() -> None:
         import tempfile
 
         args.cache_dir = tempfile.mkdtemp(prefix="edgewise-aoti-")
-    engines = [("edgewise", "edgewise", "edgewise (int4/int8, AOTInductor)"), ("edgewise", "edgewise-eager", "edgewise (int4/int8, eager)")]
+    engines = [("edgewise", "edgewise", "edgewise (Q4_1/Q8_0 kernels, AOTInductor)"), ("edgewise", "edgewise-eager", "edgewise (Q4_1/Q8_0 kernels, eager)")]
     if llama_available():
         engines.insert(1, ("llama", None, "llama.cpp (llama-cpp-python)"))
     else:
@@ -207,7 +208,7 @@ def main() -> None:
             "| weights | ppl |",
             "|---|---:|",
             f"| fp32 (dequantized GGUF, reference) | {ppl['fp32']['ppl']:.4f} |",
-            f"| edgewise quant (int4 + int8, bf16 activations) | {ppl['quant']['ppl']:.4f} ({rel:+.2%}) |",
+            f"| edgewise quant (GGUF Q4_1/Q8_0 weights, int16-rounded activations) | {ppl['quant']['ppl']:.4f} ({rel:+.2%}) |",
         ]
     labels = list(med)
     if "llama.cpp (llama-cpp-python)" in med:

@@ -20,7 +20,20 @@ from torch import nn
 
 from edgewise.gguf_io import GGUFFile
 from edgewise.lm.config import LlamaConfig
-from edgewise.lm.weights import Precision, activation_dtype, cache_dtype, dequantize, load_embedding, load_linear, rope_row_order
+from edgewise.lm.weights import (
+    Precision,
+    activation_dtype,
+    cache_dtype,
+    dequantize,
+    load_embedding,
+    load_fused_linear,
+    load_linear,
+    rope_row_order,
+)
+
+# How finely the native kernels round each layer role's input activations, per block of 32:
+# 16 bits wherever 8 measurably cost perplexity (benchmarks/act_bits.py), 8 elsewhere (faster).
+ACT_BITS = {"attn_qkv": 16, "attn_output": 8, "ffn_gate_up": 8, "ffn_down": 16, "output": 16}
 
 
 class RMSNorm(nn.Module):
@@ -41,18 +54,21 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class Attention(nn.Module):
-    def __init__(self, wq: nn.Module, wk: nn.Module, wv: nn.Module, wo: nn.Module, cfg: LlamaConfig):
+    """`wqkv` maps x to Q, K and V side by side ([T, (H + 2 Hkv) hd]), one matmul for all three."""
+
+    def __init__(self, wqkv: nn.Module, wo: nn.Module, cfg: LlamaConfig):
         super().__init__()
-        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
+        self.wqkv, self.wo = wqkv, wo
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
     def forward(self, x, cos, sin, positions, mask, k_cache, v_cache):
         T = x.shape[0]
         H, Hkv, hd = self.n_heads, self.n_kv, self.head_dim
         G = H // Hkv  # query heads per KV head; query head h uses KV head h // G
-        q = rotate(self.wq(x).view(T, H, hd).transpose(0, 1), cos, sin)
-        k = rotate(self.wk(x).view(T, Hkv, hd).transpose(0, 1), cos, sin)
-        v = self.wv(x).view(T, Hkv, hd).transpose(0, 1)
+        q, k, v = self.wqkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q = rotate(q.reshape(T, H, hd).transpose(0, 1), cos, sin)
+        k = rotate(k.reshape(T, Hkv, hd).transpose(0, 1), cos, sin)
+        v = v.reshape(T, Hkv, hd).transpose(0, 1)
         k_cache.index_copy_(1, positions, k.to(k_cache.dtype))
         v_cache.index_copy_(1, positions, v.to(v_cache.dtype))
         L = mask.shape[-1]
@@ -72,15 +88,15 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: down(silu(gate x) * up x)."""
+    """SwiGLU: down(silu(gate x) * up x); `gate_up` computes gate and up side by side in one matmul."""
 
-    def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module):
+    def __init__(self, gate_up: nn.Module, down: nn.Module):
         super().__init__()
-        self.gate, self.up, self.down = gate, up, down
+        self.gate_up, self.down = gate_up, down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.gate(x).float()) * self.up(x).float()
-        return self.down(h.to(x.dtype))
+        gate, up = self.gate_up(x).float().chunk(2, dim=-1)
+        return self.down((F.silu(gate) * up).to(x.dtype))
 
 
 class Block(nn.Module):
@@ -141,28 +157,31 @@ class Llama(nn.Module):
         return KVCache.allocate(self.cfg, capacity, cache_dtype(self.precision))
 
     @classmethod
-    def from_gguf(cls, gguf: GGUFFile, precision: Precision = "quant", progress=None) -> "Llama":
+    def from_gguf(cls, gguf: GGUFFile, precision: Precision = "quant", progress=None, act_bits: dict[str, int] | None = None) -> "Llama":
+        """Build the decoder from a GGUF; `act_bits` overrides `ACT_BITS` (the native kernels' input rounding per role)."""
         cfg = LlamaConfig.from_gguf(gguf)
+        bits = {**ACT_BITS, **(act_bits or {})}
         q_order = rope_row_order(cfg.n_heads, cfg.head_dim)
         k_order = rope_row_order(cfg.n_kv_heads, cfg.head_dim)
 
         def norm(name: str) -> RMSNorm:
             return RMSNorm(dequantize(gguf.tensor(name)), cfg.norm_eps)
 
-        embedding = load_embedding(gguf.tensor("token_embd.weight"), precision, tied=cfg.tied_embeddings)
-        output = embedding if cfg.tied_embeddings else load_linear(gguf.tensor("output.weight"), precision)
+        embedding = load_embedding(gguf.tensor("token_embd.weight"), precision, tied=cfg.tied_embeddings, act_bits=bits["output"])
+        output = embedding if cfg.tied_embeddings else load_linear(gguf.tensor("output.weight"), precision, act_bits=bits["output"])
         blocks = []
         for i in range(cfg.n_layers):
-            p = f"blk.{i}."
+            t = lambda name: gguf.tensor(f"blk.{i}.{name}.weight")  # noqa: E731
             attn = Attention(
-                load_linear(gguf.tensor(p + "attn_q.weight"), precision, q_order),
-                load_linear(gguf.tensor(p + "attn_k.weight"), precision, k_order),
-                load_linear(gguf.tensor(p + "attn_v.weight"), precision),
-                load_linear(gguf.tensor(p + "attn_output.weight"), precision),
+                load_fused_linear([t("attn_q"), t("attn_k"), t("attn_v")], precision, [q_order, k_order, None], bits["attn_qkv"]),
+                load_linear(t("attn_output"), precision, act_bits=bits["attn_output"]),
                 cfg,
             )
-            ffn = FeedForward(*(load_linear(gguf.tensor(p + f"ffn_{n}.weight"), precision) for n in ("gate", "up", "down")))
-            blocks.append(Block(norm(p + "attn_norm.weight"), attn, norm(p + "ffn_norm.weight"), ffn))
+            ffn = FeedForward(
+                load_fused_linear([t("ffn_gate"), t("ffn_up")], precision, [None, None], bits["ffn_gate_up"]),
+                load_linear(t("ffn_down"), precision, act_bits=bits["ffn_down"]),
+            )
+            blocks.append(Block(RMSNorm(dequantize(t("attn_norm")), cfg.norm_eps), attn, RMSNorm(dequantize(t("ffn_norm")), cfg.norm_eps), ffn))
             if progress is not None:
                 progress(i + 1, cfg.n_layers)
         return cls(cfg, precision, embedding, blocks, norm("output_norm.weight"), output).eval()

@@ -124,16 +124,18 @@ def _blocks(raw: np.ndarray, k: int, block_bytes: int) -> np.ndarray:
 
 
 class Q4Linear(nn.Module):
-    """Q4_1 blocks as stored in GGUF, on the native kernel: qs [N, K/2] nibbles, dm [N, K/32, 2] fp16 (d, m)."""
+    """Q4_1 blocks as stored in GGUF, on the native kernel: qs [N, K/2] nibbles, d and m [N, K/32] fp16."""
 
-    def __init__(self, qs: torch.Tensor, dm: torch.Tensor):
+    def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, act_bits: int = 16):
         super().__init__()
         self.out_features, self.in_features = qs.shape[0], qs.shape[1] * 2
+        self.act_bits = act_bits
         self.register_buffer("qs", qs)
-        self.register_buffer("dm", dm)
+        self.register_buffer("d", d)
+        self.register_buffer("m", m)
 
     @classmethod
-    def from_raw(cls, raw: np.ndarray, k: int, with_min: bool) -> "Q4Linear":
+    def from_raw(cls, raw: np.ndarray, k: int, with_min: bool, act_bits: int = 16) -> "Q4Linear":
         if with_min:  # Q4_1: d, m, 16 bytes of nibbles
             blocks = _blocks(raw, k, 20)
             dm = blocks[..., :4].copy().view(np.float16)
@@ -143,40 +145,42 @@ class Q4Linear(nn.Module):
             d = blocks[..., :2].copy().view(np.float16)
             dm = np.concatenate([d, d * np.float16(-8)], axis=-1)
             qs = blocks[..., 2:]
-        return cls(torch.from_numpy(qs.reshape(raw.shape[0], k // 2).copy()), torch.from_numpy(np.ascontiguousarray(dm)))
+        qs = torch.from_numpy(qs.reshape(raw.shape[0], k // 2).copy())
+        return cls(qs, torch.from_numpy(np.ascontiguousarray(dm[..., 0])), torch.from_numpy(np.ascontiguousarray(dm[..., 1])), act_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.edgewise.q4_1_linear(x, self.qs, self.dm, self.out_features, self.in_features)
+        return torch.ops.edgewise.q4_1_linear(x, self.qs, self.d, self.m, self.out_features, self.in_features, self.act_bits)
 
 
 class Q8Linear(nn.Module):
     """Q8_0 blocks as stored in GGUF, on the native kernel: qs [N, K] int8, d [N, K/32] fp16."""
 
-    def __init__(self, qs: torch.Tensor, d: torch.Tensor):
+    def __init__(self, qs: torch.Tensor, d: torch.Tensor, act_bits: int = 16):
         super().__init__()
         self.out_features, self.in_features = qs.shape
+        self.act_bits = act_bits
         self.register_buffer("qs", qs)
         self.register_buffer("d", d)
 
     @classmethod
-    def from_raw(cls, raw: np.ndarray, k: int) -> "Q8Linear":
+    def from_raw(cls, raw: np.ndarray, k: int, act_bits: int = 16) -> "Q8Linear":
         blocks = _blocks(raw, k, 34)
         d = blocks[..., :2].copy().view(np.float16)[..., 0]
         qs = blocks[..., 2:].copy().view(np.int8).reshape(raw.shape[0], k)
-        return cls(torch.from_numpy(qs), torch.from_numpy(np.ascontiguousarray(d)))
+        return cls(torch.from_numpy(qs), torch.from_numpy(np.ascontiguousarray(d)), act_bits)
 
     @classmethod
-    def from_float(cls, w: torch.Tensor) -> "Q8Linear":
+    def from_float(cls, w: torch.Tensor, act_bits: int = 16) -> "Q8Linear":
         """Quantize to Q8_0 bit for bit as ggml does: d = max|w| / 127 per block of 32, codes
         round(w / d) half away from zero with the fp32 d, then d stored as fp16."""
         blocks = w.float().reshape(w.shape[0], -1, GROUP)
         d = blocks.abs().amax(-1) / 127.0
         scaled = blocks * torch.where(d > 0, 1.0 / d, 0.0)[..., None]
         qs = (scaled.sign() * (scaled.abs() + 0.5).floor()).clamp(-127, 127).to(torch.int8).reshape(w.shape)
-        return cls(qs, d.to(torch.float16))
+        return cls(qs, d.to(torch.float16), act_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.edgewise.q8_0_linear(x, self.qs, self.d, self.out_features, self.in_features)
+        return torch.ops.edgewise.q8_0_linear(x, self.qs, self.d, self.out_features, self.in_features, self.act_bits)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Exactly dequantized rows, for an embedding table that shares this weight."""
@@ -197,29 +201,54 @@ class DenseLinear(nn.Module):
         return self.weight.index_select(0, ids).to(torch.float32)
 
 
-def load_linear(t: GGUFTensor, precision: Precision, row_order: np.ndarray | None = None) -> nn.Module:
-    """A linear layer for a GGUF weight [out, in], rows optionally permuted (RoPE un-permutation)."""
+def load_linear(t: GGUFTensor, precision: Precision, row_order: np.ndarray | None = None, act_bits: int = 16) -> nn.Module:
+    """A linear layer for a GGUF weight [out, in], rows optionally permuted (RoPE un-permutation).
+
+    `act_bits` (8 or 16) is how finely the native kernels round this layer's input activations."""
     raw = t.raw if row_order is None else t.raw[row_order]
     n, k = t.shape
     native = precision == "quant" and native_kernels() is not None
     if precision == "quant" and t.qtype in (QT.Q4_0, QT.Q4_1) and k % GROUP == 0:
-        cls = Q4Linear.from_raw if native else Int4Linear.from_q4
-        return cls(np.ascontiguousarray(raw), k, with_min=t.qtype == QT.Q4_1)
+        if native:
+            return Q4Linear.from_raw(np.ascontiguousarray(raw), k, with_min=t.qtype == QT.Q4_1, act_bits=act_bits)
+        return Int4Linear.from_q4(np.ascontiguousarray(raw), k, with_min=t.qtype == QT.Q4_1)
     if native and t.qtype == QT.Q8_0:
-        return Q8Linear.from_raw(raw, k)
+        return Q8Linear.from_raw(raw, k, act_bits)
     w = dequantize(t, row_order) if row_order is not None else dequantize(t)
     if precision == "quant" and t.qtype == QT.Q8_0:
         return Int8Linear.from_float(w)
     return DenseLinear(w.to(torch.float32 if precision == "fp32" else torch.bfloat16))
 
 
-def load_embedding(t: GGUFTensor, precision: Precision, tied: bool) -> nn.Module:
+class ConcatLinear(nn.Module):
+    """Several linear layers on one input, outputs concatenated (when they cannot be fused into one)."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+def load_fused_linear(tensors: list[GGUFTensor], precision: Precision, row_orders: list[np.ndarray | None], act_bits: int = 16) -> nn.Module:
+    """One linear layer for weights that share an input (Q|K|V, gate|up): their rows stacked, so the
+    input is quantized once and one kernel call streams them all. Mixed types are run side by side."""
+    first = tensors[0]
+    if any(t.qtype != first.qtype or t.shape[1] != first.shape[1] for t in tensors):
+        return ConcatLinear([load_linear(t, precision, o, act_bits) for t, o in zip(tensors, row_orders)])
+    raw = np.concatenate([t.raw if o is None else t.raw[o] for t, o in zip(tensors, row_orders)])
+    fused = GGUFTensor("+".join(t.name for t in tensors), first.qtype, (raw.shape[0], first.shape[1]), raw)
+    return load_linear(fused, precision, act_bits=act_bits)
+
+
+def load_embedding(t: GGUFTensor, precision: Precision, tied: bool, act_bits: int = 16) -> nn.Module:
     """The token embedding: a module with `rows(ids)`, also the output layer when `tied`."""
     if precision == "quant" and native_kernels() is not None:
         if t.qtype == QT.Q8_0:
-            return Q8Linear.from_raw(t.raw, t.shape[1])
+            return Q8Linear.from_raw(t.raw, t.shape[1], act_bits)
         if tied:  # it is also the largest matmul of a token: quantize it to Q8_0
-            return Q8Linear.from_float(dequantize(t))
+            return Q8Linear.from_float(dequantize(t), act_bits)
         return DenseLinear(dequantize(t).to(torch.float16 if t.qtype == QT.F16 else torch.bfloat16))  # lookups only
     w = dequantize(t)
     if precision == "quant":
