@@ -47,8 +47,9 @@ def test_compiled_step_equals_eager_exactly_in_fp32(gguf, tmp_path):
 
 def test_compiled_quantized_decode_tracks_eager(compiled_lm):
     """The product path, teacher-forced over 40 steps: both see the same tokens. Fused kernels sum in another
-    order, and the native kernels round activations to int16 per block, so logits differ slightly
-    (measured: 0.057 at most, top-1 equal at 40 of 40)."""
+    order and the native kernels round activations per block (to int8 in gate|up and the attention
+    output, see model.ACT_BITS), so a last-bit difference can flip a rounding. Measured: max |dlogit|
+    0.82, top-1 equal at 39 of 40 (all-int16: 0.057 and 40 of 40)."""
     lm, _ = compiled_lm
     ids = lm.tokenizer.encode(PROMPT)
     eager_cache, compiled_cache = lm.new_cache(64), lm.new_cache(64)
@@ -63,8 +64,8 @@ def test_compiled_quantized_decode_tracks_eager(compiled_lm):
         agree += int(eager.argmax() == fast.argmax())
         token = ids[position + 1] if position + 1 < len(ids) else int(eager.argmax())
     print(f"compiled vs eager (quant): max |dlogit| {worst:.3f}; top-1 agreement {agree}/40")
-    assert worst < 0.5
-    assert agree >= 38
+    assert worst < 2.0
+    assert agree >= 36
 
 
 def test_second_load_reuses_the_cached_package(compiled_lm, model_path):

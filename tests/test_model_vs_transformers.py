@@ -44,9 +44,9 @@ def test_fp32_greedy_generation_is_token_identical(lm_fp32, hf_model, prompt):
 
 
 def test_quantized_logits_stay_close_to_fp32(lm_quant, hf_model):
-    """The GGUF's quantized weights exactly, activations rounded to int16 per block of 32: the same function
-    as fp32 up to activation rounding. Measured: max |dlogit| 0.38 on logits of magnitude ~33, top-1
-    agreement 100% (47 positions). (With int8 activations, as llama.cpp: 2.1 and 97.9%.)"""
+    """The GGUF's quantized weights exactly; activations rounded per block of 32, to int8 in gate|up and the
+    attention output, int16 elsewhere (model.ACT_BITS). Measured: max |dlogit| 2.2 on logits of magnitude
+    ~33, top-1 agreement 97.9% (47 positions); all-int16: 0.38 and 100%. Perplexity is the quality bar."""
     ids = lm_quant.tokenizer.encode(PROMPTS[0] + " " + PROMPTS[3])
     ours = _ours(lm_quant, ids)
     with torch.no_grad():
@@ -54,13 +54,13 @@ def test_quantized_logits_stay_close_to_fp32(lm_quant, hf_model):
     deviation = (ours - ref).abs().max().item()
     agreement = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
     print(f"quantized vs fp32: max |dlogit| = {deviation:.3f}, top-1 agreement = {agreement:.3f}")
-    assert deviation < 1.0
-    assert agreement >= 0.97
+    assert deviation < 3.0
+    assert agreement >= 0.95
 
 
 def test_quantized_perplexity_within_half_a_percent_of_fp32(lm_fp32, lm_quant):
     """The issue's quality bar, on 4 windows x 512 tokens of Austen (benchmarks/decode.py runs 16k tokens).
-    Measured +0.01% (int8 activations gave +0.58% here, which is why the kernels use int16)."""
+    Measured +0.12% with model.ACT_BITS (all-int16 +0.01%, all-int8 as llama.cpp +0.58%)."""
     from edgewise.data.text import load_text
     from edgewise.metrics.perplexity import perplexity
 

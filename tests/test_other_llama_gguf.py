@@ -88,7 +88,8 @@ def test_quantized_path_matches_fp32(other_gguf):
     ids = fp32.tokenizer.encode("A second model, with another shape, reads the same way.")
     a = fp32.prefill(ids, fp32.new_cache(len(ids)), last_only=False)
     b = quant.prefill(ids, quant.new_cache(len(ids)), last_only=False)
-    # Q4_0/Q4_1/Q8_0 stay exact; the F16 attn_v is held as bf16 in "quant" (3 mantissa bits fewer),
-    # which dominates: measured 0.36% of the largest logit
-    assert (a - b).abs().max() < 0.01 * a.abs().max()
-    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    # Q4_0/Q4_1/Q8_0 stay exact; the F16 attn_v is held as bf16 in "quant" (3 mantissa bits fewer) and
+    # gate|up and the attention output see int8-rounded activations: measured 1.1% of the largest logit
+    # on this random-weight model (0.36% with all-int16 activations)
+    assert (a - b).abs().max() < 0.03 * a.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
