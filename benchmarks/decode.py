@@ -208,7 +208,7 @@ def main() -> None:
             "| weights | ppl |",
             "|---|---:|",
             f"| fp32 (dequantized GGUF, reference) | {ppl['fp32']['ppl']:.4f} |",
-            f"| edgewise quant (GGUF Q4_1/Q8_0 weights, int16-rounded activations) | {ppl['quant']['ppl']:.4f} ({rel:+.2%}) |",
+            f"| edgewise quant (GGUF Q4_1/Q8_0 weights, activations rounded to int8/int16 per model.ACT_BITS) | {ppl['quant']['ppl']:.4f} ({rel:+.2%}) |",
         ]
     labels = list(med)
     if "llama.cpp (llama-cpp-python)" in med:

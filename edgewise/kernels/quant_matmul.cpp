@@ -138,10 +138,23 @@ inline float block_scales(const at::Half* w_d, const at::Half* w_m, const float*
   return hsum(mins) + tail;
 }
 
-// T activation rows against one weight row; two accumulators per row keep two FMA chains in flight.
-template <int64_t T, typename Q>
-inline void dot_q4_1(const uint8_t* qs, const at::Half* w_d, const at::Half* w_m, const Activations<Q>& a, int64_t row0,
-                     int64_t n_blocks, float* out) {
+// Weight formats: where block b's 32 codes come from, and whether they are unsigned.
+struct Q4_1Codes {
+  static constexpr bool kUnsigned = true;  // nibbles 0..15; the min term carries the offset
+  const uint8_t* qs;
+  __m256i load(int64_t b) const { return unpack_nibbles(qs + b * 16); }
+};
+
+struct Q8_0Codes {
+  static constexpr bool kUnsigned = false;
+  const int8_t* qs;
+  __m256i load(int64_t b) const { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + b * QK)); }
+};
+
+// T activation rows against one weight row (block scales w_d, mins w_m or null); two accumulators
+// per activation row keep two FMA chains in flight.
+template <int64_t T, typename Q, typename Codes>
+inline void dot_row(Codes w, const at::Half* w_d, const at::Half* w_m, const Activations<Q>& a, int64_t row0, int64_t n_blocks, float* out) {
   alignas(32) float scale[T][MAX_BLOCKS];
   float mins[T];
   __m256 acc[T][2];
@@ -153,9 +166,9 @@ inline void dot_q4_1(const uint8_t* qs, const at::Half* w_d, const at::Half* w_m
   const Q* codes = a.q.data() + row0 * n_blocks * QK;
   // Two blocks per step, into accumulators 0 and 1: compile-time indices keep them in registers.
   const auto step = [&](int64_t b, int slot) {
-    const __m256i w = unpack_nibbles(qs + b * 16);
+    const __m256i wb = w.load(b);
     for (int64_t t = 0; t < T; ++t) {
-      const __m256i p = BlockDot<Q, true>::dot(w, codes + (t * n_blocks + b) * QK);
+      const __m256i p = BlockDot<Q, Codes::kUnsigned>::dot(wb, codes + (t * n_blocks + b) * QK);
       acc[t][slot] = _mm256_fmadd_ps(_mm256_broadcast_ss(&scale[t][b]), _mm256_cvtepi32_ps(p), acc[t][slot]);
     }
   };
@@ -163,29 +176,6 @@ inline void dot_q4_1(const uint8_t* qs, const at::Half* w_d, const at::Half* w_m
   for (; b + 2 <= n_blocks; b += 2) step(b, 0), step(b + 1, 1);
   if (b < n_blocks) step(b, 0);
   for (int64_t t = 0; t < T; ++t) out[t] = hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + mins[t];
-}
-
-template <int64_t T, typename Q>
-inline void dot_q8_0(const int8_t* qs, const at::Half* w_d, const Activations<Q>& a, int64_t row0, int64_t n_blocks, float* out) {
-  alignas(32) float scale[T][MAX_BLOCKS];
-  __m256 acc[T][2];
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t r = (row0 + t) * n_blocks;
-    block_scales(w_d, nullptr, a.d.data() + r, nullptr, n_blocks, scale[t]);
-    acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-  }
-  const Q* codes = a.q.data() + row0 * n_blocks * QK;
-  const auto step = [&](int64_t b, int slot) {
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + b * QK));
-    for (int64_t t = 0; t < T; ++t) {
-      const __m256i p = BlockDot<Q, false>::dot(w, codes + (t * n_blocks + b) * QK);
-      acc[t][slot] = _mm256_fmadd_ps(_mm256_broadcast_ss(&scale[t][b]), _mm256_cvtepi32_ps(p), acc[t][slot]);
-    }
-  };
-  int64_t b = 0;
-  for (; b + 2 <= n_blocks; b += 2) step(b, 0), step(b + 1, 1);
-  if (b < n_blocks) step(b, 0);
-  for (int64_t t = 0; t < T; ++t) out[t] = hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, int64_t k, int64_t act_bits, const char* op) {
@@ -226,7 +216,7 @@ at::Tensor q4_1_impl(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   const at::Half* dp = d.data_ptr<at::Half>();
   const at::Half* mp = m.data_ptr<at::Half>();
   return matmul_rows<Q>(x, n, k, [&](auto tile, int64_t j, const Activations<Q>& a, int64_t r, int64_t nb, float* out) {
-    dot_q4_1<decltype(tile)::value, Q>(q + j * (k / 2), dp + j * nb, mp + j * nb, a, r, nb, out);
+    dot_row<decltype(tile)::value>(Q4_1Codes{q + j * (k / 2)}, dp + j * nb, mp + j * nb, a, r, nb, out);
   });
 }
 
@@ -235,7 +225,7 @@ at::Tensor q8_0_impl(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   const int8_t* q = qs.data_ptr<int8_t>();
   const at::Half* dp = d.data_ptr<at::Half>();
   return matmul_rows<Q>(x, n, k, [&](auto tile, int64_t j, const Activations<Q>& a, int64_t r, int64_t nb, float* out) {
-    dot_q8_0<decltype(tile)::value, Q>(q + j * k, dp + j * nb, a, r, nb, out);
+    dot_row<decltype(tile)::value>(Q8_0Codes{q + j * k}, dp + j * nb, nullptr, a, r, nb, out);
   });
 }
 
