@@ -5,9 +5,10 @@ preallocated (K, V) pair per layer, written in place at `positions`; `mask` is a
 [T, L] over the first L cache slots, so L (the live length) is a shape, not a value, and the
 decode step exports with a dynamic L (see `edgewise.lm.compiled`).
 
-The residual stream stays fp32; each linear layer sees the precision's activation dtype (bf16
-for the quantized kernels). `Block.ffn` is any module mapping [T, D] -> [T, D]: the flash
-engine swaps in its sparse FFN there, compression swaps the linears inside.
+The residual stream stays fp32; each linear layer sees the precision's activation dtype (fp32
+for edgewise's kernels and the reference, bf16 for torch's int4/int8 fallback). `Block.ffn` is
+any module mapping [T, D] -> [T, D]: the flash engine swaps in its sparse FFN there,
+compression swaps the linears inside.
 """
 
 from __future__ import annotations
