@@ -130,7 +130,7 @@ def main() -> None:
     p.add_argument("--model", help="GGUF path (default: the embedded SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=5, help="worker processes per engine (default 5)")
+    p.add_argument("--rounds", type=int, default=8, help="worker processes per engine (default 8)")
     p.add_argument("--reps", type=int, default=2, help="timed generations per worker (default 2)")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "edgewise" / "aoti"))
     p.add_argument("--fresh-compile", action="store_true", help="compile into an empty cache to report compile time")
@@ -162,6 +162,7 @@ def main() -> None:
     first = run_worker("edgewise", argparse.Namespace(**{**vars(args), "reps": 1}), "edgewise")
     compile_s = first["compile_s"]
     results = {label: [] for *_, label in engines}
+    per_round = {label: [] for *_, label in engines}  # each round's median decode tok/s, for paired ratios
     rss = {label: [] for *_, label in engines}
     try:
         from tqdm import tqdm
@@ -173,6 +174,7 @@ def main() -> None:
         for kind, engine, label in engines:
             r = run_worker(kind, args, engine)
             results[label] += r["samples"]
+            per_round[label].append(statistics.median(x["decode_tok_s"] for x in r["samples"]))
             rss[label].append(r["peak_rss_mb"])
             prompt_tokens = r["prompt_tokens"]
             if bar:
@@ -212,6 +214,13 @@ def main() -> None:
         ]
     labels = list(med)
     if "llama.cpp (llama-cpp-python)" in med:
+        # This machine's speed drifts by +-20% over minutes; adjacent rounds see the same drift.
+        paired = sorted(e / l for e, l in zip(per_round[labels[0]], per_round["llama.cpp (llama-cpp-python)"]))
+        lines += [
+            "",
+            f"Paired per-round decode ratios (edgewise round r / llama.cpp round r): min {paired[0]:.2f},"
+            f" median {statistics.median(paired):.2f}, max {paired[-1]:.2f} over {len(paired)} rounds.",
+        ]
         ratio = med[labels[0]]["decode_tok_s"] / med["llama.cpp (llama-cpp-python)"]["decode_tok_s"]
         lines += ["", f"ratio edgewise/llama.cpp decode = {ratio:.2f}"]
     report = "\n".join(lines) + "\n"
