@@ -9,6 +9,7 @@ import pytest
 import torch
 
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers loads the local GGUF; never the network
 
 
 @pytest.fixture(scope="session")
