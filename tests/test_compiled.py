@@ -87,3 +87,18 @@ def test_compile_failure_falls_back_to_eager(model_path, tmp_path, monkeypatch):
     assert lm.decoder is None
     assert any("decoding eagerly" in str(w.message) for w in caught)
     assert len(list(lm.generate(lm.tokenizer.encode("Hello"), 4, stop_at_eot=False))) == 4
+
+
+def test_package_key_covers_activation_rounding(lm_quant):
+    """act_bits is baked into the compiled graph, so a model loaded with other rounding needs its own package."""
+    model = lm_quant.model
+    layer = model.blocks[0].ffn.down
+    if not hasattr(layer, "act_bits"):
+        pytest.skip("native kernels not built on this CPU")
+    before = compiled_module.package_key(model)
+    layer.act_bits = 24 - layer.act_bits  # 8 <-> 16
+    try:
+        assert compiled_module.package_key(model) != before
+    finally:
+        layer.act_bits = 24 - layer.act_bits
+    assert compiled_module.package_key(model) == before

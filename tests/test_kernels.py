@@ -46,6 +46,30 @@ def test_q4_1_kernel_matches_numpy_model(gguf, rows, act_bits):
     assert ((layer(x) - exact).norm() / exact.norm()) < (1e-2 if act_bits == 8 else 1e-4)
 
 
+@pytest.mark.parametrize("act_bits", [8, 16])
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("n, k", [(7, 96), (9, 32), (6, 1600), (13, 2080)])
+def test_q4_1_kernel_shapes(rows, act_bits, n, k):
+    """The kernel's edge paths: an odd last block after the block pairs (K = 96, 32, 2080), output
+    rows that do not fill a tile of four (n = 7, 9, 6, 13), and long rows (K > 1024, single-row tiles)."""
+    rng = np.random.default_rng(n * k + rows)
+    raw = quants.quantize(rng.standard_normal((n, k)).astype(np.float32), QT.Q4_1)
+    layer = Q4Linear.from_raw(raw, k, with_min=True, act_bits=act_bits)
+    x = torch.from_numpy(rng.standard_normal((rows, k)).astype(np.float32))
+    q, d, m = weights._q4_unpack(raw, k, with_min=True)
+    np.testing.assert_allclose(layer(x).numpy(), numpy_model(x.numpy(), q, d, m, act_bits), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("act_bits", [8, 16])
+@pytest.mark.parametrize("n, k", [(7, 96), (6, 1600)])
+def test_q8_0_kernel_shapes(act_bits, n, k):
+    rng = np.random.default_rng(n + k)
+    layer = Q8Linear.from_raw(quants.quantize(rng.standard_normal((n, k)).astype(np.float32), QT.Q8_0), k, act_bits)
+    x = torch.from_numpy(rng.standard_normal((3, k)).astype(np.float32))
+    ref = numpy_model(x.numpy(), layer.qs.numpy(), layer.d.float().numpy(), None, act_bits)
+    np.testing.assert_allclose(layer(x).numpy(), ref, rtol=1e-5, atol=1e-4)
+
+
 def test_q4_0_maps_exactly_onto_the_q4_1_layout():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((64, 128)).astype(np.float32)

@@ -54,7 +54,8 @@ class DecodeStep(nn.Module):
 def package_key(model: Llama) -> str:
     source = inspect.getsource(model_module) + inspect.getsource(weights_module) + inspect.getsource(DecodeStep) + kernels.SOURCE.read_text()
     layout = sorted((name, tuple(b.shape), str(b.dtype)) for name, b in model.named_buffers())
-    blob = json.dumps([__version__, torch.__version__, model.cfg.to_dict(), model.precision, layout, source], default=str)
+    act_bits = sorted((name, m.act_bits) for name, m in model.named_modules() if hasattr(m, "act_bits"))  # baked into the graph
+    blob = json.dumps([__version__, torch.__version__, model.cfg.to_dict(), model.precision, layout, act_bits, source], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
