@@ -1,0 +1,88 @@
+"""Tensor lifetimes and a static arena plan.
+
+Every activation and gradient gets a fixed offset in one arena, chosen at compile time; two
+tensors share bytes only if their lifetimes do not overlap. A tensor lives from the node that
+writes it to the last node that reads it (graph inputs from the start; graph outputs to the end).
+Parameters are not in the arena: frozen ones stay in flash, trained ones in their own RAM
+(`sgd_update` writes them in place, so its output takes no arena space).
+
+Placement is greedy by size (as TFLite's arena planner): largest tensors first, each at the
+lowest offset where it overlaps no tensor placed so far with an overlapping lifetime.
+`MemoryPlan.lower_bound` is the most bytes live at any one step, which no plan can beat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgewise.tiny.ir import Graph
+
+DTYPE_BYTES = {"float32": 4, "int64": 8, "int32": 4, "int8": 1}
+ALIGN = 16  # bytes; every tensor starts on a 16-byte boundary (SIMD loads on the MCU and host)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    name: str
+    size: int  # bytes, aligned
+    start: int  # first step live (-1: a graph input, live before the first node)
+    end: int  # last step live
+    offset: int
+
+
+@dataclass
+class MemoryPlan:
+    allocations: dict[str, Allocation]
+    n_steps: int
+
+    @property
+    def peak(self) -> int:
+        return max((a.offset + a.size for a in self.allocations.values()), default=0)
+
+    def live_bytes(self) -> list[int]:
+        """Bytes live at each step (the memory timeline)."""
+        return [sum(a.size for a in self.allocations.values() if a.start <= t <= a.end) for t in range(self.n_steps)]
+
+    @property
+    def lower_bound(self) -> int:
+        return max(self.live_bytes(), default=0)
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def lifetimes(graph: Graph) -> dict[str, tuple[int, int]]:
+    """(first step, last step) of every value that needs arena memory."""
+    span: dict[str, list[int]] = {}
+    for name in graph.inputs:
+        span[name] = [-1, -1]
+    for step, node in enumerate(graph.nodes):
+        for name in node.inputs:
+            if name in span:
+                span[name][1] = step
+        if node.op == "sgd_update":
+            continue  # writes the parameter in place
+        for name in node.outputs:
+            span[name] = [step, step]
+    last = len(graph.nodes) - 1
+    for name in graph.outputs:
+        if name in span:
+            span[name][1] = last
+    return {k: (a, b) for k, (a, b) in span.items()}
+
+
+def plan_memory(graph: Graph) -> MemoryPlan:
+    spans = lifetimes(graph)
+    sizes = {name: _aligned(graph.values[name].numel * DTYPE_BYTES[graph.values[name].dtype]) for name in spans}
+    placed: list[Allocation] = []
+    for name in sorted(spans, key=lambda n: (-sizes[n], spans[n][0], n)):
+        start, end = spans[name]
+        overlapping = sorted((a for a in placed if a.start <= end and start <= a.end), key=lambda a: a.offset)
+        offset = 0
+        for a in overlapping:
+            if offset + sizes[name] <= a.offset:
+                break
+            offset = max(offset, a.offset + a.size)
+        placed.append(Allocation(name, sizes[name], start, end, offset))
+    return MemoryPlan({a.name: a for a in placed}, len(graph.nodes))
