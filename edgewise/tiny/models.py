@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from edgewise.errors import EdgewiseError
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -77,3 +81,42 @@ def mobilenet_v2(width: float = 1.0, n_classes: int = 1000) -> InvertedResidualN
         for i in range(n)
     ]
     return InvertedResidualNet(make_divisible(32 * width), blocks, make_divisible(1280 * max(1.0, width)), n_classes)
+
+
+def imagenet_mobilenet_v2(path: str | Path | None = None) -> InvertedResidualNet:
+    """MobileNetV2-1.0 with torchvision's ImageNet weights (the embedded package's, or `path`), eval mode.
+
+    The file is read with `torch.load(weights_only=True)`: tensors only, never arbitrary objects."""
+    from edgewise.models import imagenet_mobilenet_v2_path
+
+    path = Path(path) if path is not None else imagenet_mobilenet_v2_path()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise EdgewiseError(f"{path}: not a loadable state_dict ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    model = mobilenet_v2(1.0, n_classes=1000)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise EdgewiseError(f"{path}: not a MobileNetV2-1.0 state_dict ({str(exc).splitlines()[-1].strip()[:200]})") from exc
+    if missing or unexpected:
+        raise EdgewiseError(f"{path}: not a MobileNetV2-1.0 state_dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval()
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_preprocess(image: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """uint8 [H, W, 3] -> normalized [1, 3, size, size]: short side to size * 8/7, center crop (torchvision's eval transform)."""
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3:
+        raise EdgewiseError(f"expected an RGB image as uint8 [H, W, 3], got {image.dtype} {tuple(image.shape)}")
+    x = image.permute(2, 0, 1)[None].float() / 255
+    h, w = x.shape[2:]
+    short = round(size * 8 / 7)
+    new = (short, round(w * short / h)) if h <= w else (round(h * short / w), short)
+    x = F.interpolate(x, size=new, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
+    x = x[:, :, top : top + size, left : left + size]
+    return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
