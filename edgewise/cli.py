@@ -20,6 +20,7 @@ examples:
   edgewise chat
   edgewise eval ppl --text shakespeare --ctx 512 --max-tokens 8192
   edgewise generate --model ~/models/tinyllama.Q4_1.gguf "Hello"
+  edgewise tiny plan --width 0.35 --resolution 128 --scheme scheme.json --png memory.png
 """
 
 
@@ -77,6 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--ctx", type=int, default=1024, help="window length in tokens (default 1024)")
     ppl.add_argument("--max-tokens", type=int, default=None, help="score only the first M tokens of the text (default: all)")
     _add_model_args(ppl, compile_default=False)
+
+    tiny = sub.add_parser("tiny", help="tiny training: compile a model into a training step that fits a microcontroller")
+    tiny_sub = tiny.add_subparsers(dest="tiny_command", metavar="COMMAND", required=True)
+    plan = tiny_sub.add_parser(
+        "plan",
+        help="compile one training step and print its per-op memory plan",
+        description="Compile one training step of MobileNetV2 (forward, the backward ops the scheme needs, "
+        "in-place updates) and plan its memory statically: prints a per-op table and the arena peak, "
+        "and saves a PNG of live memory per op. Sizes are those of the fp32 graph.",
+    )
+    plan.add_argument("--width", type=float, default=0.35, help="MobileNetV2 width multiplier (default 0.35)")
+    plan.add_argument("--resolution", type=int, default=128, help="input images are RES x RES (default 128)")
+    plan.add_argument("--classes", type=int, default=10, help="classifier outputs (default 10)")
+    plan.add_argument("--scheme", metavar="FILE.json", help='sparse update scheme, e.g. {"bias_depth": 12, "weights": {"features.16.conv.0.0": 0.25}} (default: full update)')
+    plan.add_argument("--no-reorder", action="store_true", help="apply updates after the whole backward pass instead of in place")
+    plan.add_argument("--png", default="memory-timeline.png", help="where to save the memory timeline (default memory-timeline.png)")
     return parser
 
 
@@ -182,6 +199,22 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def cmd_tiny(args) -> int:
+    from edgewise.tiny.models import mobilenet_v2
+    from edgewise.tiny.plan import plan_table, save_timeline, training_plan
+    from edgewise.tiny.sparse import Scheme
+
+    if args.width <= 0 or args.resolution < 32 or args.classes < 2:
+        raise EdgewiseError(f"need --width > 0, --resolution >= 32 and --classes >= 2 (got {args.width}, {args.resolution}, {args.classes})")
+    scheme = Scheme.load(args.scheme) if args.scheme else None
+    model = mobilenet_v2(args.width, n_classes=args.classes)
+    plan = training_plan(model, (1, 3, args.resolution, args.resolution), scheme, reorder=not args.no_reorder)
+    print(plan_table(plan))
+    print(f"memory timeline: {save_timeline(plan, args.png)}")
+    print(f"peak_kb = {plan.peak_kb:.1f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # OpenMP reads this once, when torch loads (imported lazily below): PASSIVE makes a decode step
     # 3-4x slower on small machines, and unset was sometimes pathological.
@@ -191,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval_ppl}
+    handlers = {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval_ppl, "tiny": cmd_tiny}
     try:
         return handlers[args.command](args)
     except EdgewiseError as exc:

@@ -25,16 +25,17 @@ def grad_name(value: str) -> str:
 
 
 class _Context:
-    def __init__(self, graph: Graph, needed: set[str]):
+    def __init__(self, graph: Graph, needed: set[str], weight_slices: dict[str, str]):
         self.graph = graph
         self.needed = needed
+        self.weight_slices = weight_slices  # partially trained weight -> the input slice its gradient reads
 
     def needs(self, value: str) -> bool:
         return value in self.needed
 
-    def emit(self, op: str, inputs: list[str], target: str, attrs: dict | None = None, source: str = "") -> str:
+    def emit(self, op: str, inputs: list[str], target: str, attrs: dict | None = None, source: str = "", shape: tuple[int, ...] | None = None) -> str:
         name = self.graph.fresh(f"{GRAD_PREFIX}{target}")
-        self.graph.add_node(op, inputs, [(name, self.graph.values[target].shape)], attrs, source=source)
+        self.graph.add_node(op, inputs, [(name, shape or self.graph.values[target].shape)], attrs, source=source)
         return name
 
 
@@ -45,7 +46,10 @@ def _conv2d(ctx: _Context, node: Node, g: str) -> dict[str, str]:
     if ctx.needs(x):
         grads[x] = ctx.emit("conv2d_grad_input", [g, w], x, {**conv, "input_shape": ctx.graph.values[x].shape}, node.name)
     if ctx.needs(w):
-        grads[w] = ctx.emit("conv2d_grad_weight", [x, g], w, {**conv, "weight_shape": ctx.graph.values[w].shape}, node.name)
+        # a partially trained weight: the gradient of its first input channels, from that input slice
+        x_w = ctx.weight_slices.get(w, x)
+        shape = (ctx.graph.values[w].shape[0], ctx.graph.values[x_w].shape[1] // conv["groups"], *ctx.graph.values[w].shape[2:])
+        grads[w] = ctx.emit("conv2d_grad_weight", [x_w, g], w, {**conv, "weight_shape": shape}, node.name, shape)
     if ctx.needs(b):
         grads[b] = ctx.emit("sum_nhw", [g], b, source=node.name)
     return grads
@@ -108,17 +112,22 @@ def depends_on_trainable(graph: Graph, trainable: set[str]) -> set[str]:
     return marked
 
 
-def append_backward(graph: Graph, trainable: Iterable[str], loss: str = "loss") -> dict[str, str]:
-    """Append the backward nodes for `trainable` parameters to `graph`; returns {param: grad value}."""
+def append_backward(graph: Graph, trainable: Iterable[str], loss: str = "loss", weight_slices: dict[str, str] | None = None) -> dict[str, str]:
+    """Append the backward nodes for `trainable` parameters to `graph`; returns {param: grad value}.
+
+    `weight_slices` (from `sparse.apply_scheme`) names, per partially trained conv weight, the input
+    slice its gradient reads; that gradient then covers only the first input channels."""
     trainable = set(trainable)
     unknown = sorted(trainable - set(graph.params))
     if unknown:
         raise KeyError(f"not parameters of the graph: {', '.join(unknown)}")
     forward = list(graph.nodes)
     needed = depends_on_trainable(graph, trainable)
-    ctx = _Context(graph, needed)
+    ctx = _Context(graph, needed, weight_slices or {})
     grads: dict[str, list[str]] = {}  # value -> gradient contributions still to be summed
     for node in reversed(forward):
+        if node.op == "slice_channels":
+            continue  # made only for the backward pass
         if node.op not in GRAD_RULES:
             raise NotImplementedError(f"no gradient rule for op '{node.op}' ({node.source or node.name})")
         if node.op == "cross_entropy":

@@ -57,7 +57,8 @@ FP32_OPS: dict[str, Callable[..., torch.Tensor]] = {
     "linear_grad_weight": lambda x, g: g.T @ x,
     "sum_n": lambda g: g.sum(0),
     "cross_entropy_grad": cross_entropy_grad,
-    "sgd_update": lambda p, g, lr: p - lr * g,
+    "slice_channels": lambda x, channels: x[:, :channels].contiguous(),
+    "sgd_update": lambda p, g, lr: torch.cat([p[:, : g.shape[1]] - lr * g, p[:, g.shape[1] :]], dim=1) if g.shape != p.shape else p - lr * g,
 }
 
 

@@ -26,7 +26,10 @@ from typing import Any
 #   mean_hw_grad(g)           input_shape                       [N,C] -> [N,C,H,W]
 #   linear_grad_input(g, w), linear_grad_weight(x, g), sum_n(g)
 #   cross_entropy_grad(logits, label)   (softmax - onehot) / N
-# Update (emitted by the scheduler): sgd_update(p, g; lr) = p - lr * g, in place on the MCU.
+# Sparse update: slice_channels(x; channels) = x[:, :channels], kept for a partial weight gradient
+#   (conv2d_grad_weight then yields [O, channels, kh, kw]).
+# Update (emitted by the scheduler): sgd_update(p, g; lr) = p - lr * g, in place on the MCU; a
+#   partial gradient updates the first input channels of p only.
 FORWARD_OPS = ("conv2d", "relu", "relu6", "add", "mean_hw", "linear", "cross_entropy")
 
 
