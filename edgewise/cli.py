@@ -21,6 +21,7 @@ examples:
   edgewise eval ppl --text shakespeare --ctx 512 --max-tokens 8192
   edgewise generate --model ~/models/tinyllama.Q4_1.gguf "Hello"
   edgewise tiny plan --width 0.35 --resolution 128 --scheme scheme.json --png memory.png
+  edgewise tiny train --scheme scheme.json --train-samples 2000 --epochs 2
 """
 
 
@@ -94,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--scheme", metavar="FILE.json", help='sparse update scheme, e.g. {"bias_depth": 12, "weights": {"features.16.conv.0.0": 0.25}} (default: full update)')
     plan.add_argument("--no-reorder", action="store_true", help="apply updates after the whole backward pass instead of in place")
     plan.add_argument("--png", default="memory-timeline.png", help="where to save the memory timeline (default memory-timeline.png)")
+
+    train = tiny_sub.add_parser(
+        "train",
+        help="transfer-learn the ImageNet MobileNetV2 to Fashion-MNIST with the compiled training step",
+        description="Fine-tune torchvision's ImageNet MobileNetV2 (new 10-way classifier) on Fashion-MNIST "
+        "at batch 1 with SGD, running the compiled step (forward, pruned backward, in-place updates) on the fp32 "
+        "reference executor. Ends with a line `val_acc = X peak_kb = Y` (Y: the planned arena of the fp32 graph).",
+    )
+    train.add_argument("--scheme", metavar="FILE.json", help="sparse update scheme (default: the classifier only)")
+    train.add_argument("--resolution", type=int, default=48, help="images are resized to RES x RES (default 48)")
+    train.add_argument("--train-samples", type=int, default=1000, help="training images, drawn at random with --seed (default 1000)")
+    train.add_argument("--val-samples", type=int, default=1000, help="the first N test images are the validation set (default 1000)")
+    train.add_argument("--epochs", type=int, default=1, help="passes over the training images (default 1)")
+    train.add_argument("--lr", type=float, default=0.001, help="SGD learning rate at batch 1 (default 0.001)")
+    train.add_argument("--seed", type=int, default=0, help="seed for the training subset and its order (default 0)")
     return parser
 
 
@@ -200,6 +216,47 @@ def cmd_eval_ppl(args) -> int:
 
 
 def cmd_tiny(args) -> int:
+    return {"plan": cmd_tiny_plan, "train": cmd_tiny_train}[args.tiny_command](args)
+
+
+def cmd_tiny_train(args) -> int:
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from edgewise.data.images import load_fashion_mnist
+    from edgewise.tiny.models import imagenet_mobilenet_v2
+    from edgewise.tiny.sparse import Scheme
+    from edgewise.tiny.train import CompiledTrainer, to_model_input
+
+    if args.resolution < 32 or args.train_samples < 1 or args.val_samples < 1 or args.epochs < 1 or args.lr <= 0:
+        raise EdgewiseError("need --resolution >= 32, --train-samples, --val-samples and --epochs >= 1, and --lr > 0")
+    scheme = Scheme.load(args.scheme) if args.scheme else Scheme(bias_depth=0)
+    images, labels = load_fashion_mnist("train")
+    val_images, val_labels = load_fashion_mnist("test")
+    rng = np.random.default_rng(args.seed)
+    chosen = rng.permutation(len(images))[: args.train_samples]
+    x, y = to_model_input(images[chosen], args.resolution), torch.from_numpy(labels[chosen])
+    x_val, y_val = to_model_input(val_images[: args.val_samples], args.resolution), torch.from_numpy(val_labels[: args.val_samples])
+    model = imagenet_mobilenet_v2()
+    model.classifier[1] = torch.nn.Linear(model.classifier[1].in_features, 10)
+    torch.nn.init.zeros_(model.classifier[1].weight)
+    torch.nn.init.zeros_(model.classifier[1].bias)
+    trainer = CompiledTrainer(model, args.resolution, scheme, args.lr)
+    print(f"training {len(trainer.trainable)} tensors ({sum(trainer.params[p].numel() for p in trainer.trainable):,} values) on {len(x)} images, {args.epochs} epoch(s)")
+    for epoch in range(args.epochs):
+        order = rng.permutation(len(x))
+        with tqdm(order, desc=f"epoch {epoch + 1}", unit="img", file=sys.stderr) as bar:
+            losses = []
+            for i in bar:
+                losses.append(trainer.train_step(x[i : i + 1], y[i : i + 1]))
+                if len(losses) % 50 == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+    print(f"val_acc = {trainer.accuracy(x_val, y_val):.4f} peak_kb = {trainer.plan.peak / 1024:.1f}")
+    return 0
+
+
+def cmd_tiny_plan(args) -> int:
     from edgewise.tiny.models import mobilenet_v2
     from edgewise.tiny.plan import plan_table, save_timeline, training_plan
     from edgewise.tiny.sparse import Scheme

@@ -35,15 +35,18 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-# Jane Austen's novels come from Debian (R data); optional for everything but `--text austen`.
-if [ ! -f /usr/lib/R/site-library/janeaustenr/data/Rdata.rdb ]; then
+# Data from Debian, optional for everything but the features that read it.
+apt_data() {  # PACKAGE FILE-IT-PROVIDES WHAT-NEEDS-IT
+  [ -f "$2" ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "[setup] installing the Austen corpus (Debian r-cran-janeaustenr)"
-    (apt-get install -y -q --no-install-recommends r-cran-janeaustenr >/dev/null 2>&1 \
-      || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends r-cran-janeaustenr >/dev/null; }) \
-      || echo "[setup] warning: could not install r-cran-janeaustenr; --text austen will be unavailable" >&2
+    echo "[setup] installing $1 (for $3)"
+    (apt-get install -y -q --no-install-recommends "$1" >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends "$1" >/dev/null; }) \
+      || echo "[setup] warning: could not install $1; $3 will be unavailable" >&2
   else
-    echo "[setup] note: for --text austen run: sudo apt-get install --no-install-recommends r-cran-janeaustenr" >&2
+    echo "[setup] note: for $3 run: sudo apt-get install --no-install-recommends $1" >&2
   fi
-fi
+}
+apt_data r-cran-janeaustenr /usr/lib/R/site-library/janeaustenr/data/Rdata.rdb "--text austen"
+apt_data dataset-fashion-mnist /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz "tiny training on Fashion-MNIST"
 echo "[setup] ready: .venv/bin/edgewise --help"
