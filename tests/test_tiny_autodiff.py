@@ -114,6 +114,11 @@ def test_unsupported_op_is_named():
         from_module(model, (1, 3, 8, 8))
 
 
+def test_linear_on_unflattened_features_is_named():
+    with pytest.raises(UnsupportedOpError, match=r"linear expects \[N, 6\] input, got \(1, 4, 6, 6\)"):
+        from_module(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(6, 2)), (1, 3, 8, 8))
+
+
 def test_unknown_trainable_parameter_is_named():
     graph, _ = from_module(nn.Sequential(nn.Conv2d(3, 4, 3), *head(4)), (1, 3, 8, 8))
     with pytest.raises(KeyError, match="features.99.weight"):

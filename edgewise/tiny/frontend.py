@@ -94,6 +94,9 @@ class _Converter:
             self.env[bn_node.name] = self.env[fx_node.name]
 
     def linear(self, fx_node: fx.Node, layer: nn.Linear) -> None:
+        shape = self.graph.values[self.value(fx_node.args[0])].shape
+        if shape != (self.batch, layer.in_features):
+            raise UnsupportedOpError(f"{_describe(fx_node)}: linear expects [N, {layer.in_features}] input, got {shape} (flatten the pooled features first)")
         w = self.param(f"{fx_node.target}.weight", layer.weight)
         b = self.param(f"{fx_node.target}.bias", layer.bias if layer.bias is not None else torch.zeros(layer.out_features))
         self.emit(fx_node, "linear", [self.value(fx_node.args[0]), w, b], (self.batch, layer.out_features))
