@@ -139,16 +139,21 @@ __attribute__((always_inline)) inline float block_scales(const at::Half* w_d, co
 // kTileRows: weight rows per decode tile, 4 for Q4 (short rows: one reduction serves four) and 1
 // for Q8 (on the 30 MB output layer, four interleaved rows were measured slower than one).
 
+template <typename A, int64_t Group, bool PairedActivations, int64_t TileRows>
+struct FormatTraits {
+  using Act = A;
+  static constexpr int64_t kGroup = Group;
+  static constexpr bool kPairedActivations = PairedActivations;
+  static constexpr int64_t kTileRows = TileRows;
+};
+
 // Q4_1 with int8 activations, two blocks per step. GGUF packs block b as 16 bytes whose low nibbles
 // are elements 0..15 and high nibbles 16..31, so one 32-byte load of blocks b and b+1 splits, by
 // mask and shift, into exactly the two halves of the paired activation layout. maddubs (unsigned
 // nibble x signed int8, pairs summed) cannot saturate: 4 * 15 * 127 < 32767 after the add.
-struct Q4Int8Pairs {
-  using Act = int8_t;
-  static constexpr int64_t kGroup = 2;
-  static constexpr bool kPairedActivations = true;
-  static constexpr int64_t kTileRows = 4;
+struct Q4Int8Pairs : FormatTraits<int8_t, 2, true, 4> {
   const uint8_t* qs;
+  explicit Q4Int8Pairs(const uint8_t* q = nullptr) : qs(q) {}
   struct Loaded { __m256i lo, hi; };
   Loaded load(int64_t b) const {
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + b * 16));
@@ -164,12 +169,9 @@ struct Q4Int8Pairs {
 };
 
 // Q4_1 with int8 activations, one block (the odd last block after Q4Int8Pairs).
-struct Q4Int8 {
-  using Act = int8_t;
-  static constexpr int64_t kGroup = 1;
-  static constexpr bool kPairedActivations = false;
-  static constexpr int64_t kTileRows = 4;
+struct Q4Int8 : FormatTraits<int8_t, 1, false, 4> {
   const uint8_t* qs;
+  explicit Q4Int8(const uint8_t* q = nullptr) : qs(q) {}
   __m256i load(int64_t b) const {
     const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + b * 16));
     const __m128i low4 = _mm_set1_epi8(0x0F);
@@ -181,10 +183,8 @@ struct Q4Int8 {
 };
 
 // Both int16 formats widen the block's 32 weight codes to two int16 vectors (elements 0..15, 16..31).
-struct Int16Dot {
-  using Act = int16_t;
-  static constexpr int64_t kGroup = 1;
-  static constexpr bool kPairedActivations = false;
+template <int64_t TileRows>
+struct Int16Dot : FormatTraits<int16_t, 1, false, TileRows> {
   struct Loaded { __m256i lo, hi; };
   static __m256i dot(const Loaded& w, const int16_t* y) {
     return _mm256_add_epi32(_mm256_madd_epi16(w.lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y))),
@@ -194,8 +194,7 @@ struct Int16Dot {
 
 // Q4_1 with int16 activations: the 16 bytes zero-extended to 16-bit lanes hold nibble pairs, so a
 // mask gives elements 0..15 and a shift 16..31.
-struct Q4Int16 : Int16Dot {
-  static constexpr int64_t kTileRows = 4;
+struct Q4Int16 : Int16Dot<4> {
   const uint8_t* qs;
   explicit Q4Int16(const uint8_t* q = nullptr) : qs(q) {}
   Loaded load(int64_t b) const {
@@ -204,8 +203,7 @@ struct Q4Int16 : Int16Dot {
   }
 };
 
-struct Q8Int16 : Int16Dot {
-  static constexpr int64_t kTileRows = 1;
+struct Q8Int16 : Int16Dot<1> {
   const int8_t* qs;
   explicit Q8Int16(const int8_t* q = nullptr) : qs(q) {}
   Loaded load(int64_t b) const {
@@ -215,12 +213,9 @@ struct Q8Int16 : Int16Dot {
   }
 };
 
-struct Q8Int8 {
-  using Act = int8_t;
-  static constexpr int64_t kGroup = 1;
-  static constexpr bool kPairedActivations = false;
-  static constexpr int64_t kTileRows = 1;
+struct Q8Int8 : FormatTraits<int8_t, 1, false, 1> {
   const int8_t* qs;
+  explicit Q8Int8(const int8_t* q = nullptr) : qs(q) {}
   __m256i load(int64_t b) const { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + b * QK)); }
   static __m256i dot(__m256i w, const int8_t* y8) {
     // maddubs multiplies unsigned by signed: move w's sign onto y
@@ -389,7 +384,7 @@ at::Tensor q4_1_impl(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   if (act_bits == 8)
     return matmul_rows<Q4Int8Pairs, Q4Int8>(x, n, k, [&](int64_t j) {
       const uint8_t* row = q + j * (k / 2);
-      return WeightRow<Q4Int8Pairs, Q4Int8>{{row}, {row}, dp + j * nb, mp + j * nb};
+      return WeightRow<Q4Int8Pairs, Q4Int8>{Q4Int8Pairs{row}, Q4Int8{row}, dp + j * nb, mp + j * nb};
     }, stream);
   return matmul_rows<Q4Int16, Q4Int16>(x, n, k, [&](int64_t j) {
     const uint8_t* row = q + j * (k / 2);
@@ -403,7 +398,7 @@ at::Tensor q8_0_impl(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   const int64_t nb = k / QK;
   const WeightStream stream{reinterpret_cast<const char*>(q), k, dp, nullptr, nb};
   if (act_bits == 8)
-    return matmul_rows<Q8Int8, Q8Int8>(x, n, k, [&](int64_t j) { return WeightRow<Q8Int8, Q8Int8>{{q + j * k}, {q + j * k}, dp + j * nb, nullptr}; }, stream);
+    return matmul_rows<Q8Int8, Q8Int8>(x, n, k, [&](int64_t j) { return WeightRow<Q8Int8, Q8Int8>{Q8Int8{q + j * k}, Q8Int8{q + j * k}, dp + j * nb, nullptr}; }, stream);
   return matmul_rows<Q8Int16, Q8Int16>(x, n, k, [&](int64_t j) {
     return WeightRow<Q8Int16, Q8Int16>{Q8Int16{q + j * k}, Q8Int16{q + j * k}, dp + j * nb, nullptr};
   }, stream);
