@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from edgewise import __version__
 from edgewise.errors import EdgewiseError
@@ -252,7 +251,7 @@ def cmd_tiny_train(args) -> int:
                 losses.append(trainer.train_step(x[i : i + 1], y[i : i + 1]))
                 if len(losses) % 50 == 0:
                     bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-    print(f"val_acc = {trainer.accuracy(x_val, y_val):.4f} peak_kb = {trainer.plan.peak / 1024:.1f}")
+    print(f"val_acc = {trainer.accuracy(x_val, y_val):.4f} peak_kb = {trainer.plan.peak_kb:.1f}")
     return 0
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from edgewise.tiny import int8_ops
-from edgewise.tiny.frontend import IMAGE, LOGITS, from_module
+from edgewise.tiny.frontend import IMAGE, LOGITS, forward_graph, from_module
 from edgewise.tiny.models import BlockSpec, InvertedResidualNet, imagenet_mobilenet_v2, imagenet_preprocess
-from edgewise.tiny.quantize import QParams, forward_nodes, quantize_graph, run_int8
+from edgewise.tiny.quantize import QParams, quantize_graph, run_int8
 from tests.test_tiny_autodiff import randomize_batchnorm
 
 
@@ -42,7 +42,7 @@ def np_conv(x: np.ndarray, w: np.ndarray, stride: int, pad: int, groups: int) ->
 def numpy_int8_forward(qg, image: np.ndarray) -> dict[str, np.ndarray]:
     q_in = qg.act[IMAGE]
     env = {IMAGE: np.clip(np_round(image.astype(np.float32) / np.float32(q_in.scale)) + q_in.zero_point, -128, 127).astype(np.int64)}
-    for node in forward_nodes(qg.graph):
+    for node in forward_graph(qg.graph).nodes:
         out, c = node.outputs[0], qg.consts.get(node.name, {})
         if node.op == "conv2d":
             x, w, _ = node.inputs

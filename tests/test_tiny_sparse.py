@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from edgewise.tiny import autodiff, executor, memory, schedule
+from edgewise.tiny import autodiff, executor, schedule
 from edgewise.tiny.frontend import LOSS, from_module
 from edgewise.tiny.models import mobilenet_v2
+from edgewise.tiny.plan import training_plan
 from edgewise.tiny.sparse import Scheme, SchemeError, apply_scheme, conv_layers
 from tests.test_tiny_autodiff import autograd_reference, randomize_batchnorm
 
@@ -54,12 +55,9 @@ def test_partial_weight_gradients_against_autograd():
 
 def saved_for_backward(scheme: Scheme, resolution: int = 128) -> tuple[int, int]:
     """(bytes live when the loss is computed, i.e. kept for the backward pass; the plan's peak)."""
-    graph, _ = from_module(mobilenet_v2(0.35, n_classes=10), (1, 3, resolution, resolution))
-    plan = apply_scheme(graph, scheme)
-    schedule.append_updates(graph, autodiff.append_backward(graph, plan.trainable, weight_slices=plan.weight_slices), lr=0.01)
-    mem = memory.plan_memory(graph)
-    loss_step = next(i for i, n in enumerate(graph.nodes) if n.op == "cross_entropy")
-    return mem.live_bytes()[loss_step], mem.peak
+    plan = training_plan(mobilenet_v2(0.35, n_classes=10), (1, 3, resolution, resolution), scheme)
+    loss_step = next(i for i, n in enumerate(plan.graph.nodes) if n.op == "cross_entropy")
+    return plan.memory.live_bytes()[loss_step], plan.memory.peak
 
 
 def test_sparser_schemes_keep_less_for_backward():

@@ -11,6 +11,7 @@ Anything outside the supported set gets an `UnsupportedOpError` naming the op an
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
@@ -201,3 +202,17 @@ def from_module(model: nn.Module, input_shape: tuple[int, ...], n_classes: int |
     conv = _Converter(gm, input_shape[0])
     graph = conv.convert(n_classes)
     return graph, conv.params
+
+
+def forward_graph(graph: Graph, batch: int | None = None) -> Graph:
+    """The inference part of a training graph (image -> logits), optionally for another batch size
+    (inputs and activations lead with the batch; parameters keep their shapes)."""
+    nodes = []
+    for node in graph.nodes:
+        nodes.append(node)
+        if node.outputs[0] == LOGITS:
+            break
+    values = {name: graph.values[name] for node in nodes for name in node.inputs + node.outputs}
+    if batch is not None:
+        values = {name: dataclasses.replace(v, shape=(batch, *v.shape[1:])) if v.kind != "param" and v.shape else v for name, v in values.items()}
+    return Graph(values, nodes, [IMAGE], [LOGITS])

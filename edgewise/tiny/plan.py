@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from edgewise.tiny import autodiff, memory, schedule
@@ -25,6 +26,7 @@ from edgewise.tiny.sparse import Scheme, apply_scheme
 @dataclass
 class TrainingPlan:
     graph: Graph
+    params: dict[str, torch.Tensor]  # initial values (BatchNorm folded), keyed by the graph's param names
     memory: memory.MemoryPlan
     trainable: set[str]
     reorder: bool
@@ -36,7 +38,7 @@ class TrainingPlan:
 
 def training_plan(model: nn.Module, input_shape: tuple[int, ...], scheme: Scheme | None = None, lr: float = 0.01, reorder: bool = True) -> TrainingPlan:
     """Compile `model` for one training step; `scheme` None trains every parameter (full update)."""
-    graph, _ = from_module(model, input_shape)
+    graph, params = from_module(model, input_shape)
     if scheme is None:
         trainable, slices = set(graph.params), {}
     else:
@@ -44,7 +46,7 @@ def training_plan(model: nn.Module, input_shape: tuple[int, ...], scheme: Scheme
         trainable, slices = sparse.trainable, sparse.weight_slices
     grads = autodiff.append_backward(graph, trainable, weight_slices=slices)
     schedule.append_updates(graph, grads, lr, reorder=reorder)
-    return TrainingPlan(graph, memory.plan_memory(graph), trainable, reorder)
+    return TrainingPlan(graph, params, memory.plan_memory(graph), trainable, reorder)
 
 
 def plan_table(plan: TrainingPlan) -> str:

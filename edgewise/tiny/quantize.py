@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from edgewise.tiny import executor, int8_ops
-from edgewise.tiny.frontend import IMAGE, LOGITS
-from edgewise.tiny.ir import Graph, Node
+from edgewise.tiny.frontend import IMAGE, forward_graph
+from edgewise.tiny.ir import Graph
 
 
 @dataclass(frozen=True)
@@ -50,24 +50,12 @@ class QuantizedGraph:
         return self.act[self.alias.get(value, value)]
 
 
-def forward_nodes(graph: Graph) -> list[Node]:
-    nodes = []
-    for node in graph.nodes:
-        nodes.append(node)
-        if node.outputs[0] == LOGITS:
-            break
-    return nodes
-
-
 def calibrate(graph: Graph, params: dict[str, torch.Tensor], images: torch.Tensor) -> dict[str, tuple[float, float]]:
     """Min and max of every forward value over the calibration images (fp32 executor, a graph batch at a time)."""
-    sub = Graph(graph.values, forward_nodes(graph), [IMAGE], [LOGITS])
     batch = graph.values[IMAGE].shape[0]
-    if len(images) % batch:
-        raise ValueError(f"{len(images)} calibration images do not split into batches of {batch} (the graph's batch size)")
     ranges: dict[str, tuple[float, float]] = {}
-    for i in range(0, len(images), batch):
-        env = executor.run(sub, params, {IMAGE: images[i : i + batch]})
+    for chunk in images.split(batch):
+        env = executor.run(forward_graph(graph, len(chunk)), params, {IMAGE: chunk})
         for name, t in env.items():
             if graph.values[name].kind != "param":
                 lo, hi = ranges.get(name, (float("inf"), float("-inf")))
@@ -78,7 +66,7 @@ def calibrate(graph: Graph, params: dict[str, torch.Tensor], images: torch.Tenso
 def quantize_graph(graph: Graph, params: dict[str, torch.Tensor], calibration_images: torch.Tensor) -> QuantizedGraph:
     ranges = calibrate(graph, params, calibration_images)
     consumers = graph.consumers()
-    nodes = forward_nodes(graph)
+    nodes = forward_graph(graph).nodes
     qg = QuantizedGraph(graph, {IMAGE: QParams.from_range(*ranges[IMAGE])}, {}, {}, {})
     for node in nodes:
         out = node.outputs[0]
@@ -133,7 +121,7 @@ def quantize_graph(graph: Graph, params: dict[str, torch.Tensor], calibration_im
 def run_int8(qg: QuantizedGraph, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """The int8 forward: int8 codes for every activation, fp32 logits from the fp32 classifier."""
     env: dict[str, torch.Tensor] = {IMAGE: int8_ops.quantize(images, qg.act[IMAGE].scale, qg.act[IMAGE].zero_point)}
-    for node in forward_nodes(qg.graph):
+    for node in forward_graph(qg.graph).nodes:
         out, c = node.outputs[0], qg.consts.get(node.name, {})
         if node.op == "conv2d":
             x, w, _ = node.inputs

@@ -10,20 +10,18 @@ is measured is what the planner planned.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from edgewise.errors import EdgewiseError
-from edgewise.tiny import autodiff, executor, memory, schedule
-from edgewise.tiny.frontend import IMAGE, LABEL, LOGITS, LOSS, from_module
+from edgewise.tiny import executor, schedule
+from edgewise.tiny.frontend import IMAGE, LABEL, LOGITS, LOSS, forward_graph
 from edgewise.tiny.ir import Graph
 from edgewise.tiny.models import IMAGENET_MEAN, IMAGENET_STD
-from edgewise.tiny.quantize import forward_nodes
-from edgewise.tiny.sparse import Scheme, apply_scheme
+from edgewise.tiny.plan import training_plan
+from edgewise.tiny.sparse import Scheme
 
 
 def to_model_input(images: np.ndarray | torch.Tensor, resolution: int) -> torch.Tensor:
@@ -37,29 +35,10 @@ def to_model_input(images: np.ndarray | torch.Tensor, resolution: int) -> torch.
     return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
 
 
-def rebatch(graph: Graph, batch: int) -> Graph:
-    """A forward-only copy of `graph` for another batch size (inputs and activations lead with the batch)."""
-    nodes = forward_nodes(graph)
-    names = {v for n in nodes for v in n.inputs + n.outputs}
-    values = {}
-    for name in names:
-        v = graph.values[name]
-        values[name] = dataclasses.replace(v, shape=(batch, *v.shape[1:])) if v.kind != "param" and v.shape else v
-    return Graph(values, nodes, [IMAGE], [LOGITS])
-
-
 class CompiledTrainer:
     def __init__(self, model: nn.Module, resolution: int, scheme: Scheme | None, lr: float, batch: int = 1):
-        self.graph, self.params = from_module(model, (batch, 3, resolution, resolution))
-        if scheme is None:
-            self.trainable, slices = set(self.graph.params), {}
-        else:
-            sparse = apply_scheme(self.graph, scheme)
-            self.trainable, slices = sparse.trainable, sparse.weight_slices
-        grads = autodiff.append_backward(self.graph, self.trainable, weight_slices=slices)
-        schedule.append_updates(self.graph, grads, lr)
-        self.plan = memory.plan_memory(self.graph)
-        self.batch, self.resolution = batch, resolution
+        self.plan = training_plan(model, (batch, 3, resolution, resolution), scheme, lr)
+        self.graph, self.params, self.trainable = self.plan.graph, self.plan.params, self.plan.trainable
         self._eval_graphs: dict[int, Graph] = {}
 
     def train_step(self, x: torch.Tensor, labels: torch.Tensor) -> float:
@@ -69,8 +48,9 @@ class CompiledTrainer:
         return float(env[LOSS])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        graph = self._eval_graphs.setdefault(len(x), rebatch(self.graph, len(x)))
-        return executor.run(graph, self.params, {IMAGE: x})[LOGITS]
+        if len(x) not in self._eval_graphs:
+            self._eval_graphs[len(x)] = forward_graph(self.graph, len(x))
+        return executor.run(self._eval_graphs[len(x)], self.params, {IMAGE: x})[LOGITS]
 
     def accuracy(self, x: torch.Tensor, labels: torch.Tensor, chunk: int = 256) -> float:
         correct = sum(int((self.logits(x[i : i + chunk]).argmax(-1) == labels[i : i + chunk]).sum()) for i in range(0, len(x), chunk))
