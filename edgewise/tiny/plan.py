@@ -35,6 +35,12 @@ class TrainingPlan:
     def peak_kb(self) -> float:
         return self.memory.peak / 1024
 
+    @property
+    def kept_for_backward(self) -> int:
+        """Bytes live when the loss is computed: what the forward pass keeps for the backward pass."""
+        loss_step = next(i for i, n in enumerate(self.graph.nodes) if n.op == "cross_entropy")
+        return self.memory.live_bytes()[loss_step]
+
 
 def training_plan(model: nn.Module, input_shape: tuple[int, ...], scheme: Scheme | None = None, lr: float = 0.01, reorder: bool = True) -> TrainingPlan:
     """Compile `model` for one training step; `scheme` None trains every parameter (full update)."""

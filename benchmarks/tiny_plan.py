@@ -1,0 +1,65 @@
+"""Planned training-step memory of MobileNetV2 under sparse update schemes (fp32 graph).
+
+For each scheme: the arena peak of the static plan, and the bytes live when the loss is
+computed (what the forward pass keeps for the backward pass). Memory depends on shapes only,
+so the weights are random. Sizes are those of the fp32 graph (4 bytes per activation and
+gradient); the int8 graph and the paper comparison come with the int8 planner.
+
+    python benchmarks/tiny_plan.py                # MobileNetV2-w0.35 at 128x128
+    python benchmarks/tiny_plan.py --width 1.0 --resolution 96
+
+Writes benchmarks/results/tiny_plan.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from edgewise.tiny.frontend import from_module
+from edgewise.tiny.models import mobilenet_v2
+from edgewise.tiny.plan import training_plan
+from edgewise.tiny.sparse import Scheme, conv_layers
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--width", type=float, default=0.35)
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--classes", type=int, default=10)
+    args = parser.parse_args()
+    shape = (1, 3, args.resolution, args.resolution)
+    model = mobilenet_v2(args.width, n_classes=args.classes)
+    layers = list(conv_layers(from_module(model, shape)[0]))
+    full = Scheme(len(layers), {name: 1.0 for name in layers})
+    sparse = {"features.14.conv.0.0": 1.0, "features.15.conv.0.0": 1.0}
+    rows = [
+        ("full update, updates after backward", full, False),
+        ("full update, in place (reordered)", full, True),
+        ("12 biases + 2 pointwise weights", Scheme(12, sparse), True),
+        ("12 biases + 2 pointwise weights, one at 1/8", Scheme(12, {**sparse, "features.14.conv.0.0": 0.125}), True),
+        ("classifier only", Scheme(0), True),
+    ]
+    lines = [
+        f"# Planned training-step memory: MobileNetV2-w{args.width} at {args.resolution}x{args.resolution}, batch 1, fp32 graph",
+        "",
+        "| scheme | trained tensors | arena peak (KB) | kept for backward (KB) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, scheme, reorder in rows:
+        plan = training_plan(model, shape, scheme, reorder=reorder)
+        lines.append(f"| {name} | {len(plan.trainable)} | {plan.peak_kb:.1f} | {plan.kept_for_backward / 1024:.1f} |")
+        print(lines[-1], flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "tiny_plan.md"
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
