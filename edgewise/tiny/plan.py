@@ -19,7 +19,7 @@ from torch import nn
 
 from edgewise.tiny import autodiff, memory, schedule
 from edgewise.tiny.frontend import from_module
-from edgewise.tiny.ir import Graph
+from edgewise.tiny.ir import Graph, Node
 from edgewise.tiny.sparse import Scheme, apply_scheme
 
 
@@ -34,6 +34,19 @@ class TrainingPlan:
     @property
     def peak_kb(self) -> float:
         return self.memory.peak / 1024
+
+    def frozen_prefix(self) -> tuple[list[Node], list[Node], list[str]]:
+        """(frozen nodes, the rest, boundary values): the forward nodes that no trained parameter
+        reaches compute the same thing at every step for the same image, so a host-side experiment
+        may compute them once per image and feed the boundary values to the rest of the step."""
+        dependent = autodiff.depends_on_trainable(self.graph, self.trainable)
+        loss_step = next(i for i, n in enumerate(self.graph.nodes) if n.op == "cross_entropy")
+        frozen = [n for n in self.graph.nodes[:loss_step] if not any(o in dependent for o in n.outputs)]
+        frozen_names = {n.name for n in frozen}
+        rest = [n for n in self.graph.nodes if n.name not in frozen_names]
+        made = {o for n in frozen for o in n.outputs}
+        boundary = list(dict.fromkeys(v for n in rest for v in n.inputs if v in made))
+        return frozen, rest, boundary
 
     @property
     def kept_for_backward(self) -> int:

@@ -140,5 +140,5 @@ def run_int8(qg: QuantizedGraph, images: torch.Tensor) -> dict[str, torch.Tensor
         elif node.op == "linear":
             x, w, b = node.inputs
             q = qg.qparams(x)
-            env[out] = int8_ops.dequantize(env[x], q.scale, q.zero_point) @ qg.fp32_params[w].T + qg.fp32_params[b]
+            env[out] = int8_ops.linear_f32(int8_ops.dequantize(env[x], q.scale, q.zero_point), qg.fp32_params[w], qg.fp32_params[b])
     return env
