@@ -6,6 +6,7 @@ Every user-facing failure is an `EdgewiseError`, printed as one line (`--debug` 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -102,8 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         "plan",
         help="compile one training step and print its per-op memory plan",
         description="Compile one training step of MobileNetV2 (forward, the backward ops the scheme needs, "
-        "in-place updates) and plan its memory statically: prints a per-op table and the arena peak, "
-        "and saves a PNG of live memory per op. Sizes are those of the fp32 graph.",
+        "in-place updates) and plan its memory statically: prints a per-op table and the peak, "
+        "and saves a PNG of live memory per op. The int8 graph (default) has int8 activations, fp32 gradients, "
+        "fused activations, in-place depthwise convs and adds, streamed frozen conv chains and gradients computed "
+        "where read; the fp32 graph gives every value its own fp32 buffer. The last line `peak_kb = X` is the SRAM "
+        "of the step: arena plus trained parameters.",
     )
     plan.add_argument("--width", type=float, default=0.35, help="MobileNetV2 width multiplier (default 0.35)")
     plan.add_argument("--resolution", type=int, default=128, help="input images are RES x RES (default 128)")
@@ -111,14 +115,48 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--scheme", metavar="FILE.json", help='sparse update scheme, e.g. {"bias_depth": 12, "weights": {"features.16.conv.0.0": 0.25}} (default: full update)')
     plan.add_argument("--no-reorder", action="store_true", help="apply updates after the whole backward pass instead of in place")
     plan.add_argument("--png", default="memory-timeline.png", help="where to save the memory timeline (default memory-timeline.png)")
+    plan.add_argument("--precision", choices=("int8", "fp32"), default="int8", help="the training graph to plan (default int8)")
+    plan.add_argument("--rule", default="stochastic", choices=("round", "stochastic", "master16", "master32"), help="int8 sub-LSB update rule (decides master-copy bytes; default stochastic)")
+
+    comp = tiny_sub.add_parser(
+        "compile",
+        help="compile a model and sparse scheme into an int8 training step under an SRAM budget",
+        description="Compile one int8 training step (forward, pruned backward, in-place QAS updates) and plan its\n"
+        "memory. The scheme comes from --scheme, or from --search: contribution analysis (short fine-tunes of\n"
+        "the ImageNet MobileNetV2 on --data: the classifier alone, the last k biases, each candidate layer's\n"
+        "weights at each ratio) and an evolutionary search for the scheme of largest total contribution whose\n"
+        "planned SRAM (arena + trained parameters) fits --budget. Writes OUT/scheme.json, OUT/plan.md (per-op\n"
+        "table) and OUT/memory.png; ends with a line `peak_kb = X`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    comp.add_argument("--model", default="imagenet-mbv2", choices=("imagenet-mbv2", "mbv2-w0.35", "proxyless-w0.3", "mcunet-5fps-like"),
+                      help="imagenet-mbv2: torchvision's ImageNet MobileNetV2-1.0 (default); the others are random-weight nets for memory studies")
+    comp.add_argument("--classes", type=int, default=10, help="classifier outputs (default 10; with --search: the data's classes)")
+    comp.add_argument("--resolution", type=int, default=64, metavar="RES", help="input images are RES x RES (default 64)")
+    pick = comp.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--scheme", metavar="FILE.json", help="a sparse update scheme to compile")
+    pick.add_argument("--search", action="store_true", help="find the scheme by contribution analysis and evolutionary search under --budget")
+    comp.add_argument("--budget", default="256KB", help="SRAM budget for the step, e.g. 256KB, 200K, 0.25MB (default 256KB)")
+    comp.add_argument("--rule", default="stochastic", choices=("round", "stochastic", "master16", "master32"), help="int8 sub-LSB update rule (decides master-copy bytes; default stochastic)")
+    comp.add_argument("--out", default="tiny-compiled", metavar="DIR", help="output folder (default tiny-compiled)")
+    comp.add_argument("--data", default="fashion-mnist", metavar="fashion-mnist|mnist|PATH", help="--search: the target data (formats as in `tiny train`)")
+    comp.add_argument("--val", metavar="PATH", help="--search: validation images (default as in `tiny train`)")
+    comp.add_argument("--train-samples", type=int, default=300, metavar="N", help="--search: training images per fine-tune (default 300)")
+    comp.add_argument("--val-samples", type=int, default=500, metavar="N", help="--search: validation images (default 500)")
+    comp.add_argument("--lr", type=float, default=0.01, help="--search: fine-tune learning rate (default 0.01)")
+    comp.add_argument("--last-blocks", type=int, default=4, help="--search: candidate weight layers are the pointwise convs of the last N blocks (default 4)")
+    comp.add_argument("--contributions", metavar="FILE.json", help="--search: where the contribution analysis is saved after every fine-tune and resumed from (default OUT/contributions.json)")
+    comp.add_argument("--seed", type=int, default=0, help="seed for data, fine-tunes and the search (default 0)")
 
     train = tiny_sub.add_parser(
         "train",
         help="transfer-learn the ImageNet MobileNetV2 to an image dataset with the compiled training step",
         description="Fine-tune torchvision's ImageNet MobileNetV2 (a new classifier, one output per class of the data)\n"
         "at batch 1 with SGD, running the compiled step (forward, pruned backward, in-place updates) on the\n"
-        "fp32 reference executor. After each epoch prints `epoch E: loss L val_acc A` (L: the epoch's mean\n"
-        "training loss); ends with a line `val_acc = X peak_kb = Y` (Y: the planned arena of the fp32 graph).",
+        "int8 reference executor (int8 forward, fp32 gradients, QAS updates of int8 weights; the classifier fp32)\n"
+        "or, with --precision fp32, the fp32 one. After each epoch prints `epoch E: loss L val_acc A` (L: the\n"
+        "epoch's mean training loss); ends with a line `val_acc = X peak_kb = Y` (Y: the SRAM the planned step\n"
+        "needs: arena plus trained parameters).",
         epilog=TINY_DATA_FORMATS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -132,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=1, help="passes over the training images (default 1)")
     train.add_argument("--lr", type=float, default=0.001, help="SGD learning rate at batch 1 (default 0.001)")
     train.add_argument("--seed", type=int, default=0, help="seed for the training subset, its order and the held-out split (default 0)")
+    train.add_argument("--precision", choices=("int8", "fp32"), default="int8", help="the training graph (default int8)")
+    train.add_argument("--rule", default="stochastic", choices=("round", "stochastic", "master16", "master32"),
+                       help="int8: how weight updates smaller than one int8 step are applied (default stochastic: unbiased "
+                       "stochastic rounding, no extra RAM; master16/master32 keep a 2/4-byte copy of each trained weight; "
+                       "round drops them, as TTE's reference code does)")
+    train.add_argument("--no-qas", action="store_true", help="int8: plain SGD on the int8 graph, without quantization-aware scaling (for comparison)")
     return parser
 
 
@@ -237,80 +281,126 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
-VAL_FRACTION = 0.2  # of a --data PATH held out for validation when no --val is given
-
-
 def cmd_tiny(args) -> int:
-    return {"plan": cmd_tiny_plan, "train": cmd_tiny_train}[args.tiny_command](args)
+    return {"plan": cmd_tiny_plan, "train": cmd_tiny_train, "compile": cmd_tiny_compile}[args.tiny_command](args)
 
 
 def cmd_tiny_train(args) -> int:
-    from pathlib import Path
-
-    import numpy as np
-    import torch
-    from tqdm import tqdm
-
-    from edgewise.data.images import (
-        BUILTIN_DATASETS,
-        holdout_split,
-        image_folder_classes,
-        load_image_dataset,
-    )
-    from edgewise.tiny.models import imagenet_mobilenet_v2
     from edgewise.tiny.sparse import Scheme
-    from edgewise.tiny.train import CompiledTrainer, to_model_input
+    from edgewise.tiny.transfer import fit, imagenet_backbone, load_transfer_data, make_trainer
 
     if args.resolution < 32 or args.train_samples < 1 or args.val_samples < 1 or args.epochs < 1 or args.lr <= 0:
         raise EdgewiseError("need --resolution >= 32, --train-samples, --val-samples and --epochs >= 1, and --lr > 0")
     scheme = Scheme.load(args.scheme) if args.scheme else Scheme(bias_depth=0)
-    images, labels = load_image_dataset(args.data, "train")
-    if args.val:
-        # An image folder labels by sorted folder names: label the validation folder by the training folder's.
-        classes = image_folder_classes(args.data) if args.data not in BUILTIN_DATASETS and Path(args.data).is_dir() else None
-        val_images, val_labels = load_image_dataset(args.val, "test", classes=classes)
-        val_name = f"{args.val} (test split)" if args.val in BUILTIN_DATASETS else args.val
-    elif args.data in BUILTIN_DATASETS:
-        val_images, val_labels = load_image_dataset(args.data, "test")
-        val_name = f"{args.data} (test split)"
-    else:
-        train_part, val_part = holdout_split(len(images), VAL_FRACTION, args.seed)
-        images, labels, val_images, val_labels = images[train_part], labels[train_part], images[val_part], labels[val_part]
-        val_name = f"{args.data} (held out)"
-        print(f"validation: no --val, so the last {VAL_FRACTION:.0%} of a permutation of {args.data} seeded with --seed {args.seed} is held out ({len(val_part)} of {len(train_part) + len(val_part)} images)")
-    n_classes = int(labels.max()) + 1
-    if n_classes < 2:
-        raise EdgewiseError(f"{args.data}: every training label is 0: need at least 2 classes (labels 0..K-1)")
-    unseen = np.setdiff1d(val_labels, labels)
-    if len(unseen):
-        raise EdgewiseError(
-            f"{val_name}: validation label(s) {', '.join(map(str, unseen[:5].tolist()))} never occur in the training set {args.data} "
-            f"(labels {', '.join(map(str, np.unique(labels)[:10].tolist()))}{'...' if len(np.unique(labels)) > 10 else ''}): "
-            "give both sets the same classes, with training images of every class"
-        )
-    print(f"data: {args.data}, {len(images)} images {'x'.join(map(str, images.shape[1:]))}, {n_classes} classes; validation: {val_name}, {len(val_images)} images")
-    rng = np.random.default_rng(args.seed)
-    chosen = rng.permutation(len(images))[: args.train_samples]
-    x, y = to_model_input(images[chosen], args.resolution), torch.from_numpy(labels[chosen])
-    x_val, y_val = to_model_input(val_images[: args.val_samples], args.resolution), torch.from_numpy(val_labels[: args.val_samples])
-    model = imagenet_mobilenet_v2()
-    model.classifier[1] = torch.nn.Linear(model.classifier[1].in_features, n_classes)
-    torch.nn.init.zeros_(model.classifier[1].weight)
-    torch.nn.init.zeros_(model.classifier[1].bias)
-    trainer = CompiledTrainer(model, args.resolution, scheme, args.lr)
-    print(f"training {len(trainer.trainable)} tensors ({sum(trainer.params[p].numel() for p in trainer.trainable):,} values) on {len(x)} images, {args.epochs} epoch(s)")
-    for epoch in range(args.epochs):
-        order = rng.permutation(len(x))
-        with tqdm(order, desc=f"epoch {epoch + 1}", unit="img", file=sys.stderr) as bar:
-            losses = []
-            for i in bar:
-                losses.append(trainer.train_step(x[i : i + 1], y[i : i + 1]))
-                if len(losses) % 50 == 0:
-                    bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-        val_acc = trainer.accuracy(x_val, y_val)
-        print(f"epoch {epoch + 1}: loss {np.mean(losses):.4f} val_acc {val_acc:.4f}", flush=True)
-    print(f"val_acc = {val_acc:.4f} peak_kb = {trainer.plan.peak_kb:.1f}")
+    data = load_transfer_data(args.data, args.val, args.resolution, args.train_samples, args.val_samples, args.seed)
+    print(f"data: {data.description}")
+    trainer = make_trainer(imagenet_backbone(data.n_classes), data, scheme, args.lr, args.precision, args.rule, qas=not args.no_qas, seed=args.seed)
+    n_values = sum(trainer.plan.graph.values[p].numel for p in trainer.plan.trainable)
+    print(f"training {len(trainer.plan.trainable)} tensors ({n_values:,} values), {args.precision} step, on {len(data.x)} images, {args.epochs} epoch(s)")
+    history = fit(trainer, data, args.epochs, args.seed, on_epoch=lambda e, loss, acc: print(f"epoch {e}: loss {loss:.4f} val_acc {acc:.4f}", flush=True))
+    print(f"val_acc = {history[-1][2]:.4f} peak_kb = {trainer.plan.peak_kb:.1f}")
     return 0
+
+
+def parse_bytes(text: str) -> int:
+    """'256KB', '200K', '0.25MB', '262144' -> bytes (KB = 1024 bytes, as the planner counts)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KkMm]i?[Bb]?|[Bb])?\s*", text)
+    if not m:
+        raise EdgewiseError(f"cannot read the budget '{text}': expected e.g. 256KB, 200K, 0.25MB or a number of bytes")
+    unit = (m.group(2) or "b")[0].lower()
+    return int(float(m.group(1)) * {"b": 1, "k": 1024, "m": 1024**2}[unit])
+
+
+def cmd_tiny_compile(args) -> int:
+    from pathlib import Path
+
+    from edgewise.tiny import models
+    from edgewise.tiny.plan import plan_table, save_timeline, training_plan
+    from edgewise.tiny.sparse import Scheme
+
+    budget = parse_bytes(args.budget)
+    if args.resolution < 32 or args.classes < 2:
+        raise EdgewiseError(f"need --resolution >= 32 and --classes >= 2 (got {args.resolution}, {args.classes})")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = (1, 3, args.resolution, args.resolution)
+    if args.search:
+        if args.model != "imagenet-mbv2":
+            raise EdgewiseError("--search fine-tunes pretrained weights: use --model imagenet-mbv2 (the others have random weights)")
+        from edgewise.tiny.transfer import imagenet_backbone, load_transfer_data
+
+        data = load_transfer_data(args.data, args.val, args.resolution, args.train_samples, args.val_samples, args.seed)
+        print(f"data: {data.description}")
+        model = imagenet_backbone(data.n_classes)
+        scheme = _search_scheme(args, model, data, budget, shape, out)
+    else:
+        from edgewise.tiny.transfer import imagenet_backbone
+
+        build = {
+            "imagenet-mbv2": lambda: imagenet_backbone(args.classes),
+            "mbv2-w0.35": lambda: models.mobilenet_v2(0.35, args.classes),
+            "proxyless-w0.3": lambda: models.proxyless_mobile(0.3, args.classes),
+            "mcunet-5fps-like": lambda: models.mcunet_5fps_like(args.classes),
+        }
+        model = build[args.model]()
+        scheme = Scheme.load(args.scheme)
+    plan = training_plan(model, shape, scheme, precision="int8", update_rule=args.rule)
+    if plan.peak_kb * 1024 > budget:
+        raise EdgewiseError(
+            f"the planned step needs {plan.peak_kb:.1f} KB (arena {plan.arena_kb:.1f} KB + trained parameters "
+            f"{plan.trained_param_bytes / 1024:.1f} KB), over the {budget / 1024:.1f} KB budget: train fewer layers "
+            "(bias_depth, weights), lower --resolution, or use --search"
+        )
+    _write_atomic(out / "scheme.json", json.dumps(scheme.to_dict(), indent=2) + "\n")
+    _write_atomic(out / "plan.md", plan_table(plan) + "\n")
+    save_timeline(plan, out / "memory.png")
+    print(plan_table(plan).splitlines()[-1])
+    print(f"scheme: {json.dumps(scheme.to_dict())}")
+    print(f"wrote {out / 'scheme.json'}, {out / 'plan.md'}, {out / 'memory.png'}")
+    print(f"peak_kb = {plan.peak_kb:.1f}")
+    return 0
+
+
+def _search_scheme(args, model, data, budget: int, shape, out):
+    from pathlib import Path
+
+    from edgewise.tiny.frontend import from_module
+    from edgewise.tiny.plan import training_plan
+    from edgewise.tiny.search import candidate_layers, contribution_analysis, evolutionary_search
+    from edgewise.tiny.sparse import conv_layers
+    from edgewise.tiny.transfer import fit, make_trainer
+
+    graph, params = from_module(model, shape)
+    n_convs = len(conv_layers(graph))
+    layers = candidate_layers(graph, args.last_blocks)
+    saved = Path(args.contributions) if args.contributions else out / "contributions.json"
+
+    def finetune(scheme) -> float:
+        trainer = make_trainer(model, data, scheme, args.lr, "int8", args.rule, seed=args.seed)
+        return fit(trainer, data, 1, args.seed, progress=False)[-1][2]
+
+    depths = sorted({d for d in (3, 6, 9, 12, 16, 22, 30) if d <= n_convs})
+    meta = {k: getattr(args, k) for k in ("data", "val", "resolution", "train_samples", "val_samples", "lr", "rule", "seed")}
+    contrib = contribution_analysis(finetune, layers, depths, checkpoint=saved, meta=meta)  # resumes a saved analysis
+    print(f"contributions: {saved}")
+
+    def memory(scheme) -> int:  # planned from the graph traced above
+        return int(training_plan((graph, params), shape, scheme, precision="int8", update_rule=args.rule).peak_kb * 1024)
+
+    result = evolutionary_search(contrib, memory, budget, seed=args.seed)
+    print(
+        f"search: {result.evaluated} schemes planned; best predicts val_acc {result.predicted_accuracy:.4f} "
+        f"(classifier only {result.baseline:.4f}) at {result.memory / 1024:.1f} KB of {budget / 1024:.1f} KB"
+    )
+    return result.scheme
+
+
+def _write_atomic(path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def cmd_tiny_plan(args) -> int:
@@ -322,7 +412,7 @@ def cmd_tiny_plan(args) -> int:
         raise EdgewiseError(f"need --width > 0, --resolution >= 32 and --classes >= 2 (got {args.width}, {args.resolution}, {args.classes})")
     scheme = Scheme.load(args.scheme) if args.scheme else None
     model = mobilenet_v2(args.width, n_classes=args.classes)
-    plan = training_plan(model, (1, 3, args.resolution, args.resolution), scheme, reorder=not args.no_reorder)
+    plan = training_plan(model, (1, 3, args.resolution, args.resolution), scheme, reorder=not args.no_reorder, precision=args.precision, update_rule=args.rule)
     print(plan_table(plan))
     print(f"memory timeline: {save_timeline(plan, args.png)}")
     print(f"peak_kb = {plan.peak_kb:.1f}")

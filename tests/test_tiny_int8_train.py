@@ -258,7 +258,7 @@ def test_update_rules_handle_sub_lsb_steps():
         for t in range(10):
             cur, master = int8_ops.update_int8_weight(cur, step, rule, master, seed=0, counter=t)
         assert (cur == expected).all(), rule  # ten steps of 0.1 make one code (round: nothing)
-    cur, moves = q, []
+    cur = q
     for t in range(10):
         cur, _ = int8_ops.update_int8_weight(cur, step, "stochastic", None, seed=0, counter=t)
     assert abs(float(cur.float().mean()) + 1.0) < 0.1  # right in expectation

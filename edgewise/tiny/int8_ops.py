@@ -120,9 +120,10 @@ def conv2d_grad_input_f32(g: torch.Tensor, w: torch.Tensor, stride, padding, gro
     ho, wo = g.shape[2:]
     acc = torch.zeros(n, c, h + 2 * ph + sh, wd + 2 * pw + sw, dtype=F32)  # padded, room for the last stride
     if (kh, kw, sh, sw, groups) == (1, 1, 1, 1, 1):  # pointwise: the same order, without the strided views
-        acc = torch.zeros(n, c, h, wd, dtype=F32)
-        for j in range(o):
-            acc += g[:, j, None] * w[j, :, 0, 0].view(1, c, 1, 1)
+        acc, term = torch.zeros(n, c, h, wd, dtype=F32), torch.empty(n, c, h, wd, dtype=F32)
+        for g_j, w_j in zip(g.unsqueeze(2).unbind(1), w.reshape(o, 1, c, 1, 1).unbind(0)):
+            torch.mul(g_j, w_j, out=term)
+            acc.add_(term)
         return acc
     for j in range(og):  # output channel j of every group at once: one term per input element
         g_j = g[:, j::og]  # [N, groups, Ho, Wo]
@@ -164,9 +165,10 @@ def mean_hw_grad_f32(g: torch.Tensor, input_shape) -> torch.Tensor:
 
 def linear_f32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """x @ w.T + b, fp32, input features added in order after the bias."""
-    acc = b.to(F32).expand(x.shape[0], -1).clone()
-    for i in range(x.shape[1]):
-        acc += x[:, i, None] * w[None, :, i]
+    acc, term = b.to(F32).expand(x.shape[0], -1).clone(), torch.empty(x.shape[0], w.shape[0], dtype=F32)
+    for x_i, w_i in zip(x.unsqueeze(2).unbind(1), w.t().unsqueeze(1).unbind(0)):
+        torch.mul(x_i, w_i, out=term)
+        acc.add_(term)
     return acc
 
 

@@ -13,7 +13,7 @@ lowest offset where it overlaps no tensor placed so far with an overlapping life
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edgewise.tiny.ir import Graph
 
@@ -72,9 +72,57 @@ def lifetimes(graph: Graph) -> dict[str, tuple[int, int]]:
     return {k: (a, b) for k, (a, b) in span.items()}
 
 
-def plan_memory(graph: Graph) -> MemoryPlan:
-    spans = lifetimes(graph)
-    sizes = {name: _aligned(graph.values[name].numel * DTYPE_BYTES[graph.values[name].dtype]) for name in spans}
+@dataclass
+class Layout:
+    """How a lowered graph uses memory beyond one buffer per value (the int8 graph sets it; see
+    `int8_layout`): dtypes per value, values that reuse another value's bytes (a fused activation
+    is its conv's output; an in-place depthwise conv writes over its input), values never
+    materialized (the intermediates of a streamed conv chain), values computed where they are read
+    (a masked or broadcast gradient), and scratch buffers of given steps."""
+
+    dtypes: dict[str, str] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # value -> the value whose bytes it takes over
+    lazy: dict[str, list[str]] = field(default_factory=dict)  # value computed when read, from these (kept alive meanwhile)
+    streamed: set[str] = field(default_factory=set)
+    scratch: list[Scratch] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Scratch:
+    name: str
+    start: int
+    end: int
+    size: int  # bytes
+
+
+def _root(aliases: dict[str, str], name: str) -> str:
+    while name in aliases:
+        name = aliases[name]
+    return name
+
+
+def plan_memory(graph: Graph, layout: Layout | None = None) -> MemoryPlan:
+    layout = layout or Layout()
+    spans: dict[str, tuple[int, int]] = {}
+    sizes: dict[str, int] = {}
+    spans_by_value = lifetimes(graph)
+    made_at = {out: step for step, node in enumerate(graph.nodes) for out in node.outputs}
+    for name in sorted(layout.lazy, key=lambda v: -made_at[v]):  # a lazy value's sources live until its last read
+        for source in layout.lazy[name]:
+            start, end = spans_by_value[source]
+            spans_by_value[source] = (start, max(end, spans_by_value[name][1]))
+    for name, (start, end) in spans_by_value.items():
+        if name in layout.streamed or name in layout.lazy:
+            continue
+        value = graph.values[name]
+        size = _aligned(value.numel * DTYPE_BYTES[layout.dtypes.get(name, value.dtype)])
+        root = _root(layout.aliases, name)  # an alias extends its root's lifetime and size
+        if root in spans:
+            start, end = min(start, spans[root][0]), max(end, spans[root][1])
+        spans[root] = (start, end)
+        sizes[root] = max(size, sizes.get(root, 0))
+    for s in layout.scratch:
+        spans[s.name], sizes[s.name] = (s.start, s.end), _aligned(s.size)
     placed: list[Allocation] = []
     for name in sorted(spans, key=lambda n: (-sizes[n], spans[n][0], n)):
         start, end = spans[name]

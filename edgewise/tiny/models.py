@@ -83,6 +83,46 @@ def mobilenet_v2(width: float = 1.0, n_classes: int = 1000) -> InvertedResidualN
     return InvertedResidualNet(make_divisible(32 * width), blocks, make_divisible(1280 * max(1.0, width)), n_classes)
 
 
+# ProxylessNAS-Mobile (Cai et al., 2019), as in its published architecture: per block expansion and
+# kernel, stage channels 16/32/40/80/96/192/320 and a 1280-channel head; `width` scales channels as
+# MobileNetV2 does. Blocks the search made "zero" (skipped) are left out.
+PROXYLESS_MOBILE = [
+    (1, 16, 1, 3),
+    (3, 32, 2, 5), (3, 32, 1, 3),
+    (3, 40, 2, 7), (3, 40, 1, 3), (3, 40, 1, 5), (3, 40, 1, 5),
+    (6, 80, 2, 7), (3, 80, 1, 5), (3, 80, 1, 5), (3, 80, 1, 5),
+    (6, 96, 1, 5), (3, 96, 1, 5), (3, 96, 1, 5), (3, 96, 1, 5),
+    (6, 192, 2, 7), (6, 192, 1, 7), (3, 192, 1, 7), (3, 192, 1, 7),
+    (6, 320, 1, 7),
+]  # (expansion, channels, stride, kernel)  # fmt: skip
+
+# An MCUNet-style ImageNet net of the 5 FPS class (Lin et al., 2020): a narrow stem, mixed kernels
+# and expansions found by TinyNAS, ~0.75M parameters. edgewise's own definition in that style
+# (MCUNet's searched configs are not published as text this project can read).
+MCUNET_5FPS_LIKE = [
+    (1, 8, 1, 3),
+    (3, 16, 2, 7), (3, 16, 1, 3),
+    (3, 24, 2, 7), (4, 24, 1, 3), (3, 24, 1, 5),
+    (5, 40, 2, 7), (4, 40, 1, 5), (4, 40, 1, 5),
+    (5, 48, 1, 5), (4, 48, 1, 5),
+    (6, 96, 2, 5), (5, 96, 1, 7), (4, 96, 1, 3),
+    (5, 160, 1, 7),
+]  # (expansion, channels, stride, kernel)  # fmt: skip
+
+
+def _from_table(table, stem: int, head: int, width: float, n_classes: int) -> InvertedResidualNet:
+    blocks = [BlockSpec(t, make_divisible(c * width), s, k) for t, c, s, k in table]
+    return InvertedResidualNet(make_divisible(stem * width), blocks, head, n_classes)
+
+
+def proxyless_mobile(width: float = 0.3, n_classes: int = 1000) -> InvertedResidualNet:
+    return _from_table(PROXYLESS_MOBILE, 32, make_divisible(1280 * max(1.0, width)), width, n_classes)
+
+
+def mcunet_5fps_like(n_classes: int = 1000) -> InvertedResidualNet:
+    return _from_table(MCUNET_5FPS_LIKE, 16, 640, 1.0, n_classes)
+
+
 def imagenet_mobilenet_v2(path: str | Path | None = None) -> InvertedResidualNet:
     """MobileNetV2-1.0 with torchvision's ImageNet weights (the embedded package's, or `path`), eval mode.
 
