@@ -66,7 +66,7 @@ def data(args):
     return x, y, x_val, y_val, orders
 
 
-def run_row(row: str, rule: str, args) -> dict:
+def run_row(row: str, rule: str, args, lr: float | None = None) -> dict:
     import torch
 
     from edgewise.tiny.int8_train import Int8Trainer
@@ -85,7 +85,7 @@ def run_row(row: str, rule: str, args) -> dict:
         from edgewise.metrics.torch_memory import measure_full_finetune
 
         model.eval()  # BatchNorm statistics frozen (batch 1), dropout off: what the compiled rows fold
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr)
+        opt = torch.optim.SGD(model.parameters(), lr=lr or args.lr)
         for order in orders:
             for i in order:
                 opt.zero_grad(set_to_none=True)
@@ -95,7 +95,7 @@ def run_row(row: str, rule: str, args) -> dict:
             acc = sum(int((model(x_val[j : j + 256]).argmax(-1) == y_val[j : j + 256]).sum()) for j in range(0, len(x_val), 256)) / len(x_val)
         mem = measure_full_finetune("edgewise.tiny.models:mobilenet_v2", {"width": 1.0, "n_classes": 10}, shape)
         memory = f"{mem.total_peak_bytes / 2**20:.1f} MB tensors, {mem.rss_peak_bytes / 2**20:.0f} MB process RSS"
-        return {"row": row, "rule": "", "val_acc": acc, "memory": memory, "minutes": (time.perf_counter() - start) / 60}
+        return {"row": row, "rule": f"lr {lr}" if lr else "", "val_acc": acc, "memory": memory, "minutes": (time.perf_counter() - start) / 60}
     if row.startswith("fp32"):
         sch = Scheme(bias_depth=0) if "last layer" in row else scheme
         trainer = CompiledTrainer(model, args.resolution, sch, args.lr)
@@ -130,16 +130,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rule", default="stochastic", help="sub-LSB rule of the int8 rows (default stochastic)")
     parser.add_argument("--rules", action="store_true", help="also run int8+QAS under every sub-LSB rule")
+    parser.add_argument("--full-lrs", default="", help="also run the PyTorch full fine-tune at these learning rates, e.g. 0.0003,0.0001")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
     from edgewise.tiny.int8_ops import UPDATE_RULES
 
-    jobs = [(row, args.rule if row.startswith("int8") else "") for row in ROWS]
+    jobs = [(row, args.rule if row.startswith("int8") else "", None) for row in ROWS]
     if args.rules:
-        jobs += [("int8 sparse, QAS", rule) for rule in UPDATE_RULES if rule != args.rule]
+        jobs += [("int8 sparse, QAS", rule, None) for rule in UPDATE_RULES if rule != args.rule]
+    full_lrs = [float(v) for v in args.full_lrs.split(",") if v]
+    jobs += [(ROWS[0], "", lr) for lr in full_lrs]
     with ProcessPoolExecutor(args.workers) as pool:
-        futures = [pool.submit(run_row, row, rule, args) for row, rule in jobs]
+        futures = [pool.submit(run_row, row, rule, args, lr) for row, rule, lr in jobs]
         results = []
         for f in futures:
             results.append(f.result())
@@ -147,12 +150,13 @@ def main() -> None:
             print(f"{r['row']:<32} {r['rule']:<10} val_acc {r['val_acc']:.4f}  {r['memory']}  ({r['minutes']:.1f} min)", file=sys.stderr)
 
     by = {(r["row"], r["rule"]): r for r in results}
-    main_rows = [by[job] for job in jobs[: len(ROWS)]]
+    main_rows = [by[job[:2]] for job in jobs[: len(ROWS)]]
     md = [
         f"# Transfer learning: ImageNet MobileNetV2-1.0 -> Fashion-MNIST at {args.resolution}x{args.resolution}, batch 1",
         "",
         f"Command: `python benchmarks/tiny_accuracy.py --resolution {args.resolution} --train-samples {args.train_samples} "
-        f"--val-samples {args.val_samples} --epochs {args.epochs} --lr {args.lr} --seed {args.seed}{' --rules' if args.rules else ''}`.",
+        f"--val-samples {args.val_samples} --epochs {args.epochs} --lr {args.lr} --seed {args.seed}{' --rules' if args.rules else ''}"
+        f"{' --full-lrs ' + args.full_lrs if args.full_lrs else ''}`.",
         f"Every row: the same {args.train_samples} training images (seed {args.seed}), {args.epochs} epoch(s) in the same order, "
         f"SGD lr {args.lr} without momentum, no augmentation, a zero-initialized 10-way head; validation on the first "
         f"{args.val_samples} test images. Sparse scheme: `{SCHEME}` plus the classifier. int8 rows: sub-LSB rule `{args.rule}`.",
@@ -171,6 +175,9 @@ def main() -> None:
         f"- at least 2 pp above last layer only: {q - acc['fp32 last layer']:+.2f} pp",
         f"- QAS against no QAS (int8): {q - acc['int8 sparse, no QAS']:+.2f} pp",
     ]
+    if full_lrs:
+        md += ["", "PyTorch full fine-tune at other learning rates (same data and order): "
+               + ", ".join(f"lr {lr}: {100 * by[(ROWS[0], f'lr {lr}')]['val_acc']:.2f}%" for lr in full_lrs) + "."]
     if args.rules:
         md += ["", "## int8 sparse + QAS by sub-LSB update rule", "", "| rule | val accuracy | memory |", "|---|---:|---|"]
         md += [f"| {rule} | {100 * by[('int8 sparse, QAS', rule)]['val_acc']:.2f}% | {by[('int8 sparse, QAS', rule)]['memory']} |" for rule in UPDATE_RULES]

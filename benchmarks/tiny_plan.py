@@ -1,9 +1,10 @@
-"""Planned training-step memory of MobileNetV2 under sparse update schemes (fp32 graph).
+"""Planned training-step memory of MobileNetV2 under sparse update schemes, fp32 and int8 graphs.
 
-For each scheme: the arena peak of the static plan, and the bytes live when the loss is
-computed (what the forward pass keeps for the backward pass). Memory depends on shapes only,
-so the weights are random. Sizes are those of the fp32 graph (4 bytes per activation and
-gradient); the int8 graph and the paper comparison come with the int8 planner.
+For each scheme: the arena peak of the static plan of the fp32 graph (every value its own fp32
+buffer) and of the int8 graph (`int8_layout`), the int8 step's SRAM (arena + trained parameters,
+sub-LSB rule `stochastic`), and the bytes live when the loss is computed in the int8 graph (what
+the forward pass keeps for the backward pass). Memory depends on shapes only, so the weights are
+random. The paper comparison is `benchmarks/tiny_memory.py`.
 
     python benchmarks/tiny_plan.py                # MobileNetV2-w0.35 at 128x128
     python benchmarks/tiny_plan.py --width 1.0 --resolution 96
@@ -44,14 +45,15 @@ def main() -> None:
         ("classifier only", Scheme(0), True),
     ]
     lines = [
-        f"# Planned training-step memory: MobileNetV2-w{args.width} at {args.resolution}x{args.resolution}, batch 1, fp32 graph",
+        f"# Planned training-step memory: MobileNetV2-w{args.width} at {args.resolution}x{args.resolution}, batch 1 (`python benchmarks/tiny_plan.py`)",
         "",
-        "| scheme | trained tensors | arena peak (KB) | kept for backward (KB) |",
-        "|---|---:|---:|---:|",
+        "| scheme | trained tensors | fp32 arena (KB) | int8 arena (KB) | int8 SRAM: arena + trained params (KB) | int8 kept for backward (KB) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, scheme, reorder in rows:
-        plan = training_plan(model, shape, scheme, reorder=reorder)
-        lines.append(f"| {name} | {len(plan.trainable)} | {plan.peak_kb:.1f} | {plan.kept_for_backward / 1024:.1f} |")
+        fp32 = training_plan(model, shape, scheme, reorder=reorder)
+        plan = training_plan(model, shape, scheme, reorder=reorder, precision="int8", update_rule="stochastic")
+        lines.append(f"| {name} | {len(plan.trainable)} | {fp32.arena_kb:.1f} | {plan.arena_kb:.1f} | {plan.peak_kb:.1f} | {plan.kept_for_backward / 1024:.1f} |")
         print(lines[-1], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "tiny_plan.md"

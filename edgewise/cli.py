@@ -22,6 +22,8 @@ examples:
   edgewise generate --model ~/models/tinyllama.Q4_1.gguf "Hello"
   edgewise tiny plan --width 0.35 --resolution 128 --scheme scheme.json --png memory.png
   edgewise tiny train --scheme scheme.json --train-samples 2000 --epochs 2
+  edgewise tiny compile mbv2-w0.35 --resolution 128 --scheme scheme.json --budget 256KB
+  edgewise tiny compile --search --budget 256KB --resolution 64 --data fashion-mnist
   edgewise tiny train --data mnist --epochs 2
   edgewise tiny train --data photos/ --val photos-val/ --resolution 96
 """
@@ -129,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         "table) and OUT/memory.png; ends with a line `peak_kb = X`.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    comp.add_argument("--model", default="imagenet-mbv2", choices=("imagenet-mbv2", "mbv2-w0.35", "proxyless-w0.3", "mcunet-5fps-like"),
-                      help="imagenet-mbv2: torchvision's ImageNet MobileNetV2-1.0 (default); the others are random-weight nets for memory studies")
+    comp.add_argument("model", nargs="?", default="imagenet-mbv2", choices=("imagenet-mbv2", "mbv2-w0.35", "proxyless-w0.3", "mcunet-5fps-like"), metavar="MODEL",
+                      help="imagenet-mbv2: torchvision's ImageNet MobileNetV2-1.0 (default); mbv2-w0.35, proxyless-w0.3, mcunet-5fps-like: "
+                      "random-weight nets for memory studies")
     comp.add_argument("--classes", type=int, default=10, help="classifier outputs (default 10; with --search: the data's classes)")
     comp.add_argument("--resolution", type=int, default=64, metavar="RES", help="input images are RES x RES (default 64)")
     pick = comp.add_mutually_exclusive_group(required=True)
@@ -143,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--val", metavar="PATH", help="--search: validation images (default as in `tiny train`)")
     comp.add_argument("--train-samples", type=int, default=300, metavar="N", help="--search: training images per fine-tune (default 300)")
     comp.add_argument("--val-samples", type=int, default=500, metavar="N", help="--search: validation images (default 500)")
-    comp.add_argument("--lr", type=float, default=0.01, help="--search: fine-tune learning rate (default 0.01)")
+    comp.add_argument("--lr", type=float, default=0.001, help="--search: fine-tune learning rate (default 0.001)")
+    comp.add_argument("--finetune", choices=("fp32", "int8"), default="fp32",
+                      help="--search: the step the contribution fine-tunes run (default fp32: an offline analysis, several times faster than int8)")
     comp.add_argument("--last-blocks", type=int, default=4, help="--search: candidate weight layers are the pointwise convs of the last N blocks (default 4)")
     comp.add_argument("--contributions", metavar="FILE.json", help="--search: where the contribution analysis is saved after every fine-tune and resumed from (default OUT/contributions.json)")
     comp.add_argument("--seed", type=int, default=0, help="seed for data, fine-tunes and the search (default 0)")
@@ -378,11 +383,11 @@ def _search_scheme(args, model, data, budget: int, shape, out):
     saved = Path(args.contributions) if args.contributions else out / "contributions.json"
 
     def finetune(scheme) -> float:
-        trainer = make_trainer(model, data, scheme, args.lr, "int8", args.rule, seed=args.seed)
+        trainer = make_trainer(model, data, scheme, args.lr, args.finetune, args.rule, seed=args.seed)
         return fit(trainer, data, 1, args.seed, progress=False)[-1][2]
 
     depths = sorted({d for d in (3, 6, 9, 12, 16, 22, 30) if d <= n_convs})
-    meta = {k: getattr(args, k) for k in ("data", "val", "resolution", "train_samples", "val_samples", "lr", "rule", "seed")}
+    meta = {k: getattr(args, k) for k in ("data", "val", "resolution", "train_samples", "val_samples", "lr", "finetune", "rule", "seed")}
     contrib = contribution_analysis(finetune, layers, depths, checkpoint=saved, meta=meta)  # resumes a saved analysis
     print(f"contributions: {saved}")
 

@@ -95,7 +95,7 @@ def test_tiny_compile_writes_scheme_plan_and_png(tmp_path, capsys):
     scheme = tmp_path / "s.json"
     scheme.write_text(json.dumps(SCHEMES[1].to_dict()))
     out = tmp_path / "out"
-    argv = ["tiny", "compile", "--model", "mbv2-w0.35", "--resolution", "128", "--scheme", str(scheme), "--budget", "141KB", "--out", str(out)]
+    argv = ["tiny", "compile", "mbv2-w0.35", "--resolution", "128", "--scheme", str(scheme), "--budget", "141KB", "--out", str(out)]
     assert cli.main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("peak_kb = ") and float(last.split(" = ")[1]) <= 141
@@ -111,8 +111,8 @@ def test_tiny_compile_writes_scheme_plan_and_png(tmp_path, capsys):
 def test_tiny_compile_search_under_budget_and_infeasible_budget(tmp_path, capsys):
     """--search with a saved contribution analysis (so no fine-tunes run): the scheme found fits the
     budget by the real planner; a budget below the cheapest scheme names the smallest feasible one."""
-    meta = {"data": "fashion-mnist", "val": None, "resolution": 48, "train_samples": 300, "val_samples": 500, "lr": 0.01, "rule": "stochastic", "seed": 0}
-    layers = ["features.14.conv.0.0", "features.14.conv.2", "features.15.conv.0.0", "features.15.conv.2", "features.16.conv.0.0", "features.16.conv.2", "features.17.conv.0.0", "features.17.conv.2"]
+    meta = {"data": "fashion-mnist", "val": None, "resolution": 48, "train_samples": 300, "val_samples": 500, "lr": 0.001, "finetune": "fp32", "rule": "stochastic", "seed": 0}
+    layers = ["features.14.conv.0.0", "features.14.conv.2", "features.15.conv.0.0", "features.15.conv.2", "features.16.conv.0.0", "features.16.conv.2", "features.17.conv.0.0", "features.17.conv.2", "features.18.0"]
     contrib = Contributions(0.70, meta=meta)
     contrib.bias = {k: 0.004 * k for k in (0, 3, 6, 9, 12, 16, 22, 30)}
     contrib.weights = {layer: {r: 0.01 * (i + 1) * r for r in (0.125, 0.25, 0.5, 1.0)} for i, layer in enumerate(layers)}
@@ -148,3 +148,17 @@ def test_sram_counts_trained_parameters_and_master_copies():
     assert plans["stochastic"].trained_param_bytes == weights + 4 * others
     for (a, pa), (b, pb) in itertools.pairwise(plans.items()):
         assert pb.trained_param_bytes - pa.trained_param_bytes == 2 * weights, (a, b)
+
+
+@pytest.mark.slow
+def test_tiny_compile_search_end_to_end_with_real_fine_tunes(tmp_path, capsys):
+    """Contribution analysis by real (small) fp32 fine-tunes on Fashion-MNIST, then the search."""
+    pytest.importorskip("edgewise.data.images").FASHION_MNIST_DIR.exists() or pytest.skip("needs Fashion-MNIST")
+    out = tmp_path / "o"
+    argv = ["tiny", "compile", "--search", "--resolution", "32", "--budget", "200KB", "--last-blocks", "1",
+            "--train-samples", "60", "--val-samples", "100", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert float(capsys.readouterr().out.strip().splitlines()[-1].split(" = ")[1]) <= 200
+    contrib = Contributions.load(out / "contributions.json")
+    assert 0.1 <= contrib.baseline <= 1 and len(contrib.weights) == 2 and contrib.depths[0] == 0
+    Scheme.from_dict(json.loads((out / "scheme.json").read_text()))

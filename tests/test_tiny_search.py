@@ -247,9 +247,9 @@ def test_interrupted_analysis_resumes_from_its_checkpoint(tmp_path):
         contribution_analysis(problem.finetune, LAYERS[:3], [4, 8], checkpoint=checkpoint, meta={"steps": 200}, progress=False)
 
 
-def test_candidate_layers_are_the_pointwise_convs_of_the_last_blocks():
+def test_candidate_layers_are_the_pointwise_convs_of_the_last_blocks_and_the_head():
     graph, _ = from_module(mobilenet_v2(0.35, n_classes=10), (1, 3, 32, 32))
-    assert candidate_layers(graph, 2) == ["features.16.conv.0.0", "features.16.conv.2", "features.17.conv.0.0", "features.17.conv.2"]
-    assert len(candidate_layers(graph, 100)) == 16 * 2 + 1  # block 1 (expansion 1) has no expand conv
+    assert candidate_layers(graph, 2) == ["features.16.conv.0.0", "features.16.conv.2", "features.17.conv.0.0", "features.17.conv.2", "features.18.0"]
+    assert len(candidate_layers(graph, 100)) == 16 * 2 + 1 + 1  # block 1 (expansion 1) has no expand conv; + the head conv
     with pytest.raises(SearchError, match="at least one block"):
         candidate_layers(graph, 0)

@@ -418,7 +418,8 @@ def evolutionary_search(
 
 def candidate_layers(graph: Graph, last_blocks: int) -> list[str]:
     """The ordinary (groups = 1) convs of the last `last_blocks` inverted-residual blocks, in order:
-    their pointwise expand and project convs, the layers the paper updates weights of. A block's
+    their pointwise expand and project convs, the layers the paper updates weights of, and the
+    ordinary convs after the last block (the head's 1x1 conv). A block's
     convs are named `<block>.conv.<i>...` (torchvision's MobileNetV2 naming, which models.py keeps)."""
     if last_blocks < 1:
         raise SearchError(f"need at least one block, got last_blocks = {last_blocks}")
@@ -430,4 +431,8 @@ def candidate_layers(graph: Graph, last_blocks: int) -> list[str]:
     if not blocks:
         raise SearchError("no inverted-residual blocks (convs named '<block>.conv.<i>') in this model; name the candidate layers instead")
     chosen = list(blocks)[-last_blocks:]
-    return [name for block in chosen for name in blocks[block] if convs[name].attrs["groups"] == 1]
+    names = list(convs)
+    after_blocks = names[names.index(blocks[chosen[-1]][-1]) + 1 :]  # the head's 1x1 conv (features.18.0 in MobileNetV2)
+    return [name for block in chosen for name in blocks[block] if convs[name].attrs["groups"] == 1] + [
+        name for name in after_blocks if convs[name].attrs["groups"] == 1
+    ]
