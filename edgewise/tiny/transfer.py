@@ -113,8 +113,12 @@ def fit(trainer, data: TransferData, epochs: int, seed: int, progress: bool = Tr
     rng = np.random.default_rng(seed)
     int8 = isinstance(trainer, Int8Trainer)
     chunk = 256
-    prefix = [trainer.prefix(data.x[j : j + chunk]) for j in range(0, len(data.x), chunk)] if int8 else None
-    val_prefix = [trainer.prefix(data.x_val[j : j + chunk]) for j in range(0, len(data.x_val), chunk)] if int8 else None
+    prefix = val_prefix = None
+    if int8:  # the frozen layers, once per image
+        images = [data.x[j : j + chunk] for j in range(0, len(data.x), chunk)] + [data.x_val[j : j + chunk] for j in range(0, len(data.x_val), chunk)]
+        done = [trainer.prefix(x) for x in tqdm(images, desc="frozen layers", unit="chunk", file=sys.stderr, disable=not progress, leave=False)]
+        n_train = (len(data.x) + chunk - 1) // chunk
+        prefix, val_prefix = done[:n_train], done[n_train:]
     history = []
     for epoch in range(1, epochs + 1):
         losses = []
