@@ -2,7 +2,7 @@
 QAS updates, exactly as the C backend will run them.
 
     plan = training_plan(model, (1, 3, 48, 48), scheme, lr=0.01)
-    trainer = Int8Trainer(plan, calibration_images, rule="master16", qas=True)
+    trainer = Int8Trainer(plan, calibration_images, rule="stochastic", qas=True)
     loss = trainer.train_step(image, label)
 
 What it runs (see `int8_ops` for the one definition of each op):
@@ -45,13 +45,13 @@ class Int8State:
 
 
 class Int8Trainer:
-    def __init__(self, plan: TrainingPlan, calibration_images: torch.Tensor, rule: str = "master16", qas: bool = True, seed: int = 0):
+    def __init__(self, plan: TrainingPlan, calibration_images: torch.Tensor, rule: str | None = None, qas: bool = True, seed: int = 0):
+        rule = rule or plan.update_rule  # the rule the plan counted master-copy bytes for
         if rule not in int8_ops.UPDATE_RULES:
             raise EdgewiseError(f"unknown sub-LSB update rule '{rule}'; choose one of {', '.join(int8_ops.UPDATE_RULES)}")
         self.plan, self.rule, self.qas, self.seed = plan, rule, qas, seed
         self.graph = plan.graph
         self.qg: QuantizedGraph = quantize_graph(plan.graph, plan.params, calibration_images)
-        self.loss_step = next(i for i, n in enumerate(self.graph.nodes) if n.op == "cross_entropy")
         self.convs = [n for n in forward_graph(self.graph).nodes if n.op == "conv2d"]
         self.conv_by_output = {n.outputs[0]: n for n in self.convs}
         # a sliced activation keeps the quantization of the tensor it was cut from
@@ -70,25 +70,13 @@ class Int8Trainer:
         self.weight_qas = {w: self._qas(self.qg.weight_scales[w]) for w in self.qg.weights}
         self.bias_scale = {n.inputs[2]: (self.qg.qparams(n.inputs[0]).scale * self.qg.weight_scales[n.inputs[1]].double()).to(F32) for n in self.convs}
         self.bias_qas = {b: self._qas(s) for b, s in self.bias_scale.items()}
-        self._eval_graphs: dict[int, QuantizedGraph] = {}
 
     def _qas(self, scale: torch.Tensor) -> torch.Tensor:
         return (1.0 / scale.double() ** 2).to(F32) if self.qas else torch.ones_like(scale, dtype=F32)
 
-    @property
-    def master_bytes(self) -> int:
-        """RAM the sub-LSB rule adds: the master copies of the trained weight slices."""
-        return sum(self._trained_slice_numel(p) * int8_ops.MASTER_BYTES[self.rule] for p in self.plan.trainable if p in self.qg.weights)
-
     def _trained_shape(self, weight: str) -> tuple[int, ...]:
         """The shape of a trained weight's gradient: all of it, or its first input channels."""
         return next(self.graph.values[n.inputs[1]].shape for n in self.graph.nodes if n.op == "sgd_update" and n.inputs[0] == weight)
-
-    def _trained_slice_numel(self, weight: str) -> int:
-        numel = 1
-        for d in self._trained_shape(weight):
-            numel *= d
-        return numel
 
     # --- one step ---------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ class TrainingPlan:
     trainable: set[str]
     reorder: bool
     precision: str = "fp32"
-    update_rule: str = "round"  # int8: the sub-LSB rule, which decides the master copies' bytes
+    update_rule: str = "stochastic"  # int8: the sub-LSB rule, which decides the master copies' bytes
     layout: memory.Layout | None = None
 
     @property
@@ -86,7 +86,7 @@ class TrainingPlan:
 
 def training_plan(
     model: nn.Module | tuple[Graph, dict[str, torch.Tensor]], input_shape: tuple[int, ...], scheme: Scheme | None = None,
-    lr: float = 0.01, reorder: bool = True, precision: str = "fp32", update_rule: str = "round", layout_stage: str = "streamed",
+    lr: float = 0.01, reorder: bool = True, precision: str = "fp32", update_rule: str = "stochastic", layout_stage: str = "streamed",
 ) -> TrainingPlan:  # fmt: skip
     """Compile `model` for one training step; `scheme` None trains every parameter (full update).
 
