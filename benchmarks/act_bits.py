@@ -9,12 +9,12 @@ against the fp32 dequantized model, on held-out text. Writes benchmarks/results/
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
 
 from edgewise.data.text import load_text
+from edgewise.files import write_text_atomic
 from edgewise.gguf_io import read_gguf
 from edgewise.lm.model import ACT_BITS, Llama, causal_mask
 from edgewise.lm.runtime import LanguageModel
@@ -63,10 +63,7 @@ def main() -> None:
         *[f"| {n} | {v:.4f} | {r:+.3%} |" for n, v, r in rows],
     ]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "act_bits.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out)
+    write_text_atomic(RESULTS / "act_bits.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

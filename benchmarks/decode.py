@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgewise.files import write_text_atomic
+
 PROMPT = (
     "The history of the lighthouse begins in the ancient world, where fires were lit on hilltops to guide ships"
     " safely into harbour. Over the centuries these beacons became towers of stone,"
@@ -225,10 +227,7 @@ def main() -> None:
         lines += ["", f"ratio edgewise/llama.cpp decode = {ratio:.2f}"]
     report = "\n".join(lines) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "decode.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(report)
-    os.replace(tmp, out)
+    write_text_atomic(RESULTS / "decode.md", report)
     print(report, end="")
 
 

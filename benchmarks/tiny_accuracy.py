@@ -26,11 +26,12 @@ Writes benchmarks/results/tiny_accuracy.md.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from edgewise.files import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEME = {"bias_depth": 9, "weights": {"features.18.0": 0.125, "features.17.conv.0.0": 0.125}}
@@ -43,7 +44,12 @@ def run_row(row: str, rule: str, args, lr: float | None = None) -> dict:
 
     from edgewise.tiny.plan import training_plan
     from edgewise.tiny.sparse import Scheme
-    from edgewise.tiny.transfer import fit, imagenet_backbone, load_transfer_data, make_trainer
+    from edgewise.tiny.transfer import (
+        fit,
+        imagenet_backbone,
+        load_transfer_data,
+        make_trainer,
+    )
 
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -139,10 +145,7 @@ def main() -> None:
         md += ["", "## int8 sparse + QAS by sub-LSB update rule", "", "| rule | val accuracy | memory |", "|---|---:|---|"]
         md += [f"| {rule} | {100 * by[('int8 sparse, QAS', rule)]['val_acc']:.2f}% | {by[('int8 sparse, QAS', rule)]['memory']} |" for rule in UPDATE_RULES]
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "tiny_accuracy.md"
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    tmp.write_text("\n".join(md) + "\n")
-    os.replace(tmp, out)
+    write_text_atomic(RESULTS / "tiny_accuracy.md", "\n".join(md) + "\n")
     print("\n".join(md))
 
 

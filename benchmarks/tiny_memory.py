@@ -25,12 +25,12 @@ benchmarks/results/tiny_memory.md.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
+from edgewise.files import write_text_atomic
 from edgewise.tiny.frontend import from_module
 from edgewise.tiny.models import mcunet_5fps_like, mobilenet_v2, proxyless_mobile
 from edgewise.tiny.plan import training_plan
@@ -124,10 +124,7 @@ def main() -> None:
         ]
     md += ["", "```", *lines, "```", ""]
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "tiny_memory.md"
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    tmp.write_text("\n".join(md))
-    os.replace(tmp, out)
+    write_text_atomic(RESULTS / "tiny_memory.md", "\n".join(md))
     print("\n".join(md[:-len(lines) - 3]))
     for line in lines:
         print(line)

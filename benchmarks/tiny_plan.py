@@ -15,9 +15,9 @@ Writes benchmarks/results/tiny_plan.md.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from edgewise.files import write_text_atomic
 from edgewise.tiny.frontend import from_module
 from edgewise.tiny.models import mobilenet_v2
 from edgewise.tiny.plan import training_plan
@@ -56,10 +56,7 @@ def main() -> None:
         lines.append(f"| {name} | {len(plan.trainable)} | {fp32.arena_kb:.1f} | {plan.arena_kb:.1f} | {plan.peak_kb:.1f} | {plan.kept_for_backward / 1024:.1f} |")
         print(lines[-1], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "tiny_plan.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out)
+    write_text_atomic(RESULTS / "tiny_plan.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

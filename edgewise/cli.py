@@ -292,7 +292,12 @@ def cmd_tiny(args) -> int:
 
 def cmd_tiny_train(args) -> int:
     from edgewise.tiny.sparse import Scheme
-    from edgewise.tiny.transfer import fit, imagenet_backbone, load_transfer_data, make_trainer
+    from edgewise.tiny.transfer import (
+        fit,
+        imagenet_backbone,
+        load_transfer_data,
+        make_trainer,
+    )
 
     if args.resolution < 32 or args.train_samples < 1 or args.val_samples < 1 or args.epochs < 1 or args.lr <= 0:
         raise EdgewiseError("need --resolution >= 32, --train-samples, --val-samples and --epochs >= 1, and --lr > 0")
@@ -321,6 +326,7 @@ def parse_bytes(text: str) -> int:
 def cmd_tiny_compile(args) -> int:
     from pathlib import Path
 
+    from edgewise.files import write_text_atomic
     from edgewise.tiny import models
     from edgewise.tiny.plan import plan_table, save_timeline, training_plan
     from edgewise.tiny.sparse import Scheme
@@ -358,8 +364,8 @@ def cmd_tiny_compile(args) -> int:
             f"{plan.trained_param_bytes / 1024:.1f} KB), over the {budget / 1024:.1f} KB budget: train fewer layers "
             "(bias_depth, weights), lower --resolution, or use --search"
         )
-    _write_atomic(out / "scheme.json", json.dumps(scheme.to_dict(), indent=2) + "\n")
-    _write_atomic(out / "plan.md", plan_table(plan) + "\n")
+    write_text_atomic(out / "scheme.json", json.dumps(scheme.to_dict(), indent=2) + "\n")
+    write_text_atomic(out / "plan.md", plan_table(plan) + "\n")
     save_timeline(plan, out / "memory.png")
     print(plan_table(plan).splitlines()[-1])
     print(f"scheme: {json.dumps(scheme.to_dict())}")
@@ -373,7 +379,11 @@ def _search_scheme(args, model, data, budget: int, shape, out):
 
     from edgewise.tiny.frontend import from_module
     from edgewise.tiny.plan import training_plan
-    from edgewise.tiny.search import candidate_layers, contribution_analysis, evolutionary_search
+    from edgewise.tiny.search import (
+        candidate_layers,
+        contribution_analysis,
+        evolutionary_search,
+    )
     from edgewise.tiny.sparse import conv_layers
     from edgewise.tiny.transfer import fit, make_trainer
 
@@ -400,12 +410,6 @@ def _search_scheme(args, model, data, budget: int, shape, out):
         f"(classifier only {result.baseline:.4f}) at {result.memory / 1024:.1f} KB of {budget / 1024:.1f} KB"
     )
     return result.scheme
-
-
-def _write_atomic(path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def cmd_tiny_plan(args) -> int:

@@ -8,7 +8,6 @@ ImageNet state_dict loads as it is.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from pathlib import Path
 
 import torch

@@ -13,16 +13,16 @@ needs is the arena plus the trained parameters, which live in RAM (frozen ones s
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from edgewise.files import atomic_path
 from edgewise.tiny import autodiff, int8_ops, memory, schedule
-from edgewise.tiny.int8_layout import int8_layout
 from edgewise.tiny.frontend import from_module
+from edgewise.tiny.int8_layout import int8_layout
 from edgewise.tiny.ir import Graph, Node
 from edgewise.tiny.sparse import Scheme, apply_scheme
 
@@ -164,11 +164,9 @@ def save_timeline(plan: TrainingPlan, path: str | Path) -> Path:
     ax.set_ylabel("live activations + gradients (KB)")
     ax.set_title(f"Training-step memory ({plan.precision} graph): {len(plan.trainable)} trained tensors, arena {plan.arena_kb:.0f} KB + trained parameters {plan.trained_param_bytes / 1024:.0f} KB")
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from edgewise.errors import EdgewiseError
+from edgewise.files import write_text_atomic
 from edgewise.tiny.ir import Graph
 from edgewise.tiny.sparse import RATIOS, Scheme, conv_layers
 
@@ -148,16 +148,10 @@ class Contributions:
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON atomically (a temp file beside it, then os.replace)."""
-        path = Path(path)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
         try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-            os.replace(tmp, path)
+            return write_text_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
         except OSError as exc:
             raise SearchError(f"{path}: cannot write the contributions ({exc})") from exc
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
 
     @classmethod
     def load(cls, path: str | Path) -> "Contributions":

@@ -47,7 +47,12 @@ def load_transfer_data(data: str, val: str | None, resolution: int, train_sample
     """Training and validation images of DATA (see `edgewise.data.images.load_image_dataset`):
     at most TRAIN_SAMPLES drawn with SEED, the first VAL_SAMPLES of the validation set (VAL, the
     test split of a built-in dataset, or a seeded hold-out of a PATH)."""
-    from edgewise.data.images import BUILTIN_DATASETS, holdout_split, image_folder_classes, load_image_dataset
+    from edgewise.data.images import (
+        BUILTIN_DATASETS,
+        holdout_split,
+        image_folder_classes,
+        load_image_dataset,
+    )
 
     images, labels = load_image_dataset(data, "train")
     if val:
