@@ -25,7 +25,7 @@ from __future__ import annotations
 from edgewise.tiny.autodiff import GRAD_PREFIX
 from edgewise.tiny.frontend import LABEL, LOGITS, LOSS
 from edgewise.tiny.ir import Graph, Node
-from edgewise.tiny.memory import Layout, Scratch
+from edgewise.tiny.memory import Layout, Scratch, alias_root
 
 LAYOUT_STAGES = ("layer_by_layer", "inplace_depthwise", "streamed")
 FORWARD_INT8 = ("conv2d", "relu", "relu6", "add", "mean_hw", "slice_channels")
@@ -83,10 +83,10 @@ def int8_layout(graph: Graph, stage: str = "streamed") -> Layout:
 
     def free_after(value: str, step: int) -> bool:
         """Nothing reads `value`'s buffer (any value sharing it) after `step`, and it is a real buffer."""
-        base = _base(layout, value)
+        base = alias_root(layout.aliases, value)
         if base in layout.lazy or base in graph.inputs or graph.values[base].kind == "param":
             return False
-        members = [base] + [a for a in layout.aliases if _base(layout, a) == base]
+        members = [base] + [a for a in layout.aliases if alias_root(layout.aliases, a) == base]
         return all(last_use[m] <= step for m in members)
 
     # a depthwise conv writes over its input, channel by channel through a one-channel scratch buffer
@@ -95,7 +95,7 @@ def int8_layout(graph: Graph, stage: str = "streamed") -> Layout:
         if node.op != "conv2d" or not (node.attrs["groups"] == graph.values[x].shape[1] == graph.values[node.outputs[0]].shape[1]):
             continue
         if free_after(x, step):
-            layout.aliases[node.outputs[0]] = _base(layout, x)
+            layout.aliases[node.outputs[0]] = alias_root(layout.aliases, x)
             n, _, h, w = graph.values[x].shape
             ph, pw = node.attrs["padding"]
             layout.scratch.append(Scratch(f"scratch:{node.name}", step, step, n * (h + 2 * ph) * (w + 2 * pw)))
@@ -107,7 +107,7 @@ def int8_layout(graph: Graph, stage: str = "streamed") -> Layout:
         for x in node.inputs:
             same = graph.values[x].shape == graph.values[out].shape and layout.dtypes[x] == layout.dtypes[out]
             if same and free_after(x, step):
-                layout.aliases[out] = _base(layout, x)
+                layout.aliases[out] = alias_root(layout.aliases, x)
                 break
     if stage == "inplace_depthwise":
         return layout
@@ -115,31 +115,24 @@ def int8_layout(graph: Graph, stage: str = "streamed") -> Layout:
     for chain in _frozen_chains(graph, readers, loss_step, unit_output):
         first, last = step_of[chain[0].name], step_of[chain[-1].name]
         ring = 0
+
+        def stream(conv: Node, rows: int) -> int:
+            """The conv's output (and its fused activation) lives as `rows` rows; returns their bytes."""
+            conv_out = conv.outputs[0]
+            for v in {conv_out, unit_output[conv_out]}:
+                layout.streamed.add(v)
+                layout.aliases.pop(v, None)
+            n, c, _, w = graph.values[conv_out].shape
+            return n * c * w * rows
+
         for unit, consumer in zip(chain, chain[1:]):
-            if consumer.op != "conv2d":
-                continue
-            conv_out = unit.outputs[0]
-            for v in {conv_out, unit_output.get(conv_out, conv_out)}:
-                layout.streamed.add(v)
-                layout.aliases.pop(v, None)
-            n, c, _, w = graph.values[conv_out].shape
-            ring += n * c * w * graph.values[consumer.inputs[1]].shape[2]  # as many rows as the next kernel is tall
+            if consumer.op == "conv2d":  # as many rows as the next kernel is tall
+                ring += stream(unit, graph.values[consumer.inputs[1]].shape[2])
         if chain[-1].op == "add":  # the last conv's output is added row by row, never stored whole
-            conv_out = chain[-2].outputs[0]
-            for v in {conv_out, unit_output.get(conv_out, conv_out)}:
-                layout.streamed.add(v)
-                layout.aliases.pop(v, None)
-            n, c, _, w = graph.values[conv_out].shape
-            ring += n * c * w
+            ring += stream(chain[-2], 1)
         layout.scratch = [s for s in layout.scratch if not first <= s.start <= last]  # the chain kernel handles depthwise itself
         layout.scratch.append(Scratch(f"rows:{chain[0].name}", first, last, ring))
     return layout
-
-
-def _base(layout: Layout, value: str) -> str:
-    while value in layout.aliases:
-        value = layout.aliases[value]
-    return value
 
 
 def _frozen_chains(graph: Graph, readers: dict[str, list[Node]], loss_step: int, unit_output: dict[str, str]) -> list[list[Node]]:

@@ -28,7 +28,13 @@ from edgewise.tiny import int8_ops
 from edgewise.tiny.frontend import IMAGE, LABEL, LOGITS, LOSS, forward_graph
 from edgewise.tiny.ir import Node
 from edgewise.tiny.plan import TrainingPlan
-from edgewise.tiny.quantize import QParams, QuantizedGraph, quantize_graph
+from edgewise.tiny.quantize import (
+    INT8_FORWARD_OPS,
+    QParams,
+    QuantizedGraph,
+    int8_forward_op,
+    quantize_graph,
+)
 
 F32 = torch.float32
 
@@ -56,6 +62,7 @@ class Int8Trainer:
         self.conv_by_output = {n.outputs[0]: n for n in self.convs}
         # a sliced activation keeps the quantization of the tensor it was cut from
         self.slice_source = {n.outputs[0]: n.inputs[0] for n in self.graph.nodes if n.op == "slice_channels"}
+        self.frozen_prefix = plan.frozen_prefix()  # (frozen nodes, the rest, boundary values): fixed by the plan
         self.state = Int8State(
             weights=dict(self.qg.weights),
             biases={n.inputs[2]: self.qg.consts[n.name]["bias_i32"] for n in self.convs},
@@ -100,28 +107,10 @@ class Int8Trainer:
             env[LABEL] = labels
         for node in nodes:
             op, ins, out = node.op, node.inputs, node.outputs[0]
-            c = qg.consts.get(node.name, {})
-            if op == "conv2d":
-                x, w, b = ins
-                env[out] = int8_ops.conv2d_int8(
-                    env[x], qg.qparams(x).zero_point, st.weights[w], st.biases[b], node.attrs["stride"], node.attrs["padding"],
-                    node.attrs["groups"], c["multiplier"], qg.act[out].zero_point, c["qmin"], c["qmax"],
-                )  # fmt: skip
-            elif op in ("relu", "relu6"):
-                env[out] = env[qg.alias[out]]
-            elif op == "add" and node.name in qg.consts:
-                a, b = ins
-                env[out] = int8_ops.add_int8(env[a], qg.qparams(a).zero_point, c["m_a"], env[b], qg.qparams(b).zero_point, c["m_b"], qg.act[out].zero_point)
+            if op in INT8_FORWARD_OPS and (op != "add" or node.name in qg.consts):
+                env[out] = int8_forward_op(qg, node, env, st.weights, st.biases, st.fp32)
             elif op == "add":  # two gradient contributions of one value
                 env[out] = env[ins[0]] + env[ins[1]]
-            elif op == "mean_hw":
-                (x,) = ins
-                env[out] = int8_ops.mean_hw_int8(env[x], qg.qparams(x).zero_point, c["multiplier"], qg.act[out].zero_point)
-            elif op == "slice_channels":
-                env[out] = env[ins[0]][:, : node.attrs["channels"]].contiguous()
-            elif op == "linear":
-                x, w, b = ins
-                env[out] = int8_ops.linear_f32(self._real(env, x), st.fp32[w], st.fp32[b])
             elif op == "cross_entropy":
                 env[out] = int8_ops.cross_entropy_f32(env[ins[0]], env[ins[1]])
             elif op == "cross_entropy_grad":
@@ -182,7 +171,7 @@ class Int8Trainer:
     def prefix(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The boundary values of the frozen prefix for fp32 images x (see `TrainingPlan.frozen_prefix`):
         a host-side shortcut for experiments that revisit the same images; the result is identical."""
-        frozen, _, boundary = self.plan.frozen_prefix()
+        frozen, _, boundary = self.frozen_prefix
         env = self.run(self.quantize_images(x), None, frozen)
         return {v: env[v] for v in boundary}
 
@@ -192,7 +181,7 @@ class Int8Trainer:
         if prefix is None:
             env = self.run(self.quantize_images(x), labels, self.graph.nodes)
         else:
-            env = self.run(None, labels, self.plan.frozen_prefix()[1], prefix)
+            env = self.run(None, labels, self.frozen_prefix[1], prefix)
         self.state.steps += 1
         return float(env[LOSS])
 
@@ -200,7 +189,7 @@ class Int8Trainer:
         forward = forward_graph(self.graph).nodes
         if prefix is None:
             return self.run(self.quantize_images(x), None, forward)[LOGITS]
-        rest = {n.name for n in self.plan.frozen_prefix()[1]}
+        rest = {n.name for n in self.frozen_prefix[1]}
         return self.run(None, None, [n for n in forward if n.name in rest], prefix)[LOGITS]
 
     def accuracy(self, x: torch.Tensor, labels: torch.Tensor, chunk: int = 256) -> float:

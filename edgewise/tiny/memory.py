@@ -95,7 +95,8 @@ class Scratch:
     size: int  # bytes
 
 
-def _root(aliases: dict[str, str], name: str) -> str:
+def alias_root(aliases: dict[str, str], name: str) -> str:
+    """The value whose buffer `name` uses, following aliases of aliases."""
     while name in aliases:
         name = aliases[name]
     return name
@@ -116,7 +117,7 @@ def plan_memory(graph: Graph, layout: Layout | None = None) -> MemoryPlan:
             continue
         value = graph.values[name]
         size = _aligned(value.numel * DTYPE_BYTES[layout.dtypes.get(name, value.dtype)])
-        root = _root(layout.aliases, name)  # an alias extends its root's lifetime and size
+        root = alias_root(layout.aliases, name)  # an alias extends its root's lifetime and size
         if root in spans:
             start, end = min(start, spans[root][0]), max(end, spans[root][1])
         spans[root] = (start, end)

@@ -118,27 +118,43 @@ def quantize_graph(graph: Graph, params: dict[str, torch.Tensor], calibration_im
     return qg
 
 
+INT8_FORWARD_OPS = ("conv2d", "relu", "relu6", "add", "mean_hw", "slice_channels", "linear")
+
+
+def int8_forward_op(
+    qg: QuantizedGraph, node, env: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None = None,
+    biases: dict[str, torch.Tensor] | None = None, fp32: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """One forward node of the int8 graph on the int8 codes in `env`: the quantized graph's own
+    parameters, or the given ones (a trainer's int8 weights, int32 biases, fp32 classifier)."""
+    out, c, ins = node.outputs[0], qg.consts.get(node.name, {}), node.inputs
+    if node.op == "conv2d":
+        x, w, b = ins
+        bias = biases[b] if biases is not None else c["bias_i32"]
+        return int8_ops.conv2d_int8(
+            env[x], qg.qparams(x).zero_point, (weights or qg.weights)[w], bias, node.attrs["stride"], node.attrs["padding"],
+            node.attrs["groups"], c["multiplier"], qg.act[out].zero_point, c["qmin"], c["qmax"],
+        )  # fmt: skip
+    if node.op in ("relu", "relu6"):
+        return env[qg.alias[out]]
+    if node.op == "add":
+        a, b = ins
+        return int8_ops.add_int8(env[a], qg.qparams(a).zero_point, c["m_a"], env[b], qg.qparams(b).zero_point, c["m_b"], qg.act[out].zero_point)
+    if node.op == "mean_hw":
+        (x,) = ins
+        return int8_ops.mean_hw_int8(env[x], qg.qparams(x).zero_point, c["multiplier"], qg.act[out].zero_point)
+    if node.op == "slice_channels":  # kept for a sparse update's backward pass
+        return env[ins[0]][:, : node.attrs["channels"]].contiguous()
+    if node.op == "linear":
+        x, w, b = ins
+        q, params = qg.qparams(x), fp32 or qg.fp32_params
+        return int8_ops.linear_f32(int8_ops.dequantize(env[x], q.scale, q.zero_point), params[w], params[b])
+    raise NotImplementedError(f"no int8 form for op '{node.op}' ({node.source or node.name})")
+
+
 def run_int8(qg: QuantizedGraph, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """The int8 forward: int8 codes for every activation, fp32 logits from the fp32 classifier."""
     env: dict[str, torch.Tensor] = {IMAGE: int8_ops.quantize(images, qg.act[IMAGE].scale, qg.act[IMAGE].zero_point)}
     for node in forward_graph(qg.graph).nodes:
-        out, c = node.outputs[0], qg.consts.get(node.name, {})
-        if node.op == "conv2d":
-            x, w, _ = node.inputs
-            env[out] = int8_ops.conv2d_int8(
-                env[x], qg.qparams(x).zero_point, qg.weights[w], c["bias_i32"], node.attrs["stride"], node.attrs["padding"],
-                node.attrs["groups"], c["multiplier"], qg.act[out].zero_point, c["qmin"], c["qmax"],
-            )  # fmt: skip
-        elif node.op in ("relu", "relu6"):
-            env[out] = env[qg.alias[out]]
-        elif node.op == "add":
-            a, b = node.inputs
-            env[out] = int8_ops.add_int8(env[a], qg.qparams(a).zero_point, c["m_a"], env[b], qg.qparams(b).zero_point, c["m_b"], qg.act[out].zero_point)
-        elif node.op == "mean_hw":
-            (x,) = node.inputs
-            env[out] = int8_ops.mean_hw_int8(env[x], qg.qparams(x).zero_point, c["multiplier"], qg.act[out].zero_point)
-        elif node.op == "linear":
-            x, w, b = node.inputs
-            q = qg.qparams(x)
-            env[out] = int8_ops.linear_f32(int8_ops.dequantize(env[x], q.scale, q.zero_point), qg.fp32_params[w], qg.fp32_params[b])
+        env[node.outputs[0]] = int8_forward_op(qg, node, env)
     return env
