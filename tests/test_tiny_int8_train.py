@@ -81,6 +81,16 @@ def np_ordered_sum(terms, start=None) -> np.ndarray:
     return acc
 
 
+def np_shifted_logits_and_exp_sum(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 logits minus their max, and the sum of their exponentials, classes added in order."""
+    z = logits.astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    total = np.zeros(z.shape[0])
+    for k in range(z.shape[1]):
+        total = total + np.exp(z[:, k])
+    return z, total
+
+
 def np_conv_grad_input(g, w, stride, pad, groups, shape):
     n, c, h, wd = shape
     o, cg, kh, kw = w.shape
@@ -157,18 +167,10 @@ def np_int8_step(trainer: Int8Trainer, image: np.ndarray, label: np.ndarray, lr:
             xr = real(x)
             env[out] = np_ordered_sum([(xr[:, i, None] * st[w][None, :, i]).astype(F32) for i in range(xr.shape[1])], start=np.broadcast_to(st[b], (xr.shape[0], st[b].shape[0])))
         elif op == "cross_entropy":
-            z = env[ins[0]].astype(np.float64)
-            z = z - z.max(-1, keepdims=True)
-            total = np.zeros(z.shape[0])
-            for k in range(z.shape[1]):
-                total = total + np.exp(z[:, k])
+            z, total = np_shifted_logits_and_exp_sum(env[ins[0]])
             env[out] = F32((np.log(total) - z[np.arange(len(z)), env[LABEL]]).sum() / len(z))
         elif op == "cross_entropy_grad":
-            z = env[ins[0]].astype(np.float64)
-            z = z - z.max(-1, keepdims=True)
-            total = np.zeros(z.shape[0])
-            for k in range(z.shape[1]):
-                total = total + np.exp(z[:, k])
+            z, total = np_shifted_logits_and_exp_sum(env[ins[0]])
             p = (np.exp(z) / total[:, None]).astype(F32)
             env[out] = ((p - np.eye(z.shape[1], dtype=F32)[env[LABEL]]) / F32(len(z))).astype(F32)
         elif op == "linear_grad_input":
