@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from edgewise import __version__
 from edgewise.errors import EdgewiseError
@@ -181,7 +182,73 @@ def build_parser() -> argparse.ArgumentParser:
                        "stochastic rounding, no extra RAM; master16/master32 keep a 2/4-byte copy of each trained weight; "
                        "round drops them, as TTE's reference code does)")
     train.add_argument("--no-qas", action="store_true", help="int8: plain SGD on the int8 graph, without quantization-aware scaling (for comparison)")
+    train.add_argument("--backend", choices=("python", "c"), default="python",
+                       help="int8: python runs the reference executor; c generates the step's C (`tiny codegen`), compiles it for this "
+                       "host and trains through it (bit-identical results; default python)")
+    train.add_argument("--c-dir", metavar="DIR", help="--backend c: where to write the generated C project (default: a temporary folder)")
+
+    cgen = tiny_sub.add_parser(
+        "codegen",
+        help="generate the C99 project of an int8 training step (static arena, no malloc)",
+        description="Compile one int8 training step of MODEL under --scheme and write it as a self-contained C99 project:\n"
+        "ew_ops.c/.h (the kernels, the C twin of the int8 reference ops), ew_model.c/.h (one static arena of exactly the\n"
+        "planned size, the trained parameters in RAM, the step as kernel calls in the plan's order), ew_flash.bin + ew_flash.S\n"
+        "(frozen weights and constants, read-only: flash on a microcontroller) and ew_model.json (offsets, parameters).\n"
+        "Activation ranges are calibrated on the first training images of --data, whose classes set the classifier's size.\n"
+        "API: ew_init(), ew_infer(img), ew_train_step(img, label), ew_logits(), ew_n_params()/ew_param_at(i).\n"
+        "Build it for this host with `cc -std=c99 -O2 -ffp-contract=off -fno-strict-aliasing -c ew_*.c ew_flash.S`, or for a\n"
+        "Cortex-M7 with `edgewise tiny firmware`. Ends with a line `arena_kb = A ram_kb = R flash_kb = F`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_c_args(cgen, out_default="tiny-c")
+
+    fw = tiny_sub.add_parser(
+        "firmware",
+        help="build the training step into bare-metal Cortex-M7 firmware; with --run, train it in QEMU",
+        description="Generate the step's C (as `tiny codegen`) into OUT/project and build it for a Cortex-M7 (QEMU's mps2-an500)\n"
+        "with arm-none-eabi-gcc into OUT/fw/fw.elf: a startup file, a linker script whose RAM is --sram long (the linker\n"
+        "itself fails if arena + trained parameters + heap + stack do not fit) and flash --flash long, and a main that reads\n"
+        "samples from the host through semihosting. Prints the size table (text/data/bss).\n"
+        "With --run: writes the training images (a seeded order, as `tiny train`'s first epoch) and validation images as\n"
+        "int8 codes to OUT/samples.bin, trains for --epochs in QEMU, evaluates, and measures instructions per training\n"
+        "step with a QEMU TCG plugin (two runs of K and 2K steps; the difference cancels start-up and I/O). With\n"
+        "--check-host the same main runs natively on the same samples and must end with identical parameters.\n"
+        "Ends with `val_acc = X sram_kb = Y flash_kb = Z insns_per_step = W` (without --run: `sram_kb = Y flash_kb = Z`).\n"
+        "Needs Debian's gcc-arm-none-eabi, libnewlib-arm-none-eabi and qemu-system-arm.",
+        epilog=TINY_DATA_FORMATS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_c_args(fw, out_default="tiny-firmware")
+    fw.add_argument("--sram", default="256KB", help="the MCU's SRAM: the linker script's RAM length (default 256KB)")
+    fw.add_argument("--flash", default="4MB", help="the MCU's flash for code and frozen weights (default 4MB, the mps2-an500's code memory)")
+    fw.add_argument("--stack", default="8KB", help="stack reserved in SRAM (default 8KB)")
+    fw.add_argument("--run", action="store_true", help="train and evaluate in qemu-system-arm, count instructions per step")
+    fw.add_argument("--train-samples", type=int, default=1000, metavar="N", help="--run: training images (default 1000)")
+    fw.add_argument("--val-samples", type=int, default=1000, metavar="N", help="--run: validation images (default 1000)")
+    fw.add_argument("--epochs", type=int, default=1, help="--run: passes over the training images, in the same order (default 1)")
+    fw.add_argument("--insns-k", type=int, default=4, metavar="K", help="--run: steps per instruction-count run (default 4)")
+    fw.add_argument("--check-host", action="store_true", help="--run: also run the same program natively and require identical results")
     return parser
+
+
+TINY_MODELS = ("imagenet-mbv2", "mbv2-w0.35", "proxyless-w0.3", "mcunet-5fps-like")
+
+
+def _add_c_args(p: argparse.ArgumentParser, out_default: str) -> None:
+    """The options shared by `tiny codegen` and `tiny firmware`: model, scheme, data, step."""
+    p.add_argument("model", nargs="?", default="imagenet-mbv2", choices=TINY_MODELS, metavar="MODEL",
+                   help="imagenet-mbv2: torchvision's ImageNet MobileNetV2-1.0 with a new classifier (default); mbv2-w0.35, "
+                   "proxyless-w0.3, mcunet-5fps-like: random-weight nets")
+    p.add_argument("--scheme", metavar="FILE.json", help="sparse update scheme (default: the classifier only)")
+    p.add_argument("--data", default="fashion-mnist", metavar="fashion-mnist|mnist|PATH", help="the target data: calibration images and classes (formats as in `tiny train`; default fashion-mnist)")
+    p.add_argument("--val", metavar="PATH", help="validation images (default as in `tiny train`)")
+    p.add_argument("--resolution", type=int, default=64, metavar="RES", help="input images are RES x RES (default 64)")
+    p.add_argument("--lr", type=float, default=0.001, help="SGD learning rate at batch 1 (default 0.001)")
+    p.add_argument("--rule", default="stochastic", choices=("round", "stochastic", "master16", "master32"), help="int8 sub-LSB update rule (default stochastic)")
+    p.add_argument("--no-qas", action="store_true", help="plain SGD, without quantization-aware scaling")
+    p.add_argument("--seed", type=int, default=0, help="seed for the data subset and order, and the stochastic rounding (default 0)")
+    p.add_argument("--budget", default="256KB", help="SRAM the planned step (arena + trained parameters) must fit, checked before any C is written (default 256KB)")
+    p.add_argument("--out", default=out_default, metavar="DIR", help=f"output folder (default {out_default})")
 
 
 def _progress_bar(desc: str):
@@ -287,7 +354,94 @@ def cmd_eval_ppl(args) -> int:
 
 
 def cmd_tiny(args) -> int:
-    return {"plan": cmd_tiny_plan, "train": cmd_tiny_train, "compile": cmd_tiny_compile}[args.tiny_command](args)
+    handlers = {"plan": cmd_tiny_plan, "train": cmd_tiny_train, "compile": cmd_tiny_compile, "codegen": cmd_tiny_codegen, "firmware": cmd_tiny_firmware}
+    return handlers[args.tiny_command](args)
+
+
+def _tiny_model(name: str, n_classes: int):
+    from edgewise.tiny import models
+    from edgewise.tiny.transfer import imagenet_backbone
+
+    build = {
+        "imagenet-mbv2": lambda: imagenet_backbone(n_classes),
+        "mbv2-w0.35": lambda: models.mobilenet_v2(0.35, n_classes),
+        "proxyless-w0.3": lambda: models.proxyless_mobile(0.3, n_classes),
+        "mcunet-5fps-like": lambda: models.mcunet_5fps_like(n_classes),
+    }
+    return build[name]()
+
+
+def _c_project(args, train_samples: int, val_samples: int):
+    """(data, reference trainer, C project) for `tiny codegen` / `tiny firmware`."""
+    from edgewise.tiny.sparse import Scheme
+    from edgewise.tiny.transfer import CALIBRATION_IMAGES, load_transfer_data, make_c_project
+
+    if args.resolution < 32 or args.lr <= 0:
+        raise EdgewiseError(f"need --resolution >= 32 and --lr > 0 (got {args.resolution}, {args.lr})")
+    budget = parse_bytes(args.budget)
+    scheme = Scheme.load(args.scheme) if args.scheme else Scheme(bias_depth=0)
+    data = load_transfer_data(args.data, args.val, args.resolution, max(train_samples, CALIBRATION_IMAGES), val_samples, args.seed)
+    print(f"data: {data.description}")
+    model = _tiny_model(args.model, data.n_classes)
+    reference, project = make_c_project(model, data, scheme, args.lr, args.out, args.rule, not args.no_qas, args.seed, budget)
+    plan = reference.plan
+    print(f"{args.model}: {len(plan.graph.nodes)} ops, {len(plan.trainable)} trained tensors; planned SRAM {plan.peak_kb:.1f} KB "
+          f"(arena {plan.arena_kb:.1f} KB + trained parameters {plan.trained_param_bytes / 1024:.1f} KB) of {budget / 1024:.1f} KB")
+    return data, reference, project
+
+
+def cmd_tiny_firmware(args) -> int:
+    import numpy as np
+
+    from edgewise.tiny import firmware
+
+    sram, flash, stack = parse_bytes(args.sram), parse_bytes(args.flash), parse_bytes(args.stack)
+    if args.run and (args.train_samples < 1 or args.val_samples < 1 or args.epochs < 1 or args.insns_k < 1):
+        raise EdgewiseError("--run needs --train-samples, --val-samples, --epochs and --insns-k >= 1")
+    firmware.require_tools(qemu=args.run)
+    out = Path(args.out)
+    args.out = str(out / "project")
+    args.budget = args.budget if parse_bytes(args.budget) <= sram else args.sram
+    data, reference, project = _c_project(args, args.train_samples if args.run else 0, args.val_samples if args.run else 1)
+    build = firmware.build_firmware(project.dir, out / "fw", sram_bytes=sram, flash_bytes=flash, stack_bytes=stack)
+    print(f"firmware: {build.elf}")
+    print("| section | bytes | in |\n|---|---:|---|")
+    print(f"| text | {build.text} | flash: code, frozen weights, constants |")
+    print(f"| data | {build.data} | SRAM (initial values in flash) |")
+    print(f"| bss | {build.bss} | SRAM: arena {project.arena_bytes}, trained parameters {project.ram_param_bytes}, buffers |")
+    print(f"| heap + stack | {build.heap} + {build.stack} | SRAM (reserved) |")
+    print(f"SRAM used {build.sram_used / 1024:.1f} KB of {sram / 1024:.1f} KB (checked by the linker); flash used {build.flash_used / 1024:.1f} KB of {flash / 1024:.1f} KB")
+    sram_kb, flash_kb = build.sram_used / 1024, build.flash_used / 1024
+    if not args.run:
+        print(f"sram_kb = {sram_kb:.1f} flash_kb = {flash_kb:.1f}")
+        return 0
+    order = np.random.default_rng(args.seed).permutation(len(data.x))  # `tiny train`'s first epoch
+    x_train = reference.quantize_images(data.x[order]).numpy()
+    y_train = data.y[order].numpy()
+    x_val, y_val = reference.quantize_images(data.x_val).numpy(), data.y_val.numpy()
+    samples = firmware.write_samples(out / "samples.bin", x_train, y_train, x_val, y_val, epochs=args.epochs)
+    print(f"training in QEMU (mps2-an500, Cortex-M7): {len(x_train)} images x {args.epochs} epoch(s), then {len(x_val)} validation images")
+    run = firmware.run_firmware(build, samples, params_out=out / "params.bin", echo=True)
+    if args.check_host:
+        exe = firmware.build_host(project.dir, out / "host")
+        host = firmware.run_host(exe, samples, params_out=True)
+        same = host.params == run.params and host.train_loss_bits == run.train_loss_bits and host.val_correct == run.val_correct
+        print(f"host build: val_acc {host.val_acc:.4f}, identical trained parameters and losses: {'yes' if same else 'NO'}")
+        if not same:
+            raise EdgewiseError(f"the firmware's results differ from the host build's ({out}/params.bin): please report this")
+    count = firmware.insns_per_step(build, x_train, y_train, k=args.insns_k)
+    print(f"instructions per training step: {count.per_item:,.0f} ({count.insns_2k:,} - {count.insns_k:,} over {count.k} steps); "
+          f"at 216 MHz and 1 instruction per cycle (an estimate): {count.per_item / 216e6 * 1e3:.0f} ms per step")
+    print(f"val_acc = {run.val_acc:.4f} sram_kb = {sram_kb:.1f} flash_kb = {flash_kb:.1f} insns_per_step = {count.per_item:.0f}")
+    return 0
+
+
+def cmd_tiny_codegen(args) -> int:
+    _, _, project = _c_project(args, 0, 1)
+    files = ", ".join(sorted(p.name for p in project.dir.iterdir()))
+    print(f"wrote {project.dir}/: {files}")
+    print(f"arena_kb = {project.arena_bytes / 1024:.1f} ram_kb = {project.ram_param_bytes / 1024:.1f} flash_kb = {project.flash_bytes / 1024:.1f}")
+    return 0
 
 
 def cmd_tiny_train(args) -> int:
@@ -304,7 +458,18 @@ def cmd_tiny_train(args) -> int:
     scheme = Scheme.load(args.scheme) if args.scheme else Scheme(bias_depth=0)
     data = load_transfer_data(args.data, args.val, args.resolution, args.train_samples, args.val_samples, args.seed)
     print(f"data: {data.description}")
-    trainer = make_trainer(imagenet_backbone(data.n_classes), data, scheme, args.lr, args.precision, args.rule, qas=not args.no_qas, seed=args.seed)
+    if args.backend == "c":
+        import tempfile
+
+        from edgewise.tiny.transfer import make_c_trainer
+
+        if args.precision != "int8":
+            raise EdgewiseError("--backend c runs the int8 step: drop --precision fp32")
+        c_dir = Path(args.c_dir) if args.c_dir else Path(tempfile.mkdtemp(prefix="edgewise-c-")) / "project"
+        trainer = make_c_trainer(imagenet_backbone(data.n_classes), data, scheme, args.lr, c_dir, args.rule, qas=not args.no_qas, seed=args.seed)
+        print(f"C backend: {c_dir} (arena {trainer.project.arena_bytes / 1024:.1f} KB), built for this host")
+    else:
+        trainer = make_trainer(imagenet_backbone(data.n_classes), data, scheme, args.lr, args.precision, args.rule, qas=not args.no_qas, seed=args.seed)
     n_values = sum(trainer.plan.graph.values[p].numel for p in trainer.plan.trainable)
     print(f"training {len(trainer.plan.trainable)} tensors ({n_values:,} values), {args.precision} step, on {len(data.x)} images, {args.epochs} epoch(s)")
     history = fit(trainer, data, args.epochs, args.seed, on_epoch=lambda e, loss, acc: print(f"epoch {e}: loss {loss:.4f} val_acc {acc:.4f}", flush=True))
@@ -324,10 +489,7 @@ def parse_bytes(text: str) -> int:
 
 
 def cmd_tiny_compile(args) -> int:
-    from pathlib import Path
-
     from edgewise.files import write_text_atomic
-    from edgewise.tiny import models
     from edgewise.tiny.plan import plan_table, save_timeline, training_plan
     from edgewise.tiny.sparse import Scheme
 
@@ -347,23 +509,10 @@ def cmd_tiny_compile(args) -> int:
         model = imagenet_backbone(data.n_classes)
         scheme = _search_scheme(args, model, data, budget, shape, out)
     else:
-        from edgewise.tiny.transfer import imagenet_backbone
-
-        build = {
-            "imagenet-mbv2": lambda: imagenet_backbone(args.classes),
-            "mbv2-w0.35": lambda: models.mobilenet_v2(0.35, args.classes),
-            "proxyless-w0.3": lambda: models.proxyless_mobile(0.3, args.classes),
-            "mcunet-5fps-like": lambda: models.mcunet_5fps_like(args.classes),
-        }
-        model = build[args.model]()
+        model = _tiny_model(args.model, args.classes)
         scheme = Scheme.load(args.scheme)
     plan = training_plan(model, shape, scheme, precision="int8", update_rule=args.rule)
-    if plan.peak_kb * 1024 > budget:
-        raise EdgewiseError(
-            f"the planned step needs {plan.peak_kb:.1f} KB (arena {plan.arena_kb:.1f} KB + trained parameters "
-            f"{plan.trained_param_bytes / 1024:.1f} KB), over the {budget / 1024:.1f} KB budget: train fewer layers "
-            "(bias_depth, weights), lower --resolution, or use --search"
-        )
+    plan.check_fits(budget)
     write_text_atomic(out / "scheme.json", json.dumps(scheme.to_dict(), indent=2) + "\n")
     write_text_atomic(out / "plan.md", plan_table(plan) + "\n")
     save_timeline(plan, out / "memory.png")

@@ -15,7 +15,8 @@ returns the `memory.Layout` the int8 executor and the C backend follow:
   next conv's kernel is tall instead of as a whole tensor; a residual add that closes the chain
   on the chain's input runs row by row too. Results are bit-identical to layer-by-layer execution
   (every int8 output element is the same integer function of the same inputs), so the reference
-  executor runs layer by layer and only the memory plan (and the C kernel) differ.
+  executor runs layer by layer and only the memory plan (and the C kernel) differ. The chain's
+  input stays alive until the chain's last row is made.
 
 `LAYOUT_STAGES` names the cumulative options, for the ablation in `benchmarks/tiny_memory.py`.
 """
@@ -122,6 +123,7 @@ def int8_layout(graph: Graph, stage: str = "streamed") -> Layout:
             for v in {conv_out, unit_output[conv_out]}:
                 layout.streamed.add(v)
                 layout.aliases.pop(v, None)
+            layout.ring_rows[conv_out] = rows
             n, c, _, w = graph.values[conv_out].shape
             return n * c * w * rows
 
@@ -132,6 +134,11 @@ def int8_layout(graph: Graph, stage: str = "streamed") -> Layout:
             ring += stream(chain[-2], 1)
         layout.scratch = [s for s in layout.scratch if not first <= s.start <= last]  # the chain kernel handles depthwise itself
         layout.scratch.append(Scratch(f"rows:{chain[0].name}", first, last, ring))
+        layout.chains.append([n.name for n in chain])
+        # the chain reads its input row by row until its last row is made: keep it alive that long
+        # (layer by layer, its last reader would be the first conv)
+        x0 = chain[0].inputs[0]
+        layout.live_until[x0] = max(layout.live_until.get(x0, -1), last)
     return layout
 
 

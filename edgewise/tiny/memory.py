@@ -85,6 +85,11 @@ class Layout:
     lazy: dict[str, list[str]] = field(default_factory=dict)  # value computed when read, from these (kept alive meanwhile)
     streamed: set[str] = field(default_factory=set)
     scratch: list[Scratch] = field(default_factory=list)
+    # streamed conv chains, for the C backend: node names of each chain, and the rows each streamed
+    # conv output keeps, in the order they sit in the chain's ring scratch buffer ("rows:<first node>")
+    chains: list[list[str]] = field(default_factory=list)
+    live_until: dict[str, int] = field(default_factory=dict)  # value -> a step it must stay alive through (a chain's input)
+    ring_rows: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,9 @@ def plan_memory(graph: Graph, layout: Layout | None = None) -> MemoryPlan:
         for source in layout.lazy[name]:
             start, end = spans_by_value[source]
             spans_by_value[source] = (start, max(end, spans_by_value[name][1]))
+    for name, step in layout.live_until.items():
+        start, end = spans_by_value[name]
+        spans_by_value[name] = (start, max(end, step))
     for name, (start, end) in spans_by_value.items():
         if name in layout.streamed or name in layout.lazy:
             continue

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgewise.errors import EdgewiseError
 from edgewise.files import atomic_path
 from edgewise.tiny import autodiff, int8_ops, memory, schedule
 from edgewise.tiny.frontend import from_module
@@ -76,6 +77,15 @@ class TrainingPlan:
         made = {o for n in frozen for o in n.outputs}
         boundary = list(dict.fromkeys(v for n in rest for v in n.inputs if v in made))
         return frozen, rest, boundary
+
+    def check_fits(self, budget: int, what: str = "budget") -> None:
+        """Raise an EdgewiseError with the numbers if the step's SRAM exceeds `budget` bytes."""
+        if self.peak_kb * 1024 > budget:
+            raise EdgewiseError(
+                f"the planned step needs {self.peak_kb:.1f} KB (arena {self.arena_kb:.1f} KB + trained parameters "
+                f"{self.trained_param_bytes / 1024:.1f} KB), over the {budget / 1024:.1f} KB {what}: train fewer layers "
+                "(bias_depth, weights), lower --resolution, or use `tiny compile --search`"
+            )
 
     @property
     def kept_for_backward(self) -> int:

@@ -110,6 +110,27 @@ def make_trainer(model: nn.Module, data: TransferData, scheme: Scheme, lr: float
     raise EdgewiseError(f"precision must be fp32 or int8, got '{precision}'")
 
 
+def make_c_project(model: nn.Module, data: TransferData, scheme: Scheme, lr: float, out_dir: str | Path, rule: str = DEFAULT_RULE,
+                   qas: bool = True, seed: int = 0, budget: int | None = None):
+    """The int8 reference trainer of `model` under `scheme` and the C project generated from it
+    (`codegen.generate_c`), after checking the planned step fits `budget` bytes of SRAM (nothing
+    is written if it does not)."""
+    from edgewise.tiny.codegen import generate_c
+
+    reference = make_trainer(model, data, scheme, lr, "int8", rule, qas, seed)
+    if budget is not None:
+        reference.plan.check_fits(budget, "SRAM budget")
+    return reference, generate_c(reference, out_dir)
+
+
+def make_c_trainer(model: nn.Module, data: TransferData, scheme: Scheme, lr: float, out_dir: str | Path, rule: str = DEFAULT_RULE, qas: bool = True, seed: int = 0):
+    """The generated C step, compiled for this host (`cbackend.CTrainer`); `fit` drives it like the others."""
+    from edgewise.tiny.cbackend import CTrainer
+
+    reference, project = make_c_project(model, data, scheme, lr, out_dir, rule, qas, seed)
+    return CTrainer(project, reference.quantize_images, reference.plan)
+
+
 def fit(trainer, data: TransferData, epochs: int, seed: int, progress: bool = True, on_epoch: Callable[[int, float, float], None] | None = None) -> list[tuple[int, float, float]]:
     """Batch-1 SGD over the training images, EPOCHS times in orders drawn with SEED; validation
     accuracy after each epoch. Returns [(epoch, mean training loss, val accuracy)]."""
