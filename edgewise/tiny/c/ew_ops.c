@@ -56,8 +56,9 @@ static void valid_cols(int n_out, int n_in, int s, int p, int k, int *lo, int *h
     if (*hi > n_out) *hi = n_out;
 }
 
-/* int8_ops.conv2d_int8 for output rows [r0, r1): exact int32 sums of (x - zx) * w plus the bias
- * (integer sums, so their order is free), requantized per output channel. Columns go in tiles of
+/* int8_ops.conv2d_int8 for output rows [r0, r1): exact integer sums of (x - zx) * w plus the bias
+ * (integer sums, so their order is free), wrapped to int32 as the reference's int64 -> int32 cast
+ * does (unsigned arithmetic: no undefined overflow), requantized per output channel. Columns go in tiles of
  * EW_COL_TILE, which bounds the accumulator row on the stack. */
 #define EW_COL_TILE 256
 #define EW_POINTWISE_CIN 1024
@@ -77,11 +78,11 @@ static void pointwise_int8(const ew_conv *cv, const ew_act *x, int32_t zx, const
         for (int col = 0; col < cv->wout; col++) {
             for (int ci = 0; ci < cin; ci++) col_in[ci] = (int16_t)((int32_t)xr[ci * x_stride + col] - zx);
             for (int o = 0; o < cv->cout; o++) {
-                int32_t acc = bias[o];
+                uint32_t acc = (uint32_t)bias[o];
                 const int8_t *wt = w->trained + (size_t)o * ct, *wf = w->frozen + (size_t)o * cin;
-                for (int ci = 0; ci < ct; ci++) acc += (int32_t)col_in[ci] * wt[ci];
-                for (int ci = ct; ci < cin; ci++) acc += (int32_t)col_in[ci] * wf[ci];
-                yr[o * y_stride + col] = requantize(acc, multiplier[o], zy, qmin, qmax);
+                for (int ci = 0; ci < ct; ci++) acc += (uint32_t)((int32_t)col_in[ci] * wt[ci]);
+                for (int ci = ct; ci < cin; ci++) acc += (uint32_t)((int32_t)col_in[ci] * wf[ci]);
+                yr[o * y_stride + col] = requantize((int32_t)acc, multiplier[o], zy, qmin, qmax);
             }
         }
     }
@@ -96,14 +97,14 @@ void ew_conv2d_int8(const ew_conv *cv, const ew_act *x, int32_t zx, const ew_wei
         pointwise_int8(cv, x, zx, w, bias, multiplier, y, zy, qmin, qmax, r0, r1);
         return;
     }
-    int32_t acc[EW_COL_TILE];
+    uint32_t acc[EW_COL_TILE];
     for (int r = r0; r < r1; r++)
         for (int o = 0; o < cv->cout; o++) {
             int g = o / og;
             int8_t *yr = (int8_t *)act_row(y, o, r);
             for (int c0 = 0; c0 < cv->wout; c0 += EW_COL_TILE) {
                 int c1 = c0 + EW_COL_TILE < cv->wout ? c0 + EW_COL_TILE : cv->wout;
-                for (int col = c0; col < c1; col++) acc[col - c0] = bias[o];
+                for (int col = c0; col < c1; col++) acc[col - c0] = (uint32_t)bias[o];
                 for (int ci = 0; ci < cg; ci++) {
                     const int8_t *taps = weight_taps(cv, w, o, ci);
                     for (int ki = 0; ki < cv->kh; ki++) {
@@ -116,17 +117,17 @@ void ew_conv2d_int8(const ew_conv *cv, const ew_act *x, int32_t zx, const ew_wei
                             valid_cols(cv->wout, cv->win, cv->sw, cv->pw, kj, &lo, &hi);
                             if (lo < c0) lo = c0;
                             if (hi > c1) hi = c1;
-                            int32_t *a = acc - c0;
+                            uint32_t *a = acc - c0;
                             if (cv->sw == 1) {
                                 const int8_t *xp = xr + off;
-                                for (int col = lo; col < hi; col++) a[col] += ((int32_t)xp[col] - zx) * wv;
+                                for (int col = lo; col < hi; col++) a[col] += (uint32_t)(((int32_t)xp[col] - zx) * wv);
                             } else {
-                                for (int col = lo; col < hi; col++) a[col] += ((int32_t)xr[col * cv->sw + off] - zx) * wv;
+                                for (int col = lo; col < hi; col++) a[col] += (uint32_t)(((int32_t)xr[col * cv->sw + off] - zx) * wv);
                             }
                         }
                     }
                 }
-                for (int col = c0; col < c1; col++) yr[col] = requantize(acc[col - c0], multiplier[o], zy, qmin, qmax);
+                for (int col = c0; col < c1; col++) yr[col] = requantize((int32_t)acc[col - c0], multiplier[o], zy, qmin, qmax);
             }
         }
 }
@@ -173,7 +174,7 @@ void ew_add_int8(const ew_act *a, int32_t za, float ma, const ew_act *b, int32_t
 void ew_mean_hw_int8(const int8_t *x, int c, int hw, int32_t zx, float multiplier, int8_t *y, int32_t zy)
 {
     for (int ch = 0; ch < c; ch++) {
-        int32_t acc = 0;
+        int32_t acc = 0; /* |sum| <= 255 * hw: no overflow */
         for (int i = 0; i < hw; i++) acc += (int32_t)x[(size_t)ch * hw + i] - zx;
         y[ch] = requantize(acc, multiplier, zy, -128, 127);
     }
