@@ -5,10 +5,10 @@
     loss = c.train_step(q_image, label)        # int8 codes [C, H, W] (trainer.quantize_images)
     c.params()                                 # the trained parameters, read back from C
 
-The host build uses the same flags as the firmware's where they decide results: C99, no FMA
-contraction (`-ffp-contract=off`), IEEE fp32 (no -ffast-math). With `sanitize=True` it adds
-AddressSanitizer and UndefinedBehaviorSanitizer and builds a standalone program instead (a shared
-library with ASan cannot be loaded into an uninstrumented Python): see `build_host_program`.
+The host build uses the same flags as the firmware's where they decide results (RESULT_CFLAGS:
+C99, no FMA contraction, IEEE fp32, no -ffast-math). The sanitized build (ASan, UBSan) is the
+firmware's main built natively: `firmware.build_host(..., extra_cflags=[...])`, since a shared
+library with ASan cannot be loaded into an uninstrumented Python.
 """
 
 from __future__ import annotations
@@ -20,13 +20,21 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgewise.errors import EdgewiseError
-from edgewise.tiny.codegen import CProject
 
-C_FLAGS = ["-std=c99", "-O2", "-ffp-contract=off", "-fno-strict-aliasing", "-Wall", "-Wno-unused-variable"]
+if TYPE_CHECKING:  # the generator pulls in torch; building and loading a project does not need it
+    from edgewise.tiny.codegen import CProject
+
+# What a build of a generated project compiles, and the flags its bit-for-bit results depend on
+# (C99, no FMA contraction, IEEE fp32; the arena is read through typed pointers): the host build
+# here and the firmware build (`firmware.py`) both use them.
+PROJECT_SOURCES = ("ew_ops.c", "ew_model.c", "ew_flash.S")
+RESULT_CFLAGS = ["-std=c99", "-O2", "-ffp-contract=off", "-fno-strict-aliasing"]
+C_FLAGS = [*RESULT_CFLAGS, "-Wall", "-Wno-unused-variable"]
 NP_DTYPE = {"int8": np.int8, "int32": np.int32, "float32": np.float32, "int16": np.int16}
 
 
@@ -50,17 +58,9 @@ def build_host_library(project: CProject) -> Path:
     lib = d / f"libew-{digest}.so"
     if not lib.exists():
         tmp = d / f".tmp-{lib.name}"
-        _compile([host_cc(), *C_FLAGS, "-fPIC", "-shared", "-o", tmp.name, "ew_ops.c", "ew_model.c", "ew_flash.S", "-lm"], d)
+        _compile([host_cc(), *C_FLAGS, "-fPIC", "-shared", "-o", tmp.name, *PROJECT_SOURCES, "-lm"], d)
         tmp.rename(lib)
     return lib
-
-
-def build_host_program(project: CProject, main_c: Path, out: Path, sanitize: bool = False) -> Path:
-    """A standalone host program of the project and a `main.c` (the firmware's main runs on the host
-    too: its stdio is plain stdio here, semihosting on the MCU). `sanitize` adds ASan and UBSan."""
-    flags = ["-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"] if sanitize else []
-    _compile([host_cc(), *C_FLAGS, *flags, "-I", str(project.dir), "-o", str(out), str(main_c), "ew_ops.c", "ew_model.c", "ew_flash.S", "-lm"], project.dir)
-    return out
 
 
 class _Param(ctypes.Structure):

@@ -37,7 +37,7 @@ from edgewise.errors import EdgewiseError
 from edgewise.tiny.frontend import IMAGE, LABEL, LOGITS, LOSS
 from edgewise.tiny.int8_train import Int8Trainer
 from edgewise.tiny.ir import Node
-from edgewise.tiny.memory import alias_root
+from edgewise.tiny.memory import DTYPE_BYTES, alias_root
 
 C_SOURCES = Path(__file__).parent / "c"
 RULE_ENUM = {"round": "EW_RULE_ROUND", "stochastic": "EW_RULE_STOCHASTIC", "master16": "EW_RULE_MASTER16", "master32": "EW_RULE_MASTER32"}
@@ -80,10 +80,6 @@ class CProject:
     n_classes: int
     input_scale: float
     input_zero_point: int
-
-    @property
-    def sources(self) -> list[Path]:
-        return [self.dir / "ew_ops.c", self.dir / "ew_model.c", self.dir / "ew_flash.S"]
 
 
 def f32(x: float) -> str:
@@ -160,7 +156,7 @@ class _Generator:
     def span(self, value: str) -> tuple[int, int]:
         start = self.offset(value)
         v = self.graph.values[value]
-        return start, start + v.numel * (4 if self.layout.dtypes.get(value) in ("float32", "int32") else 1)
+        return start, start + v.numel * DTYPE_BYTES[self.layout.dtypes.get(value, v.dtype)]
 
     def ptr(self, value: str, ctype: str) -> str:
         return f"(({ctype} *)(ew_arena + {self.offset(value)}))"
@@ -428,7 +424,7 @@ class _Generator:
         x0 = convs[0].inputs[0]
         self.emit("{")
         self.emit(f"    ew_chain_stage s[{len(convs)}] = {{")
-        prev_y = f"{{{self.ptr(x0, 'int8_t')}, {', '.join(map(str, self.shape4(x0)))}, {self.shape4(x0)[1]}}}"
+        prev_y = self.act(x0)
         for conv in convs:
             out = conv.outputs[0]
             c, h, w = self.shape4(out)
@@ -457,7 +453,7 @@ class _Generator:
             i0, i1 = self.span(x0)
             if o0 < i1 and i0 < o1 and (k_h, stride_h) != (1, 1):
                 raise CodegenError(f"chain at {first.name}: its residual add writes over the chain's input row by row, which needs a 1-row first conv (kernel {k_h}, stride {stride_h})")
-            self.emit(f"    ew_act x0 = {{{self.ptr(x0, 'int8_t')}, {', '.join(map(str, self.shape4(x0)))}, {self.shape4(x0)[1]}}};")
+            self.emit(f"    ew_act x0 = {self.act(x0)};")
             self.emit(
                 f"    ew_chain_add add = {{&x0, {self.qp(x0).zero_point}, {self.qg.act[convs[-1].outputs[0]].zero_point}, {self.qg.act[out].zero_point}, "
                 f"{f32(mx)}, {f32(mb)}, {self.act(out)}}};"

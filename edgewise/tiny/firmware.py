@@ -48,6 +48,7 @@ import numpy as np
 
 from edgewise.errors import EdgewiseError
 from edgewise.files import atomic_path
+from edgewise.tiny.cbackend import PROJECT_SOURCES, RESULT_CFLAGS
 
 FIRMWARE_SRC = Path(__file__).resolve().parent / "c" / "firmware"
 
@@ -61,7 +62,7 @@ MACHINE_RAM_BYTES = 4 * 1024 * 1024  # each of the mps2-an500's two SSRAMs
 # (FirmwareRun.heap_peak); startup.c's _sbrk never grows past the reservation.
 DEFAULT_HEAP_BYTES = 4096
 
-CFLAGS = ["-std=c99", "-O2", "-ffp-contract=off", "-fno-strict-aliasing", "-ffunction-sections", "-fdata-sections"]
+CFLAGS = [*RESULT_CFLAGS, "-ffunction-sections", "-fdata-sections"]
 ARM_FLAGS = ["-mcpu=cortex-m7", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv5-d16"]
 # nano: newlib-nano (small stdio); rdimon: stdio and files over semihosting; _printf_float: %g in
 # nano's printf; -nostartfiles: startup.c replaces rdimon's crt0 (which would put the stack and
@@ -177,7 +178,7 @@ def build_firmware(project_dir: str | Path, out_dir: str | Path, sram_bytes: int
 
 
 def _check_project(project_dir: Path) -> None:
-    missing = [n for n in ("ew_model.h", "ew_model.c", "ew_ops.c", "ew_flash.S") if not (project_dir / n).is_file()]
+    missing = [n for n in ("ew_model.h", *PROJECT_SOURCES) if not (project_dir / n).is_file()]
     if missing:
         raise EdgewiseError(f"{project_dir} is not a generated tiny-training project: no {', '.join(missing)}")
 
@@ -189,7 +190,7 @@ def _link(project_dir: Path, build_dir: Path, sram: int, flash: int, stack: int,
     script = re.sub(r"\{(flash|sram|stack|heap)\}", lambda m: str(values[m.group(1)]), script)
     (build_dir / "link.ld").write_text(script)
     sources = [FIRMWARE_SRC / "startup.c", FIRMWARE_SRC / "main.c"]
-    sources += [project_dir / n for n in ("ew_ops.c", "ew_model.c", "ew_flash.S")]
+    sources += [project_dir / n for n in PROJECT_SOURCES]
     # Run in the build directory with relative outputs, so build.sh there rebuilds it as it is.
     cmd = ["arm-none-eabi-gcc", *CFLAGS, *ARM_FLAGS, *extra_cflags, f"-I{project_dir}", f"-Wa,-I{project_dir}",
            *map(str, sources), "-Tlink.ld", *ARM_LINK_FLAGS, "-Wl,-Map=fw.map", "-lm", "-o", "fw.elf"]
@@ -599,7 +600,7 @@ def build_host(project_dir: str | Path, out_dir: str | Path, extra_cflags: Seque
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     exe = out_dir / "fw-host"
-    sources = [FIRMWARE_SRC / "main.c"] + [project_dir / n for n in ("ew_ops.c", "ew_model.c", "ew_flash.S")]
+    sources = [FIRMWARE_SRC / "main.c"] + [project_dir / n for n in PROJECT_SOURCES]
     with atomic_path(exe) as tmp:
         cmd = ["gcc", *CFLAGS, *extra_cflags, f"-I{project_dir}", f"-Wa,-I{project_dir}", *map(str, sources), "-lm",
                "-o", str(tmp)]
