@@ -21,6 +21,10 @@ examples:
   edgewise chat
   edgewise eval ppl --text shakespeare --ctx 512 --max-tokens 8192
   edgewise generate --model ~/models/tinyllama.Q4_1.gguf "Hello"
+  edgewise flash convert smollm2.flash                 # FFN weights to a flash store, predictors fitted
+  edgewise flash probe smollm2.flash                   # measure this disk's direct-read throughput
+  edgewise generate --flash smollm2.flash --dram-budget 50% "Once upon a time"
+  edgewise eval ppl --flash smollm2.flash --dram-budget 60% --text austen --ctx 256 --max-tokens 1024
   edgewise tiny plan --width 0.35 --resolution 128 --scheme scheme.json --png memory.png
   edgewise tiny train --scheme scheme.json --train-samples 2000 --epochs 2
   edgewise tiny compile mbv2-w0.35 --resolution 128 --scheme scheme.json --budget 256KB
@@ -58,6 +62,18 @@ def _add_model_args(p: argparse.ArgumentParser, compile_default: bool = True) ->
         p.add_argument("--no-compile", action="store_true", help="decode eagerly instead of with the cached AOTInductor step")
 
 
+def _add_flash_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("flash inference (FFN weights read from a flash store under a DRAM budget)")
+    g.add_argument("--flash", metavar="STORE", help="run from this store (made by `edgewise flash convert`); --model, if given, must be its source GGUF")
+    g.add_argument("--dram-budget", default="50%", help="DRAM for FFN weights: a size (40MB, 64MiB) or a share of them (50%%; default)")
+    g.add_argument("--window", type=int, default=4, help="keep the units used by the last K tokens cached (default 4)")
+    g.add_argument("--active-fraction", type=float, default=None, help="fraction of FFN units each token computes (default: the store's operating point)")
+    g.add_argument(
+        "--reads", choices=("unit", "adjacent", "cost"), default="cost", help="one read per unit, adjacent units merged, or the cost model's plan (default)"
+    )
+    g.add_argument("--naive", action="store_true", help="the baseline: read every layer's whole FFN from flash every token")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens to generate at most (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.7 for varied text")
@@ -81,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as one user turn")
     _add_model_args(gen)
     _add_sampling_args(gen)
+    _add_flash_args(gen)
 
     chat = sub.add_parser("chat", help="interactive chat with the model's template (empty line or Ctrl-D ends)")
     chat.add_argument("--system", help="a system prompt (default: the template's own)")
@@ -99,6 +116,32 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--ctx", type=int, default=1024, help="window length in tokens (default 1024)")
     ppl.add_argument("--max-tokens", type=int, default=None, help="score only the first M tokens of the text (default: all)")
     _add_model_args(ppl, compile_default=False)
+    _add_flash_args(ppl)
+
+    flash = sub.add_parser("flash", help="flash inference: convert a model into a flash store, measure the disk")
+    flash_sub = flash.add_subparsers(dest="flash_command", metavar="ACTION", required=True)
+    conv = flash_sub.add_parser(
+        "convert",
+        help="write a flash store: resident weights, the bundled FFN file, predictors and operating point",
+        description="Split a GGUF into a flash store (STORE/manifest.json, metadata.json, resident.safetensors, ffn.bin). "
+        "The FFN file holds, per layer and neuron, gate row + up row + down column in the GGUF's Q4_1, in 4 KiB units "
+        "ordered by co-activation. Low-rank predictors are fitted on --calibration-tokens of --corpus, and the operating "
+        "point is the smallest fraction of units whose perplexity on the following --eval-tokens stays within --tolerance.",
+    )
+    conv.add_argument("store", metavar="STORE", help="output directory")
+    conv.add_argument("--model", metavar="PATH.gguf", help="a llama-architecture GGUF with Q4_1 FFN weights (default: the embedded SmolLM2-135M)")
+    conv.add_argument("--corpus", default="shakespeare", metavar="shakespeare|austen|FILE", help="calibration text (default shakespeare)")
+    conv.add_argument("--calibration-tokens", type=int, default=8192, help="tokens the predictors are fitted on (default 8192)")
+    conv.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens the operating point is chosen on (default 1024)")
+    conv.add_argument("--rank", type=int, default=32, help="predictor rank (default 32)")
+    conv.add_argument("--tolerance", type=float, default=0.04, help="relative perplexity rise allowed at the operating point (default 0.04)")
+    pr = flash_sub.add_parser(
+        "probe",
+        help="measure direct-read throughput against read size and threads: the engine's cost model",
+        description="Random O_DIRECT reads of 4 KiB..1 MiB with 1..32 threads on a scratch file. Saved as STORE/probe.json "
+        "when a store is given, else as this machine's default (~/.cache/edgewise/flash_probe.json).",
+    )
+    pr.add_argument("store", nargs="?", metavar="STORE", help="save the result with this store (and probe its disk)")
 
     tiny = sub.add_parser("tiny", help="tiny training: compile a model into a training step that fits a microcontroller")
     tiny_sub = tiny.add_subparsers(dest="tiny_command", metavar="COMMAND", required=True)
@@ -259,7 +302,7 @@ def _progress_bar(desc: str):
     def update(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, desc=desc, unit="layer" if "load" in desc else "window", leave=False, file=sys.stderr)
+            bar = tqdm(total=total, desc=desc, unit="layer" if "load" in desc else "window" if "perplexity" in desc else "step", leave=False, file=sys.stderr)
         bar.update(done - bar.n)
         if done == total:
             bar.close()
@@ -285,10 +328,26 @@ def _sampler(args):
     return Sampler(args.temperature, args.top_p, args.seed)
 
 
+def _open_flash(args):
+    from edgewise.flash.runtime import FlashLanguageModel
+
+    return FlashLanguageModel.open(
+        args.flash,
+        dram_budget=args.dram_budget,
+        model=args.model,
+        mode="naive" if args.naive else "flash",
+        window=args.window,
+        reads=args.reads,
+        active_fraction=args.active_fraction,
+        precision=args.precision,
+        progress=_progress_bar("loading model"),
+    )
+
+
 def cmd_generate(args) -> int:
     if not args.prompt.strip():
         raise EdgewiseError("empty prompt: give some text to continue, e.g. edgewise generate \"Once upon a time\"")
-    lm = _load(args, compile=not args.no_compile)
+    lm = _open_flash(args) if args.flash else _load(args, compile=not args.no_compile)
     text = lm.chat_template.render([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     ids = lm.tokenizer.encode(text)
     lm.check_prompt(ids, args.max_tokens)
@@ -298,6 +357,8 @@ def cmd_generate(args) -> int:
         print(piece, end="", flush=True)
     print()
     print(lm.last_stats.line(), file=sys.stderr)
+    if args.flash:
+        print(lm.flash_stats.line(), file=sys.stderr)
     return 0
 
 
@@ -333,7 +394,7 @@ def cmd_eval_ppl(args) -> int:
     from edgewise.metrics.perplexity import perplexity
 
     text = load_text(args.text)
-    lm = _load(args, compile=False)
+    lm = _open_flash(args) if args.flash else _load(args, compile=False)
     if args.ctx > lm.cfg.context_length:
         raise EdgewiseError(f"--ctx {args.ctx} is longer than the model's context of {lm.cfg.context_length} tokens")
     ids = lm.tokenizer.encode(text)
@@ -346,10 +407,37 @@ def cmd_eval_ppl(args) -> int:
         progress=_progress_bar("perplexity"),
     )
     print(
-        f"{lm.path.name} [{args.precision}] on {args.text}: {result.n_windows} windows x {result.ctx} tokens,"
+        f"{lm.path.name} [{args.precision}{', flash ' + args.dram_budget if args.flash else ''}] on {args.text}: {result.n_windows} windows x {result.ctx} tokens,"
         f" {result.n_predicted} predictions, mean NLL {result.nll_sum / result.n_predicted:.4f}"
     )
     print(f"ppl = {result.ppl:.4f}")
+    return 0
+
+
+def cmd_flash(args) -> int:
+    if args.flash_command == "probe":
+        from edgewise.flash.engine import PROBE_FILE, default_probe_path
+        from edgewise.flash.io import probe
+
+        folder = Path(args.store) if args.store else default_probe_path().parent
+        if args.store and not folder.is_dir():
+            raise EdgewiseError(f"{folder}: no such flash store directory; create it with `edgewise flash convert {folder}`")
+        folder.mkdir(parents=True, exist_ok=True)
+        result = probe(folder, progress=_progress_bar("probing"))
+        out = result.save(folder / PROBE_FILE if args.store else default_probe_path())
+        print(f"direct I/O: {'O_DIRECT' if result.direct else 'page cache + DONTNEED (O_DIRECT refused)'}")
+        print("read size  " + "  ".join(f"{t:>3} thr" for t in result.threads) + "   (GB/s)")
+        for size, row in zip(result.sizes, result.gbps):
+            print(f"{size >> 10:>6} KiB " + "  ".join(f"{g:7.2f}" for g in row))
+        print(f"saved {out}")
+        return 0
+    from edgewise.flash.convert import ConvertOptions, convert
+
+    opts = ConvertOptions(args.corpus, args.calibration_tokens, args.eval_tokens, rank=args.rank, tolerance=args.tolerance, log=lambda msg: print(msg, file=sys.stderr))
+    store = convert(args.store, args.model, opts, progress=_progress_bar)
+    manifest = json.loads((store / "manifest.json").read_text())
+    print(f"wrote {store}: ffn.bin {(store / 'ffn.bin').stat().st_size / 1e6:.1f} MB, resident {(store / 'resident.safetensors').stat().st_size / 1e6:.1f} MB")
+    print(f"operating point: {manifest['predictor']['active_fraction']:.0%} of FFN units per token")
     return 0
 
 
@@ -586,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval_ppl, "tiny": cmd_tiny}
+    handlers = {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval_ppl, "flash": cmd_flash, "tiny": cmd_tiny}
     try:
         return handlers[args.command](args)
     except EdgewiseError as exc:

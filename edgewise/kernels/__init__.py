@@ -1,6 +1,6 @@
 """Native kernels, built on first use with the system C++ compiler and cached.
 
-`quant_matmul_ops()` returns `torch.ops.edgewise` once `quant_matmul.cpp` is built and loaded, or
+`quant_matmul_ops()` returns `torch.ops.edgewise` once `quant_matmul.cpp` and `flash_ffn.cpp` are built and loaded, or
 None (with a warning) where it cannot be: no AVX2/FMA/F16C, no compiler. Callers then use
 torch's own int4/int8 kernels.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("quant_matmul.cpp")
+SOURCES = (Path(__file__).with_name("quant_matmul.cpp"), Path(__file__).with_name("flash_ffn.cpp"))
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 
 
@@ -31,12 +31,12 @@ def cpu_supports_kernels() -> bool:
 
 
 def source_hash() -> str:
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    return hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:12]
 
 
 @functools.cache
 def quant_matmul_ops():
-    """torch.ops.edgewise with q4_1_linear and q8_0_linear, or None where they cannot be built here."""
+    """torch.ops.edgewise with q4_1_linear, q8_0_linear and flash_ffn, or None where they cannot be built here."""
     if os.environ.get("EDGEWISE_NO_NATIVE") == "1":
         return None
     if not cpu_supports_kernels():
@@ -46,7 +46,7 @@ def quant_matmul_ops():
 
         cpp_extension.load(
             name=f"edgewise_quant_matmul_{source_hash()}",
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,

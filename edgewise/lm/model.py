@@ -13,6 +13,7 @@ compression swaps the linears inside.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -158,8 +159,11 @@ class Llama(nn.Module):
         return KVCache.allocate(self.cfg, capacity, cache_dtype(self.precision))
 
     @classmethod
-    def from_gguf(cls, gguf: GGUFFile, precision: Precision = "quant", progress=None, act_bits: dict[str, int] | None = None) -> "Llama":
-        """Build the decoder from a GGUF; `act_bits` overrides `ACT_BITS` (the native kernels' input rounding per role)."""
+    def from_gguf(
+        cls, gguf: GGUFFile, precision: Precision = "quant", progress=None, act_bits: dict[str, int] | None = None, ffn_of_layer: Callable[[int], nn.Module] | None = None
+    ) -> "Llama":
+        """Build the decoder from a GGUF; `act_bits` overrides `ACT_BITS` (the native kernels' input rounding per role).
+        `ffn_of_layer(i)` supplies layer i's FFN instead of loading it (the flash engine, whose GGUF has no FFN tensors)."""
         cfg = LlamaConfig.from_gguf(gguf)
         bits = {**ACT_BITS, **(act_bits or {})}
         q_order = rope_row_order(cfg.n_heads, cfg.head_dim)
@@ -178,7 +182,7 @@ class Llama(nn.Module):
                 load_linear(t("attn_output"), precision, act_bits=bits["attn_output"]),
                 cfg,
             )
-            ffn = FeedForward(
+            ffn = ffn_of_layer(i) if ffn_of_layer is not None else FeedForward(
                 load_fused_linear([t("ffn_gate"), t("ffn_up")], precision, [None, None], bits["ffn_gate_up"]),
                 load_linear(t("ffn_down"), precision, act_bits=bits["ffn_down"]),
             )

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from edgewise.errors import EdgewiseError
-from edgewise.gguf_io import read_gguf
+from edgewise.gguf_io import GGUFFile, read_gguf
 from edgewise.lm.chat import ChatTemplate
 from edgewise.lm.compiled import MIN_LIVE, CompiledDecoder, load_or_compile
 from edgewise.lm.model import KVCache, Llama, causal_mask
@@ -110,8 +110,14 @@ class LanguageModel:
         _check_omp_wait_policy()
         path = resolve_model(path)
         gguf = read_gguf(path)
-        tokenizer = TextTokenizer.from_gguf(gguf)
         model = Llama.from_gguf(gguf, precision, progress=progress)
+        decoder, compile_s = load_or_compile(model, cache_dir, log=log) if compile else (None, 0.0)
+        return cls.assemble(path, gguf, model, decoder, compile_s)
+
+    @classmethod
+    def assemble(cls, path: Path, gguf: GGUFFile, model: Llama, decoder: CompiledDecoder | None = None, compile_s: float = 0.0, **extra):
+        """Tokenizer and chat template from the GGUF's metadata around a built decoder."""
+        tokenizer = TextTokenizer.from_gguf(gguf)
         if tokenizer.vocab_size != model.cfg.vocab_size:
             raise EdgewiseError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {model.cfg.vocab_size}")
         tokens = gguf.require("tokenizer.ggml.tokens")
@@ -120,8 +126,7 @@ class LanguageModel:
             bos_token=tokens[tokenizer.bos_id] if tokenizer.bos_id is not None else "",
             eos_token=tokens[tokenizer.eos_id] if tokenizer.eos_id is not None else "",
         )
-        decoder, compile_s = load_or_compile(model, cache_dir, log=log) if compile else (None, 0.0)
-        return cls(path, model, tokenizer, template, decoder, compile_s)
+        return cls(path, model, tokenizer, template, decoder, compile_s, **extra)
 
     # -- the two steps -------------------------------------------------------------------------
     def new_cache(self, capacity: int) -> KVCache:
