@@ -214,3 +214,12 @@ def test_bad_stores_get_clear_errors(store, tmp_path):
         f.truncate(4096 * 10)
     with pytest.raises(EdgewiseError, match="truncated"):
         FlashStore.open(bad)
+
+
+def test_cli_generate_and_errors(store, capsys):
+    from edgewise.cli import main
+
+    assert main(["generate", "--flash", str(store), "--dram-budget", "60%", "--active-fraction", "0.4", "--max-tokens", "4", PROMPT]) == 0
+    assert "MB/token" in capsys.readouterr().err
+    assert main(["generate", "--flash", str(store / "nope"), "hello"]) == 1
+    assert "no such flash store" in capsys.readouterr().err
