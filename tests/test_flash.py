@@ -153,6 +153,21 @@ def test_store_manifest_and_layers(store, gguf, layout):
     assert np.array_equal(join_down(columns, resident["flash.blk.2.down_d"], resident["flash.blk.2.down_m"]), down)
 
 
+def test_engine_perplexity_matches_the_convert_time_simulation(store):
+    """With window 1 the cache holds exactly the active set: the engine's perplexity on the held-out
+    calibration tokens is the one the operating point was chosen from (fitted predictors read back intact)."""
+    from edgewise.data.text import load_text
+    from edgewise.metrics.perplexity import perplexity
+
+    manifest = FlashStore.open(store, verify=False).manifest["predictor"]
+    point = next(s for s in manifest["sweep"] if s["fraction"] < 1)
+    lm = FlashLanguageModel.open(store, dram_budget="100%", active_fraction=point["fraction"], window=1, reads="unit", precision="fp32", verify=False)
+    n_calib, n_eval = manifest["calibration_tokens"], manifest["eval_tokens"]
+    ids = lm.tokenizer.encode(load_text(manifest["corpus"])[: 12 * (n_calib + n_eval)])[n_calib : n_calib + n_eval]
+    got = perplexity(lambda w: lm.prefill(w, lm.new_cache(len(w)), last_only=False), ids, manifest["ctx"]).ppl
+    assert got == pytest.approx(point["ppl"], rel=2e-3)
+
+
 def test_oracle_all_units_equals_dense_token_for_token(store):
     dense = LanguageModel.load(precision="fp32", compile=False)
     ids = dense.tokenizer.encode(PROMPT)

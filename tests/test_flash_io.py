@@ -74,14 +74,14 @@ def _random_file(path: Path, nbytes: int, seed: int = 0) -> np.ndarray:
     return data
 
 
-def _check_random_runs(path: Path, data: np.ndarray, threads: int) -> DirectReader:
+def _check_random_runs(path: Path, data: np.ndarray, threads: int, use_native: bool = True) -> DirectReader:
     rng = np.random.default_rng(1)
     n_pages = len(data) // PAGE
     lengths = rng.integers(1, 9, 40) * PAGE
     offsets = rng.integers(0, n_pages - 8, 40) * PAGE
     at = np.r_[0, np.cumsum(lengths)[:-1]]
     buf = aligned_buffer(int(lengths.sum()))
-    reader = DirectReader(path, threads=threads)
+    reader = DirectReader(path, threads=threads, use_native=use_native)
     reader.read(np.stack([offsets, lengths, at], axis=1), buf)
     got = np.frombuffer(buf, dtype=np.uint8)
     for off, n, a in zip(offsets, lengths, at):
@@ -91,10 +91,12 @@ def _check_random_runs(path: Path, data: np.ndarray, threads: int) -> DirectRead
 
 
 @pytest.mark.parametrize("threads", [1, 3, 16])
-def test_direct_reads_return_the_exact_bytes(direct_dir, threads):
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "python"])
+def test_direct_reads_return_the_exact_bytes(direct_dir, threads, use_native):
     path = direct_dir / "w.bin"
     data = _random_file(path, 64 * PAGE)
-    with _check_random_runs(path, data, threads) as reader:
+    with _check_random_runs(path, data, threads, use_native) as reader:
+        assert (reader._native is not None) == use_native
         assert reader.direct
         reader.reset_counters()
         assert (reader.bytes_read, reader.reads_issued, reader.read_seconds) == (0, 0, 0.0)
@@ -118,11 +120,12 @@ def test_misaligned_run_is_refused(direct_dir):
         reader.read(np.array([[0, PAGE, 0], [PAGE + 512, PAGE, PAGE]]), aligned_buffer(2 * PAGE))
 
 
-def test_truncated_file_gives_a_short_read_error(direct_dir):
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "python"])
+def test_truncated_file_gives_a_short_read_error(direct_dir, use_native):
     path = direct_dir / "w.bin"
     _random_file(path, 4 * PAGE + 100)
     short = r"short read at offset 16384 \(got 100 of 8192 bytes\).*flash convert"
-    with DirectReader(path, threads=2) as reader, pytest.raises(EdgewiseError, match=short):
+    with DirectReader(path, threads=2, use_native=use_native) as reader, pytest.raises(EdgewiseError, match=short):
         reader.read(np.array([[0, PAGE, 0], [4 * PAGE, 2 * PAGE, PAGE]]), aligned_buffer(3 * PAGE))
 
 

@@ -164,7 +164,7 @@ class FlashEngine:
 
     @property
     def predictor_bytes(self) -> int:
-        return sum(sum(t.numel() * 2 for t in p) for p in self.predictors)  # stored fp16
+        return sum(sum(t.numel() * t.element_size() for t in p) for p in self.predictors)
 
     def reset(self) -> None:
         """Empty the caches and counters (a new sequence)."""
@@ -242,6 +242,10 @@ class FlashEngine:
                 if need > cache.free:  # gaps read by coalescing do not fit: read only the missing units
                     runs = np.stack([missing, np.ones_like(missing)], axis=1)
             self._read_units(layer, cache, runs, t, counters)
+            if len(runs) and int(runs[:, 1].sum()) > len(missing):  # gap units came along: computed now, first to go next token
+                read = np.concatenate([np.arange(a, a + n) for a, n in runs])
+                gaps = read[~np.isin(read, missing)]
+                cache.stamp[cache.slot_of[gaps]] = t - max(self.window, 1)
         counters.cached_units += cache.size
         d, m = self.down_scales[layer]
         y = ffn_over_units(x, cache.tensor, cache.size, self.layout.bundles_per_unit, d, m)

@@ -2,9 +2,9 @@
 
 `DirectReader` reads page-aligned runs of a file with O_DIRECT, bypassing the page cache, so
 that what a model reads costs what the storage costs and never pollutes or relies on RAM. The
-runs of one `read()` are split into one task per thread of a persistent pool, each task
-looping over its share with `os.preadv` (which releases the GIL): a few tasks per call, not one
-future per read, keeps the Python overhead small next to the I/O. Where O_DIRECT is refused
+runs of one `read()` go to edgewise's native `read_runs` (C++ threads pulling runs off a shared
+counter, `pread`, no GIL), or, without the native kernels, are split into one task per thread of
+a persistent pool, each task looping over its share with `os.preadv`. Where O_DIRECT is refused
 (tmpfs, some network file systems) it falls back to buffered reads, each followed by
 `POSIX_FADV_DONTNEED` so the cache does not hold what was read, and warns.
 
@@ -39,6 +39,14 @@ PAGE = 4096
 MIN_PROBE_FILE = 64 << 20  # an existing file smaller than this is mostly in the drive's own cache
 
 
+def _native_reader():
+    """torch.ops.edgewise (with `read_runs`) when the native kernels are built here, else None."""
+    from edgewise.kernels import quant_matmul_ops
+
+    ops = quant_matmul_ops()
+    return ops if ops is not None and hasattr(ops, "read_runs") else None
+
+
 def aligned_buffer(nbytes: int) -> mmap.mmap:
     """Anonymous memory of at least `nbytes` (rounded up to PAGE), page-aligned as O_DIRECT needs."""
     return mmap.mmap(-1, max(PAGE, -(-nbytes // PAGE) * PAGE))
@@ -47,11 +55,12 @@ def aligned_buffer(nbytes: int) -> mmap.mmap:
 class DirectReader:
     """Reads (file_offset, length, buffer_offset) runs of one file into a buffer, in parallel."""
 
-    def __init__(self, path: str | Path, threads: int = 16) -> None:
+    def __init__(self, path: str | Path, threads: int = 16, use_native: bool = True) -> None:
         self.path, self.threads = str(path), 0
         self._pool: ThreadPoolExecutor | None = None
         self.set_threads(threads)  # first: refuses a bad count before a file is opened
         self.fd, self.direct = self._open()
+        self._native = _native_reader() if use_native else None
         if not self.direct:
             warnings.warn(
                 f"{self.path}: the file system refuses O_DIRECT; reading through the page cache, "
@@ -106,6 +115,12 @@ class DirectReader:
                 f"not fit the {len(buffer)}-byte buffer; every field must be a multiple of {PAGE} and length > 0"
             )
         start = time.perf_counter()
+        if self.direct and self._native is not None:
+            self._read_native(runs, buffer)
+            self.read_seconds += time.perf_counter() - start
+            self.reads_issued += len(runs)
+            self.bytes_read += int(runs[:, 1].sum())
+            return
         tasks = min(self.threads, len(runs))
         view = memoryview(buffer)
         try:
@@ -131,6 +146,21 @@ class DirectReader:
                     f"{self.path}: short read at offset {off} (got {got} of {n} bytes): the file is truncated; "
                     "re-run `edgewise flash convert`"
                 )
+
+    def _read_native(self, runs: np.ndarray, buffer: mmap.mmap) -> None:
+        """The same reads from C++ threads (edgewise's native `read_runs`): no GIL hand-offs between reads."""
+        import torch
+
+        target = torch.frombuffer(buffer, dtype=torch.uint8)
+        try:
+            short = int(self._native.read_runs(self.fd, torch.from_numpy(np.ascontiguousarray(runs)), target, self.threads))
+        except RuntimeError as e:
+            raise EdgewiseError(f"{self.path}: read failed ({str(e).splitlines()[0]}); check the device and the file") from None
+        if short >= 0:
+            off, n, at = runs[short].tolist()
+            with memoryview(buffer) as view:
+                got = os.preadv(self.fd, [view[at : at + n]], off)  # again, for the byte count of the message
+            raise EdgewiseError(f"{self.path}: short read at offset {off} (got {got} of {n} bytes): the file is truncated; re-run `edgewise flash convert`")
 
     def _read_share(self, share: list[list[int]], view: memoryview) -> tuple[int, int, int] | None:
         """Read one task's runs in order; the first short read, or None."""

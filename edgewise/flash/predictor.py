@@ -98,7 +98,7 @@ def fit_predictor(x: torch.Tensor, h_abs: torch.Tensor, rank: int, ridge: float 
     v = vectors[:, -rank:].flip(1)  # [F, r]: their top principal directions
     a = (w @ v).T  # [r, D]
     c = y_mean - (x_mean @ w @ v) @ v.T
-    return Predictor(a.float(), v.float(), c.float())
+    return Predictor(a.float().contiguous(), v.float().contiguous(), c.float())
 
 
 def order_neurons(h_abs: torch.Tensor, bundles_per_unit: int, active_fraction: float = 0.5) -> np.ndarray:
