@@ -55,6 +55,7 @@ def worker_edgewise(args) -> dict:
 
 def worker_llama(args) -> dict:
     from llama_cpp import Llama
+    from llama_cpp_peer import timed_generation
 
     from edgewise.gguf_io import read_gguf
     from edgewise.lm.tokenizer import TextTokenizer
@@ -66,19 +67,7 @@ def worker_llama(args) -> dict:
     llm = Llama(str(path), n_threads=args.threads, n_threads_batch=args.threads, n_ctx=512, verbose=False)
 
     def run(n: int) -> dict:
-        llm.reset()  # else generate() reuses the KV prefix of the identical previous prompt and skips prefill
-        t0 = time.perf_counter()
-        t_first = None
-        count = 0
-        for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            count += 1
-            if count == 1:
-                t_first = time.perf_counter()
-            if count == n:
-                break
-        t_end = time.perf_counter()
-        ttft = t_first - t0
-        return {"ttft_s": ttft, "prefill_tok_s": len(ids) / ttft, "decode_tok_s": (n - 1) / (t_end - t_first)}
+        return timed_generation(llm, ids, n)
 
     run(8)  # warm-up
     return {"samples": [run(args.new_tokens) for _ in range(args.reps)], "peak_rss_mb": peak_rss_mb(), "compile_s": 0.0, "prompt_tokens": len(ids)}

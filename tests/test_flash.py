@@ -142,6 +142,8 @@ def test_store_manifest_and_layers(store, gguf, layout):
     manifest = s.manifest
     assert manifest["ffn_file"]["n_units"] == layout.n_units and len(manifest["predictor"]["sweep"]) == 2
     assert all(0 <= q["recall"] <= 1 for q in manifest["predictor"]["quality"])
+    half = manifest["predictor"]["sweep"][0]
+    assert 0.5 < half["recall"] < 1 and 0.5 < half["precision"] < 1  # better than chance, short of perfect
     resident = s.resident()
     order = resident["flash.blk.2.order"]
     with open(s.ffn_path, "rb") as f:

@@ -140,12 +140,22 @@ def convert(store_dir: str | os.PathLike, model_path: str | os.PathLike | None =
     limit = dense_ppl * (1 + opts.tolerance)
     chosen = next(s for s in sweep if s["ppl"] <= limit)
     k_units = chosen["k_units"]
-    quality = []
-    for i in range(cfg.n_layers):
-        a, bu, cu = unit_preds[i]
-        scores = (held_out.x[i] @ a.T) @ bu.T + cu
-        r, p = recall_precision(scores, held_out.h_abs[i], neuron_unit_index(orders[i], layout.bundles_per_unit, cfg.ffn_dim), k_units, layout.bundles_per_unit)
-        quality.append({"layer": i, "recall": round(r, 4), "precision": round(p, 4)})
+
+    def layer_quality(k: int) -> list[dict]:
+        """Per layer, recall and precision of the predicted units against the true top-|h| neurons, held out."""
+        out = []
+        for i in range(cfg.n_layers):
+            a, bu, cu = unit_preds[i]
+            scores = (held_out.x[i] @ a.T) @ bu.T + cu
+            r, p = recall_precision(scores, held_out.h_abs[i], neuron_unit_index(orders[i], layout.bundles_per_unit, cfg.ffn_dim), k, layout.bundles_per_unit)
+            out.append({"layer": i, "recall": round(r, 4), "precision": round(p, 4)})
+        return out
+
+    for entry in sweep:
+        q = layer_quality(entry["k_units"])
+        entry["recall"] = round(float(np.mean([x["recall"] for x in q])), 4)
+        entry["precision"] = round(float(np.mean([x["precision"] for x in q])), 4)
+    quality = layer_quality(k_units)
     opts.log(
         f"operating point: {chosen['fraction']:.0%} of units ({k_units}/{layout.n_units} per layer), ppl {chosen['ppl']:.3f} vs dense {dense_ppl:.3f}"
         f" (limit +{opts.tolerance:.0%}); predictor recall {np.mean([q['recall'] for q in quality]):.3f}, precision {np.mean([q['precision'] for q in quality]):.3f}"

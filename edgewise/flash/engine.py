@@ -239,8 +239,8 @@ class FlashEngine:
                 candidates = np.nonzero(cache.stamp[: cache.size] < t)[0]
                 order = candidates[np.argsort(cache.stamp[candidates], kind="stable")]
                 cache.delete(order[: need - cache.free])
-                if need > cache.free:  # gaps read by coalescing do not fit: read only the missing units
-                    runs = np.stack([missing, np.ones_like(missing)], axis=1)
+                if need > cache.free:  # gaps read by coalescing do not fit: read only the missing units, adjacent ones merged
+                    runs = self.cost_model.plan_adjacent(missing, self.layout.unit_bytes) if self.reads != "unit" else np.stack([missing, np.ones_like(missing)], axis=1)
             self._read_units(layer, cache, runs, t, counters)
             if len(runs) and int(runs[:, 1].sum()) > len(missing):  # gap units came along: computed now, first to go next token
                 read = np.concatenate([np.arange(a, a + n) for a, n in runs])
