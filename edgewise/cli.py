@@ -23,8 +23,8 @@ examples:
   edgewise generate --model ~/models/tinyllama.Q4_1.gguf "Hello"
   edgewise flash convert smollm2.flash                 # FFN weights to a flash store, predictors fitted
   edgewise flash probe smollm2.flash                   # measure this disk's direct-read throughput
-  edgewise generate --flash smollm2.flash --dram-budget 50% "Once upon a time"
-  edgewise eval ppl --flash smollm2.flash --dram-budget 60% --text austen --ctx 256 --max-tokens 1024
+  edgewise generate --flash smollm2.flash --dram-budget 100% "Once upon a time"
+  edgewise eval ppl --flash smollm2.flash --dram-budget 50% --active-fraction 0.4 --text austen --ctx 256 --max-tokens 1024
   edgewise tiny plan --width 0.35 --resolution 128 --scheme scheme.json --png memory.png
   edgewise tiny train --scheme scheme.json --train-samples 2000 --epochs 2
   edgewise tiny compile mbv2-w0.35 --resolution 128 --scheme scheme.json --budget 256KB
