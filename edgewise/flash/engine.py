@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -110,14 +109,12 @@ class FlashEngine:
             raise EdgewiseError(f"unknown flash mode {mode!r}: choose flash or naive")
         if reads not in ("unit", "adjacent", "cost"):
             raise EdgewiseError(f"unknown read plan {reads!r}: choose unit, adjacent or cost")
-        if window < 0:
-            raise EdgewiseError(f"--window must be >= 0 (got {window})")
+        if window < 1:
+            raise EdgewiseError(f"--window must be at least 1 (1: keep only this token's units; got {window})")
         self.store, self.layout, self.mode, self.window, self.reads = store, store.layout, mode, window, reads
         n_layers, layout = store.n_layers, store.layout
         self.cost_model = cost_model or load_cost_model(store.path)
         self.reader = DirectReader(store.ffn_path, threads=threads or self.cost_model.best_threads(16 << 10))
-        if not self.reader.direct:
-            warnings.warn(f"{store.ffn_path}: O_DIRECT refused; reading through the page cache with POSIX_FADV_DONTNEED after each read", stacklevel=2)
         self.down_scales = [(torch.from_numpy(resident[f"flash.blk.{i}.down_d"]), torch.from_numpy(resident[f"flash.blk.{i}.down_m"])) for i in range(n_layers)]
         self.down_scale_bytes = sum(d.numel() * 2 + m.numel() * 2 for d, m in self.down_scales)
         # What "100%" means: every unit of every layer cached, plus the down scales (the GGUF's FFN
