@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from edgewise.files import atomic_path, write_text_atomic
 from edgewise.flash.predictor import (
     SelectedFFN,
     capture,
+    run_window,
     fit_predictor,
     neuron_unit_index,
     order_neurons,
@@ -46,7 +48,7 @@ from edgewise.flash.store import (
 )
 from edgewise.gguf_io import read_gguf
 from edgewise.lm.config import LlamaConfig
-from edgewise.lm.model import Llama, causal_mask
+from edgewise.lm.model import Llama
 from edgewise.lm.tokenizer import TextTokenizer
 from edgewise.metrics.perplexity import perplexity
 from edgewise.models import resolve_model
@@ -124,7 +126,7 @@ def convert(store_dir: str | os.PathLike, model_path: str | os.PathLike | None =
                 b.ffn = SelectedFFN(b.ffn, a, bu, cu, neuron_unit_index(order, layout.bundles_per_unit, cfg.ffn_dim), k_units)
         try:
             with torch.no_grad():
-                return perplexity(lambda w: model(torch.tensor(w), torch.arange(len(w)), causal_mask(0, len(w)), *_cache(model, len(w))), eval_ids, opts.ctx).ppl
+                return perplexity(lambda w: run_window(model, w), eval_ids, opts.ctx).ppl
         finally:
             for b, ffn in zip(model.blocks, originals):
                 b.ffn = ffn
@@ -174,8 +176,8 @@ def convert(store_dir: str | os.PathLike, model_path: str | os.PathLike | None =
             columns, down_d, down_m = split_down(np.asarray(t("ffn_down").raw), cfg.dim, cfg.ffn_dim)
             down_scales.append((down_d, down_m))
             units = pack_layer(layout, np.asarray(t("ffn_gate").raw), np.asarray(t("ffn_up").raw), columns, orders[i])
-            layers.append({"offset": f.tell(), "bytes": int(units.nbytes), "sha256": _sha256(units)})
-            f.write(units.tobytes())
+            layers.append({"offset": f.tell(), "bytes": int(units.nbytes), "sha256": hashlib.sha256(units).hexdigest()})
+            f.write(units)
             bar(i + 1, cfg.n_layers)
         f.flush()
         os.fsync(f.fileno())
@@ -232,13 +234,3 @@ def convert(store_dir: str | os.PathLike, model_path: str | os.PathLike | None =
     write_text_atomic(store / "manifest.json", json.dumps(manifest, indent=1))
     return store
 
-
-def _cache(model: Llama, n: int):
-    cache = model.new_cache(n)
-    return cache.keys, cache.values
-
-
-def _sha256(units: np.ndarray) -> str:
-    import hashlib
-
-    return hashlib.sha256(units.tobytes()).hexdigest()

@@ -24,12 +24,14 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType as QT
+from gguf import quants
 from torch import nn
 
 from edgewise.errors import EdgewiseError
 from edgewise.flash.cache import UnitCache
 from edgewise.flash.io import CostModel, DirectReader, ProbeResult
-from edgewise.flash.store import QK, FlashStore
+from edgewise.flash.store import Q4_1_BLOCK, QK, FlashStore, nibbles_to_codes
 
 Mode = Literal["flash", "naive"]
 Reads = Literal["unit", "adjacent", "cost"]
@@ -127,6 +129,8 @@ class FlashEngine:
         self.k_units = [
             max(1, math.ceil(active_fraction * layout.n_units)) if active_fraction is not None else int(k) for k in predictor["k_units"]
         ]
+        per_read = NAIVE_MAX_READ // layout.unit_bytes
+        self.naive_runs = np.array([[a, min(per_read, layout.n_units - a)] for a in range(0, layout.n_units, per_read)], dtype=np.int64)
         if mode == "naive":
             shared = UnitCache(layout.n_units, layout.n_units, layout.unit_bytes)
             self.caches = [shared] * n_layers
@@ -185,7 +189,7 @@ class FlashEngine:
         if len(runs) == 0:
             return
         ub = self.layout.unit_bytes
-        units = np.concatenate([np.arange(a, a + n) for a, n in runs])
+        units = _units_of(runs)
         first_slot = cache.append(units, stamp)
         lengths = runs[:, 1] * ub
         buffer_offsets = (first_slot + np.concatenate([[0], np.cumsum(runs[:-1, 1])])) * ub
@@ -212,8 +216,7 @@ class FlashEngine:
         n_units = self.layout.n_units
         if self.mode == "naive":
             cache.clear()
-            runs = np.array([[a, min(NAIVE_MAX_READ // self.layout.unit_bytes, n_units - a)] for a in range(0, n_units, NAIVE_MAX_READ // self.layout.unit_bytes)])
-            self._read_units(layer, cache, runs, t, counters)
+            self._read_units(layer, cache, self.naive_runs, t, counters)
             counters.misses += n_units
         else:
             if self.oracle_all:
@@ -240,7 +243,7 @@ class FlashEngine:
                     runs = self.cost_model.plan_adjacent(missing, self.layout.unit_bytes) if self.reads != "unit" else np.stack([missing, np.ones_like(missing)], axis=1)
             self._read_units(layer, cache, runs, t, counters)
             if len(runs) and int(runs[:, 1].sum()) > len(missing):  # gap units came along: computed now, first to go next token
-                read = np.concatenate([np.arange(a, a + n) for a, n in runs])
+                read = _units_of(runs)
                 gaps = read[~np.isin(read, missing)]
                 cache.stamp[cache.slot_of[gaps]] = t - max(self.window, 1)
         counters.cached_units += cache.size
@@ -248,6 +251,11 @@ class FlashEngine:
         y = ffn_over_units(x, cache.tensor, cache.size, self.layout.bundles_per_unit, d, m)
         self.clock[layer] += 1
         return y
+
+
+def _units_of(runs: np.ndarray) -> np.ndarray:
+    """Every unit that runs [n, 2] of (first unit, n units) cover, in order."""
+    return np.concatenate([np.arange(a, a + n) for a, n in runs])
 
 
 def _split_at_cached(runs: np.ndarray, slot_of: np.ndarray) -> np.ndarray:
@@ -284,7 +292,7 @@ def ffn_over_units(x: torch.Tensor, units: torch.Tensor, n_units: int, bpu: int,
 def ffn_over_units_reference(x: torch.Tensor, units: torch.Tensor, n_units: int, bpu: int, down_d: torch.Tensor, down_m: torch.Tensor) -> torch.Tensor:
     """The same math in torch, from the bytes (the kernel's reference, and the fallback without AVX2)."""
     D = x.shape[-1]
-    nb, rb = D // QK, (D // QK) * 20
+    rb = (D // QK) * Q4_1_BLOCK
     bb = 2 * rb + D // 2
     live = units[:n_units].numpy()
     ids = np.ascontiguousarray(live[:, bpu * bb : bpu * (bb + 4)]).view("<i4").reshape(-1)
@@ -292,16 +300,8 @@ def ffn_over_units_reference(x: torch.Tensor, units: torch.Tensor, n_units: int,
     ids = torch.from_numpy(ids[ids >= 0].astype(np.int64))
     if len(ids) == 0:
         return torch.zeros(1, D)
-
-    def rows(raw: np.ndarray) -> torch.Tensor:  # Q4_1 rows -> fp32 [n, D]
-        blocks = raw.reshape(len(raw), nb, 20)
-        dm = torch.from_numpy(np.ascontiguousarray(blocks[..., :4]).view(np.float16).astype(np.float32))
-        q = torch.from_numpy(np.concatenate([blocks[..., 4:] & 0x0F, blocks[..., 4:] >> 4], axis=-1).astype(np.float32))
-        return (q * dm[..., :1] + dm[..., 1:]).reshape(len(raw), D)
-
-    gate, up = rows(bundles[:, :rb]), rows(bundles[:, rb : 2 * rb])
-    col = bundles[:, 2 * rb :].reshape(len(bundles), nb, 16)
-    codes = torch.from_numpy(np.concatenate([col & 0x0F, col >> 4], axis=-1).reshape(len(bundles), D).astype(np.float32))
+    gate, up = (torch.from_numpy(quants.dequantize(np.ascontiguousarray(bundles[:, a : a + rb]), QT.Q4_1)) for a in (0, rb))
+    codes = torch.from_numpy(nibbles_to_codes(bundles[:, 2 * rb :].reshape(len(bundles), D // QK, 16)).reshape(len(bundles), D).astype(np.float32))
     block = ids // QK
     down = codes * down_d.float()[block] + down_m.float()[block]  # [n, D]: column i of the down matrix
     h = F.silu(gate @ x[0].float()) * (up @ x[0].float())

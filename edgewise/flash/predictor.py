@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgewise.lm.model import Llama
+from edgewise.lm.model import Llama, causal_mask
 
 
 @dataclass
@@ -48,11 +48,15 @@ class _Capture(nn.Module):
         return self.ffn.down(h.to(x.dtype))
 
 
+def run_window(model: Llama, ids: list[int], last_only: bool = False) -> torch.Tensor:
+    """One window of token ids through the model from an empty KV cache; fp32 logits."""
+    cache = model.new_cache(len(ids))
+    return model(torch.tensor(ids), torch.arange(len(ids)), causal_mask(0, len(ids)), cache.keys, cache.values, last_only=last_only)
+
+
 @torch.no_grad()
 def capture(model: Llama, windows: list[list[int]], progress: Callable[[int, int], None] | None = None) -> Calibration:
     """Run the dense model over `windows` of token ids (each from an empty cache), recording every FFN's x and |h|."""
-    from edgewise.lm.model import causal_mask
-
     xs: list[list] = [[] for _ in model.blocks]
     hs: list[list] = [[] for _ in model.blocks]
     originals = [block.ffn for block in model.blocks]
@@ -60,8 +64,7 @@ def capture(model: Llama, windows: list[list[int]], progress: Callable[[int, int
         for block, x_list, h_list in zip(model.blocks, xs, hs):
             block.ffn = _Capture(block.ffn, x_list, h_list)
         for w, ids in enumerate(windows):
-            cache = model.new_cache(len(ids))
-            model(torch.tensor(ids), torch.arange(len(ids)), causal_mask(0, len(ids)), cache.keys, cache.values, last_only=True)
+            run_window(model, ids, last_only=True)
             if progress is not None:
                 progress(w + 1, len(windows))
     finally:

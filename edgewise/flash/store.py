@@ -81,7 +81,7 @@ class BundleLayout:
 
 
 # -- packing: GGUF tensors <-> units ---------------------------------------------------------------
-def _nibbles_to_codes(qs: np.ndarray) -> np.ndarray:
+def nibbles_to_codes(qs: np.ndarray) -> np.ndarray:
     """[..., 16] bytes of one Q4 block -> [..., 32] codes, GGUF order."""
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
@@ -94,7 +94,7 @@ def split_down(down_raw: np.ndarray, d_model: int, d_ff: int) -> tuple[np.ndarra
     """Q4_1 down [D, F] -> (column codes packed [F, D/2] in GGUF nibble order along D, d [F/32, D], m [F/32, D] fp16)."""
     blocks = down_raw.reshape(d_model, d_ff // QK, Q4_1_BLOCK)
     dm = np.ascontiguousarray(blocks[..., :4]).view(np.float16)  # [D, F/32, 2]
-    codes = _nibbles_to_codes(blocks[..., 4:]).reshape(d_model, d_ff)  # [D, F]: codes[j, i]
+    codes = nibbles_to_codes(blocks[..., 4:]).reshape(d_model, d_ff)  # [D, F]: codes[j, i]
     columns = _codes_to_nibbles(codes.T.reshape(d_ff, d_model // QK, QK)).reshape(d_ff, d_model // 2)
     return columns, np.ascontiguousarray(dm[..., 0].T), np.ascontiguousarray(dm[..., 1].T)
 
@@ -102,7 +102,7 @@ def split_down(down_raw: np.ndarray, d_model: int, d_ff: int) -> tuple[np.ndarra
 def join_down(columns: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
     """The inverse of `split_down`: the down matrix's GGUF bytes [D, F/32 * 20]."""
     d_ff, d_model = columns.shape[0], columns.shape[1] * 2
-    codes = _nibbles_to_codes(columns.reshape(d_ff, d_model // QK, 16)).reshape(d_ff, d_model).T  # [D, F]
+    codes = nibbles_to_codes(columns.reshape(d_ff, d_model // QK, 16)).reshape(d_ff, d_model).T  # [D, F]
     qs = _codes_to_nibbles(codes.reshape(d_model, d_ff // QK, QK))
     dm = np.stack([d.T, m.T], axis=-1).astype(np.float16).view(np.uint8)  # [D, F/32, 4]
     return np.concatenate([dm, qs], axis=-1).reshape(d_model, -1)
