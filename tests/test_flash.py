@@ -215,7 +215,15 @@ def test_bad_stores_get_clear_errors(store, tmp_path):
     (bad / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
     with pytest.raises(EdgewiseError, match="version 99"):
         FlashStore.open(bad)
+    (bad / "manifest.json").write_text("{")
+    with pytest.raises(EdgewiseError, match="manifest.json: unreadable manifest"):
+        FlashStore.open(bad)
     (bad / "manifest.json").write_text(json.dumps(manifest))
+    resident = (bad / "resident.safetensors").read_bytes()
+    (bad / "resident.safetensors").write_bytes(resident[:1000])
+    with pytest.raises(EdgewiseError, match="resident.safetensors: unreadable resident weights"):
+        FlashStore.open(bad, verify=False).resident()
+    (bad / "resident.safetensors").write_bytes(resident)
     other = tmp_path / "other.gguf"
     other.write_bytes(b"GGUF" + bytes(100))
     with pytest.raises(EdgewiseError, match="made from"):
