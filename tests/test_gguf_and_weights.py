@@ -10,12 +10,12 @@ from gguf import GGUFWriter, quants
 
 from edgewise.errors import EdgewiseError
 from edgewise.gguf_io import read_gguf
-from edgewise.lm.config import LlamaConfig
+from edgewise.lm.config import ModelConfig
 from edgewise.lm.weights import GROUP, Int4Linear, Int8Linear, _q4_unpack, rope_row_order
 
 
 def test_reads_default_model_config(gguf):
-    cfg = LlamaConfig.from_gguf(gguf)
+    cfg = ModelConfig.from_gguf(gguf)
     assert (cfg.n_layers, cfg.dim, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) == (30, 576, 1536, 9, 3, 64)
     assert cfg.vocab_size == 49152 and cfg.tied_embeddings and cfg.rope_theta == 1e5
     assert gguf.tensors["blk.0.ffn_down.weight"].shape == (576, 1536)
@@ -63,17 +63,17 @@ def _tiny_gguf(path, arch: str):
 
 
 def test_other_architecture_is_named(tmp_path):
-    path = tmp_path / "gemma.gguf"
-    _tiny_gguf(path, "gemma3")
-    with pytest.raises(EdgewiseError, match=r"gemma\.gguf: architecture 'gemma3' is not supported"):
-        LlamaConfig.from_gguf(read_gguf(path))
+    path = tmp_path / "phi.gguf"
+    _tiny_gguf(path, "phi3")
+    with pytest.raises(EdgewiseError, match=r"phi\.gguf: architecture 'phi3' is not supported; edgewise runs llama, qwen2, qwen3, gemma3"):
+        ModelConfig.from_gguf(read_gguf(path))
 
 
 def test_missing_metadata_key_is_named(tmp_path):
     path = tmp_path / "partial.gguf"
     _tiny_gguf(path, "llama")
     with pytest.raises(EdgewiseError, match=r"partial\.gguf: GGUF metadata lacks required key 'llama\."):
-        LlamaConfig.from_gguf(read_gguf(path))
+        ModelConfig.from_gguf(read_gguf(path))
 
 
 def test_q4_1_unpack_equals_gguf_dequantize(gguf):

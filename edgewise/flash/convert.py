@@ -47,7 +47,7 @@ from edgewise.flash.store import (
     split_down,
 )
 from edgewise.gguf_io import read_gguf
-from edgewise.lm.config import LlamaConfig
+from edgewise.lm.config import ModelConfig
 from edgewise.lm.model import Llama
 from edgewise.lm.tokenizer import TextTokenizer
 from edgewise.metrics.perplexity import perplexity
@@ -87,7 +87,7 @@ def convert(store_dir: str | os.PathLike, model_path: str | os.PathLike | None =
         raise EdgewiseError(f"{store}: exists and is not a directory; give a directory for the flash store")
     path = resolve_model(model_path)
     gguf = read_gguf(path)
-    cfg = LlamaConfig.from_gguf(gguf)
+    cfg = ModelConfig.from_gguf(gguf)
     check_ffn_tensors(gguf, cfg.n_layers)
     layout = BundleLayout.for_dims(cfg.dim, cfg.ffn_dim)
     tokenizer = TextTokenizer.from_gguf(gguf)

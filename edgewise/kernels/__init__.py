@@ -1,6 +1,6 @@
 """Native kernels, built on first use with the system C++ compiler and cached.
 
-`quant_matmul_ops()` returns `torch.ops.edgewise` once `quant_matmul.cpp` and `flash_ffn.cpp` are built and loaded, or
+`quant_matmul_ops()` returns `torch.ops.edgewise` once `quant_matmul.cpp`, `kquant_matmul.cpp` and `flash_ffn.cpp` are built and loaded, or
 None (with a warning) where it cannot be: no AVX2/FMA/F16C, no compiler. Callers then use
 torch's own int4/int8 kernels.
 """
@@ -16,27 +16,44 @@ from pathlib import Path
 
 import torch
 
-SOURCES = (Path(__file__).with_name("quant_matmul.cpp"), Path(__file__).with_name("flash_ffn.cpp"))
+HERE = Path(__file__).parent
+SOURCES = (HERE / "quant_matmul.cpp", HERE / "kquant_matmul.cpp", HERE / "flash_ffn.cpp")
+HEADERS = (HERE / "blocks.h",)  # the block formats every kernel includes
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
+# Used when the CPU has them: vpdpbusd replaces maddubs + madd in the K-quant dot products.
+OPTIONAL_CPU_FLAGS = {"avx512_vnni": "-mavx512vnni", "avx512vl": "-mavx512vl"}
+
+
+def cpu_flags() -> set[str]:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return set()
+    try:
+        return set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return set()
 
 
 def cpu_supports_kernels() -> bool:
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
-    return all(f in flags for f in REQUIRED_CPU_FLAGS)
+    return all(f in cpu_flags() for f in REQUIRED_CPU_FLAGS)
+
+
+def build_flags() -> list[str]:
+    """Compiler flags: AVX2 + FMA + F16C always; AVX512-VNNI (256-bit) only where this CPU has all of it."""
+    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+    have = cpu_flags()
+    if all(f in have for f in OPTIONAL_CPU_FLAGS):
+        flags += list(OPTIONAL_CPU_FLAGS.values())
+    return flags
 
 
 def source_hash() -> str:
-    return hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:12]
+    blob = b"".join(path.read_bytes() for path in SOURCES + HEADERS) + " ".join(build_flags()).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 @functools.cache
 def quant_matmul_ops():
-    """torch.ops.edgewise with q4_1_linear, q8_0_linear and flash_ffn, or None where they cannot be built here."""
+    """torch.ops.edgewise with q4_1_linear, q8_0_linear, kquant_linear, kquant_rows and flash_ffn, or None where they cannot be built here."""
     if os.environ.get("EDGEWISE_NO_NATIVE") == "1":
         return None
     if not cpu_supports_kernels():
@@ -47,7 +64,8 @@ def quant_matmul_ops():
         cpp_extension.load(
             name=f"edgewise_quant_matmul_{source_hash()}",
             sources=[str(source) for source in SOURCES],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_cflags=build_flags(),
+            extra_include_paths=[str(HERE)],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,

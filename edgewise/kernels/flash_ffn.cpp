@@ -27,23 +27,14 @@
 #include <thread>
 #include <vector>
 
+#include "blocks.h"
+
 namespace {
 
-constexpr int64_t QK = 32;
-constexpr int64_t Q4_1_BLOCK = 20;
-
-inline float hsum(__m256 v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
-
-inline float fp16_to_fp32(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
+using ew::fp16_at;
+using ew::hsum;
+using ew::QK;
+constexpr int64_t Q4_1_BLOCK = ew::Q4_1_BYTES;
 
 // 16 bytes of nibbles -> 32 codes as floats, GGUF order (low nibbles 0..15, high 16..31).
 inline void unpack32(const uint8_t* qs, __m256 out[4]) {
@@ -62,7 +53,7 @@ inline float q4_1_row_dot(const uint8_t* row, const float* x, const float* xsum,
   float macc = 0.f;
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * Q4_1_BLOCK;
-    const float d = fp16_to_fp32(blk), m = fp16_to_fp32(blk + 2);
+    const float d = fp16_at(blk), m = fp16_at(blk + 2);
     __m256 q[4];
     unpack32(blk + 4, q);
     const float* xb = x + b * QK;

@@ -24,64 +24,21 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
-#include <type_traits>
-#include <vector>
+
+#include "blocks.h"
 
 namespace {
 
-constexpr int64_t QK = 32;
+using ew::Activations;
+using ew::hsum;
+using ew::prefetch_bytes;
+using ew::QK;
+
 constexpr int64_t TILE = 4;
 constexpr int64_t MAX_BLOCKS = 512;  // K <= 16384
-
-inline float hsum(__m256 v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
-
-inline int hsum_i32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
-// One block of 32 floats -> Q codes, round half to even (the MXCSR default, as numpy's rint).
-template <typename Q>
-inline void quantize_block(const float* x, Q* out_q, float* out_d, float* out_s) {
-  constexpr float qmax = std::is_same_v<Q, int8_t> ? 127.f : 32767.f;
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  __m256 v[4];
-  __m256 amax = _mm256_setzero_ps();
-  for (int i = 0; i < 4; ++i) {
-    v[i] = _mm256_loadu_ps(x + 8 * i);
-    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-  }
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  const float d = _mm_cvtss_f32(m) / qmax;
-  const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
-  __m256i q[4];
-  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
-  const int sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
-  // packs interleave 128-bit lanes; the permutes restore element order
-  const __m256i w01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
-  const __m256i w23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8);
-  if constexpr (std::is_same_v<Q, int8_t>) {
-    const __m256i b = _mm256_permute4x64_epi64(_mm256_packs_epi16(w01, w23), 0xD8);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_q), b);
-  } else {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_q), w01);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_q + 16), w23);
-  }
-  *out_d = d;
-  *out_s = d * static_cast<float>(sum);
-}
 
 inline float half_to_float(const at::Half h) { return _cvtsh_ss(h.x); }  // F16C, not c10's software path
 
@@ -224,30 +181,6 @@ struct Q8Int8 : FormatTraits<int8_t, 1, false, 1> {
   }
 };
 
-// Activation rows quantized per block of 32: codes (in the format's layout), scale d (x ~= d * q)
-// and d * sum(q) (for Q4_1's min term).
-template <typename Q>
-struct Activations {
-  std::vector<Q> q;
-  std::vector<float> d, s;
-  int64_t n_blocks;
-  Activations(const float* x, int64_t rows, int64_t n_blocks, bool paired) : q(rows * n_blocks * QK), d(rows * n_blocks), s(rows * n_blocks), n_blocks(n_blocks) {
-    for (int64_t i = 0; i < rows * n_blocks; ++i) quantize_block(x + i * QK, q.data() + i * QK, &d[i], &s[i]);
-    if (!paired) return;
-    // [2p: 0..15 | 2p: 16..31 | 2p+1: 0..15 | 2p+1: 16..31] -> swap the middle two quarters
-    constexpr int64_t half = QK / 2 * sizeof(Q);
-    alignas(32) char tmp[QK * sizeof(Q)];
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t b = 0; b + 2 <= n_blocks; b += 2) {
-        char* pair = reinterpret_cast<char*>(q.data() + (r * n_blocks + b) * QK);
-        std::memcpy(tmp, pair + half, half);
-        std::memcpy(pair + half, pair + 2 * half, half);
-        std::memcpy(pair + 2 * half, tmp, half);
-      }
-  }
-  const Q* row(int64_t r) const { return q.data() + r * n_blocks * QK; }
-};
-
 // One weight row: where its codes are, its block scales and (Q4_1) mins.
 template <typename Format, typename Tail>
 struct WeightRow {
@@ -323,11 +256,6 @@ constexpr int64_t kPrefetchRows = 8;
 // Beyond this many blocks per row, decode tiles are single rows: at K = 1536, four interleaved
 // rows streaming from memory were measured 1.4-1.6x slower than one at a time.
 constexpr int64_t kMaxBlocksFor4Rows = 32;
-
-inline void prefetch_bytes(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
-}
 
 // Ask for `count` rows from row j on before they are needed (measured 4% faster over a token's weights).
 inline void prefetch(const WeightStream& w, int64_t j, int64_t count) {

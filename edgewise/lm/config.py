@@ -1,66 +1,112 @@
-"""Llama-family hyper-parameters, read from GGUF metadata."""
+"""Decoder hyper-parameters, read from GGUF metadata, and the one table of how architectures differ.
+
+Every architecture edgewise runs is the same pre-norm decoder (`edgewise.lm.model`); `ARCHITECTURES`
+says, per GGUF `general.architecture`, which of its variations it uses. Adding an architecture of
+this family is one row here (plus its tensor names, if they differ from llama.cpp's).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from edgewise.errors import EdgewiseError
 from edgewise.gguf_io import GGUFFile
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+
+@dataclass(frozen=True)
+class ArchTraits:
+    """How one architecture departs from Llama's decoder."""
+
+    rope_permuted: bool = False  # Q/K rows stored interleaved for llama.cpp's pairwise RoPE (llama); else NeoX halves
+    qkv_bias: bool = False  # Q, K and V projections have biases (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3)
+    ffn_activation: str = "silu"  # the gate's activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    post_norms: bool = False  # RMSNorm after attention and after the FFN too, before each residual add (Gemma 3)
+    scale_embedding: bool = False  # token embeddings multiplied by sqrt(dim) (Gemma)
+    sliding_window_pattern: int = 0  # every n-th layer global, the others sliding-window (Gemma 3: 6); 0 = all global
+    rope_theta_local: float | None = None  # RoPE base of the sliding-window layers (Gemma 3: 10000)
+
+
+ARCHITECTURES: dict[str, ArchTraits] = {
+    "llama": ArchTraits(rope_permuted=True),
+    "qwen2": ArchTraits(qkv_bias=True),
+    "qwen3": ArchTraits(qk_norm=True),
+    # GGUF stores Gemma's (1 + w) RMSNorm gains with the 1 already added, so its norms are plain RMSNorm here.
+    "gemma3": ArchTraits(qk_norm=True, ffn_activation="gelu_tanh", post_norms=True, scale_embedding=True, sliding_window_pattern=6, rope_theta_local=10_000.0),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
+class ModelConfig:
+    arch: str
     vocab_size: int
     dim: int
     n_layers: int
     n_heads: int
     n_kv_heads: int
+    head_dim: int
     ffn_dim: int
     context_length: int
     rope_theta: float
     norm_eps: float
     tied_embeddings: bool
+    sliding_window: int = 0  # tokens a sliding-window layer sees (itself included); 0 = none
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def traits(self) -> ArchTraits:
+        return ARCHITECTURES[self.arch]
+
+    @property
+    def embedding_scale(self) -> float:
+        return math.sqrt(self.dim) if self.traits.scale_embedding else 1.0
+
+    def is_local(self, layer: int) -> bool:
+        """Whether `layer` attends through a sliding window (Gemma 3: five local layers, then one global)."""
+        n = self.traits.sliding_window_pattern
+        return bool(n and self.sliding_window and (layer + 1) % n != 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_gguf(cls, gguf: GGUFFile) -> "LlamaConfig":
+    def from_gguf(cls, gguf: GGUFFile) -> "ModelConfig":
         arch = gguf.require("general.architecture")
-        if arch not in SUPPORTED_ARCHITECTURES:
+        if arch not in ARCHITECTURES:
             raise EdgewiseError(
                 f"{gguf.path}: architecture '{arch}' is not supported; edgewise runs {', '.join(SUPPORTED_ARCHITECTURES)}"
-                " GGUF models (e.g. SmolLM2, TinyLlama, Llama 3)"
+                " GGUF models (e.g. SmolLM2, Llama 3, Qwen2.5, Qwen3, Gemma 3)"
             )
-        p = "llama."
+        p = arch + "."
         n_heads = int(gguf.require(p + "attention.head_count"))
         n_kv = int(gguf.metadata.get(p + "attention.head_count_kv", n_heads))
         dim = int(gguf.require(p + "embedding_length"))
+        head_dim = int(gguf.metadata.get(p + "attention.key_length", dim // n_heads if n_heads and dim % n_heads == 0 else 0))
+        if int(gguf.metadata.get(p + "attention.value_length", head_dim)) != head_dim:
+            raise EdgewiseError(f"{gguf.path}: keys and values of different lengths are not supported")
         vocab = gguf.metadata.get(p + "vocab_size")
         if vocab is None:
             vocab = len(gguf.require("tokenizer.ggml.tokens"))
-        if dim % n_heads or n_heads % n_kv:
-            raise EdgewiseError(f"{gguf.path}: inconsistent heads: dim {dim}, {n_heads} heads, {n_kv} KV heads")
-        rope_dims = gguf.metadata.get(p + "rope.dimension_count", dim // n_heads)
-        if rope_dims != dim // n_heads:
-            raise EdgewiseError(f"{gguf.path}: partial RoPE ({rope_dims} of {dim // n_heads} dims) is not supported")
+        if n_heads <= 0 or n_kv <= 0 or head_dim <= 0 or head_dim % 2 or n_heads % n_kv:
+            raise EdgewiseError(f"{gguf.path}: inconsistent heads: dim {dim}, {n_heads} heads of {head_dim}, {n_kv} KV heads")
+        rope_dims = gguf.metadata.get(p + "rope.dimension_count", head_dim)
+        if rope_dims != head_dim:
+            raise EdgewiseError(f"{gguf.path}: partial RoPE ({rope_dims} of {head_dim} dims) is not supported")
         if gguf.metadata.get(p + "rope.scaling.type") not in (None, "none"):
             raise EdgewiseError(f"{gguf.path}: RoPE scaling '{gguf.metadata[p + 'rope.scaling.type']}' is not supported")
         return cls(
+            arch=arch,
             vocab_size=int(vocab),
             dim=dim,
             n_layers=int(gguf.require(p + "block_count")),
             n_heads=n_heads,
             n_kv_heads=n_kv,
+            head_dim=head_dim,
             ffn_dim=int(gguf.require(p + "feed_forward_length")),
             context_length=int(gguf.require(p + "context_length")),
             rope_theta=float(gguf.metadata.get(p + "rope.freq_base", 10000.0)),
             norm_eps=float(gguf.metadata.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
             tied_embeddings="output.weight" not in gguf.tensors,
+            sliding_window=int(gguf.metadata.get(p + "attention.sliding_window", 0)) if ARCHITECTURES[arch].sliding_window_pattern else 0,
         )

@@ -1,4 +1,7 @@
-"""A Llama-family decoder for batch-1 on-device inference: RMSNorm, RoPE, GQA, SwiGLU.
+"""The decoder of Llama, Qwen2/3 and Gemma 3 for batch-1 on-device inference: RMSNorm, RoPE, GQA,
+gated FFN (SwiGLU or GeGLU). Where the architectures differ, `ModelConfig.traits` says how: QKV
+biases, per-head q/k norms, post-norms, the embedding scale, sliding-window layers with their own
+RoPE base (`edgewise.lm.config.ARCHITECTURES`).
 
 One forward serves prefill (T tokens) and decode (T = 1). The caller owns the KV cache: one
 preallocated (K, V) pair per layer, written in place at `positions`; `mask` is additive
@@ -21,11 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgewise.gguf_io import GGUFFile
-from edgewise.lm.config import LlamaConfig
+from edgewise.lm.config import ModelConfig
 from edgewise.lm.weights import (
     Precision,
     activation_dtype,
     cache_dtype,
+    check_tensor_types,
     dequantize,
     load_embedding,
     load_fused_linear,
@@ -56,20 +60,29 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class Attention(nn.Module):
-    """`wqkv` maps x to Q, K and V side by side ([T, (H + 2 Hkv) hd]), one matmul for all three."""
+    """`wqkv` maps x to Q, K and V side by side ([T, (H + 2 Hkv) hd]), one matmul for all three; then
+    the optional biases (`qkv_bias`), per-head norms of Q and K (`q_norm`, `k_norm`), and RoPE."""
 
-    def __init__(self, wqkv: nn.Module, wo: nn.Module, cfg: LlamaConfig):
+    def __init__(self, wqkv: nn.Module, wo: nn.Module, cfg: ModelConfig, qkv_bias: torch.Tensor | None = None, q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
         super().__init__()
         self.wqkv, self.wo = wqkv, wo
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.register_buffer("qkv_bias", None if qkv_bias is None else qkv_bias.float())
+        self.q_norm, self.k_norm = q_norm, k_norm
 
     def forward(self, x, cos, sin, positions, mask, k_cache, v_cache):
         T = x.shape[0]
         H, Hkv, hd = self.n_heads, self.n_kv, self.head_dim
         G = H // Hkv  # query heads per KV head; query head h uses KV head h // G
-        q, k, v = self.wqkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-        q = rotate(q.reshape(T, H, hd).transpose(0, 1), cos, sin)
-        k = rotate(k.reshape(T, Hkv, hd).transpose(0, 1), cos, sin)
+        qkv = self.wqkv(x)
+        if self.qkv_bias is not None:
+            qkv = qkv.float() + self.qkv_bias
+        q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q, k = q.reshape(T, H, hd), k.reshape(T, Hkv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q.float()), self.k_norm(k.float())
+        q = rotate(q.transpose(0, 1), cos, sin)
+        k = rotate(k.transpose(0, 1), cos, sin)
         v = v.reshape(T, Hkv, hd).transpose(0, 1)
         k_cache.index_copy_(1, positions, k.to(k_cache.dtype))
         v_cache.index_copy_(1, positions, v.to(v_cache.dtype))
@@ -90,25 +103,34 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: down(silu(gate x) * up x); `gate_up` computes gate and up side by side in one matmul."""
+    """Gated FFN: down(act(gate x) * up x), act SiLU (SwiGLU) or tanh-GELU (GeGLU); `gate_up` computes
+    gate and up side by side in one matmul."""
 
-    def __init__(self, gate_up: nn.Module, down: nn.Module):
+    def __init__(self, gate_up: nn.Module, down: nn.Module, activation: str = "silu"):
         super().__init__()
         self.gate_up, self.down = gate_up, down
+        self.gelu = activation == "gelu_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).float().chunk(2, dim=-1)
-        return self.down((F.silu(gate) * up).to(x.dtype))
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down((gate * up).to(x.dtype))
 
 
 class Block(nn.Module):
-    def __init__(self, attn_norm: RMSNorm, attn: Attention, ffn_norm: RMSNorm, ffn: nn.Module):
+    """Pre-norm residual block; `post_attn_norm` / `post_ffn_norm` (Gemma 3) also normalize each
+    sub-layer's output before its residual add (nn.Identity elsewhere)."""
+
+    def __init__(self, attn_norm: RMSNorm, attn: Attention, ffn_norm: RMSNorm, ffn: nn.Module, post_attn_norm: nn.Module | None = None, post_ffn_norm: nn.Module | None = None, local: bool = False):
         super().__init__()
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
+        self.post_attn_norm = post_attn_norm or nn.Identity()
+        self.post_ffn_norm = post_ffn_norm or nn.Identity()
+        self.local = local  # a sliding-window layer: it gets the local mask and RoPE tables
 
     def forward(self, h, cos, sin, positions, mask, k_cache, v_cache, act_dtype: torch.dtype):
-        h = h + self.attn(self.attn_norm(h).to(act_dtype), cos, sin, positions, mask, k_cache, v_cache).float()
-        return h + self.ffn(self.ffn_norm(h).to(act_dtype)).float()
+        h = h + self.post_attn_norm(self.attn(self.attn_norm(h).to(act_dtype), cos, sin, positions, mask, k_cache, v_cache).float())
+        return h + self.post_ffn_norm(self.ffn(self.ffn_norm(h).to(act_dtype)).float())
 
 
 @dataclass
@@ -119,7 +141,7 @@ class KVCache:
     values: list[torch.Tensor]
 
     @classmethod
-    def allocate(cls, cfg: LlamaConfig, capacity: int, dtype: torch.dtype) -> "KVCache":
+    def allocate(cls, cfg: ModelConfig, capacity: int, dtype: torch.dtype) -> "KVCache":
         shape = (cfg.n_kv_heads, capacity, cfg.head_dim)
         return cls([torch.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)], [torch.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)])
 
@@ -132,25 +154,47 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
+def rope_tables(theta: float, head_dim: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
 class Llama(nn.Module):
-    def __init__(self, cfg: LlamaConfig, precision: Precision, embedding: nn.Module, blocks: list[Block], norm: RMSNorm, output: nn.Module):
+    """The whole decoder (every architecture of `ARCHITECTURES`, despite the family's first name)."""
+
+    def __init__(self, cfg: ModelConfig, precision: Precision, embedding: nn.Module, blocks: list[Block], norm: RMSNorm, output: nn.Module):
         super().__init__()
         self.cfg, self.precision = cfg, precision
         self.act_dtype = activation_dtype(precision)
         self.embedding, self.blocks, self.norm, self.output = embedding, nn.ModuleList(blocks), norm, output
-        hd = cfg.head_dim
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-        angles = torch.outer(torch.arange(cfg.context_length, dtype=torch.float64), inv_freq)
-        self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
+        self.embedding_scale = cfg.embedding_scale
+        cos, sin = rope_tables(cfg.rope_theta, cfg.head_dim, cfg.context_length)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.has_local = any(b.local for b in blocks)
+        if self.has_local:  # sliding-window layers: their own RoPE base
+            cos, sin = rope_tables(cfg.traits.rope_theta_local or cfg.rope_theta, cfg.head_dim, cfg.context_length)
+            self.register_buffer("rope_cos_local", cos, persistent=False)
+            self.register_buffer("rope_sin_local", sin, persistent=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], last_only: bool = False) -> torch.Tensor:
         """tokens, positions [T] int64; mask [T, L] fp32 additive; returns fp32 logits [T or 1, vocab]."""
         h = self.embedding.rows(tokens)
-        cos = self.rope_cos.index_select(0, positions)
-        sin = self.rope_sin.index_select(0, positions)
+        if self.embedding_scale != 1.0:
+            h = h * self.embedding_scale
+        rope = (self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions))
+        if self.has_local:
+            rope_local = (self.rope_cos_local.index_select(0, positions), self.rope_sin_local.index_select(0, positions))
+            # slots at least `sliding_window` positions back are out of a local layer's window
+            slots = torch.arange(mask.shape[-1], device=mask.device)
+            too_old = positions[:, None] - slots[None, :] >= self.cfg.sliding_window
+            mask_local = mask.masked_fill(too_old, float("-inf"))
         for block, k_cache, v_cache in zip(self.blocks, k_caches, v_caches):
-            h = block(h, cos, sin, positions, mask, k_cache, v_cache, self.act_dtype)
+            if block.local:
+                h = block(h, *rope_local, positions, mask_local, k_cache, v_cache, self.act_dtype)
+            else:
+                h = block(h, *rope, positions, mask, k_cache, v_cache, self.act_dtype)
         if last_only:
             h = h[-1:]
         return self.output(self.norm(h).to(self.act_dtype)).float()
@@ -164,10 +208,12 @@ class Llama(nn.Module):
     ) -> "Llama":
         """Build the decoder from a GGUF; `act_bits` overrides `ACT_BITS` (the native kernels' input rounding per role).
         `ffn_of_layer(i)` supplies layer i's FFN instead of loading it (the flash engine, whose GGUF has no FFN tensors)."""
-        cfg = LlamaConfig.from_gguf(gguf)
+        cfg = ModelConfig.from_gguf(gguf)
+        check_tensor_types(gguf)
+        traits = cfg.traits
         bits = {**ACT_BITS, **(act_bits or {})}
-        q_order = rope_row_order(cfg.n_heads, cfg.head_dim)
-        k_order = rope_row_order(cfg.n_kv_heads, cfg.head_dim)
+        q_order = rope_row_order(cfg.n_heads, cfg.head_dim) if traits.rope_permuted else None
+        k_order = rope_row_order(cfg.n_kv_heads, cfg.head_dim) if traits.rope_permuted else None
 
         def norm(name: str) -> RMSNorm:
             return RMSNorm(dequantize(gguf.tensor(name)), cfg.norm_eps)
@@ -176,17 +222,25 @@ class Llama(nn.Module):
         output = embedding if cfg.tied_embeddings else load_linear(gguf.tensor("output.weight"), precision, act_bits=bits["output"])
         blocks = []
         for i in range(cfg.n_layers):
-            t = lambda name: gguf.tensor(f"blk.{i}.{name}.weight")  # noqa: E731
+            t = lambda name, kind="weight": gguf.tensor(f"blk.{i}.{name}.{kind}")  # noqa: E731
+            bias = None
+            if traits.qkv_bias:
+                bias = torch.cat([dequantize(t(name, "bias"))[order] if order is not None else dequantize(t(name, "bias")) for name, order in (("attn_q", q_order), ("attn_k", k_order), ("attn_v", None))])
             attn = Attention(
                 load_fused_linear([t("attn_q"), t("attn_k"), t("attn_v")], precision, [q_order, k_order, None], bits["attn_qkv"]),
                 load_linear(t("attn_output"), precision, act_bits=bits["attn_output"]),
                 cfg,
+                qkv_bias=bias,
+                q_norm=norm(f"blk.{i}.attn_q_norm.weight") if traits.qk_norm else None,
+                k_norm=norm(f"blk.{i}.attn_k_norm.weight") if traits.qk_norm else None,
             )
             ffn = ffn_of_layer(i) if ffn_of_layer is not None else FeedForward(
                 load_fused_linear([t("ffn_gate"), t("ffn_up")], precision, [None, None], bits["ffn_gate_up"]),
                 load_linear(t("ffn_down"), precision, act_bits=bits["ffn_down"]),
+                traits.ffn_activation,
             )
-            blocks.append(Block(RMSNorm(dequantize(t("attn_norm")), cfg.norm_eps), attn, RMSNorm(dequantize(t("ffn_norm")), cfg.norm_eps), ffn))
+            post = (norm(f"blk.{i}.post_attention_norm.weight"), norm(f"blk.{i}.post_ffw_norm.weight")) if traits.post_norms else (None, None)
+            blocks.append(Block(norm(f"blk.{i}.attn_norm.weight"), attn, norm(f"blk.{i}.ffn_norm.weight"), ffn, *post, local=cfg.is_local(i)))
             if progress is not None:
                 progress(i + 1, cfg.n_layers)
         return cls(cfg, precision, embedding, blocks, norm("output_norm.weight"), output).eval()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers.decoders import DecodeStream
 
 from edgewise.errors import EdgewiseError
@@ -20,6 +20,7 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2: every digit its own piece
 
 
 def _byte_level(split: str | None, digits: bool) -> pre_tokenizers.PreTokenizer:
@@ -45,7 +46,10 @@ PRE_TOKENIZERS = {
     "llama3": lambda: _byte_level(_LLAMA3_SPLIT, digits=False),
     "llama-bpe": lambda: _byte_level(_LLAMA3_SPLIT, digits=False),
     "smaug-bpe": lambda: _byte_level(_LLAMA3_SPLIT, digits=False),
+    "qwen2": lambda: _byte_level(_QWEN2_SPLIT, digits=False),
 }
+# tokenizer.ggml.pre -> the Unicode normalization its text gets first (none where absent).
+NORMALIZERS = {"qwen2": normalizers.NFC}
 
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
@@ -78,6 +82,8 @@ class TextTokenizer:
         vocab = {tok: i for i, tok in enumerate(tokens)}
         tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
         tk.pre_tokenizer = PRE_TOKENIZERS[pre]()
+        if pre in NORMALIZERS:
+            tk.normalizer = NORMALIZERS[pre]()
         tk.decoder = decoders.ByteLevel()
         types = gguf.metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_CONTROL])

@@ -3,18 +3,22 @@
 Three precisions (`Precision`):
 - "quant": the GGUF's own quantized weights.
   - With edgewise's native kernels (`edgewise.kernels`, AVX2): Q4_1, Q4_0 and Q8_0 stay in their
-    GGUF blocks, bit for bit (`Q4Linear`, `Q8Linear`); activations are fp32 and each kernel
+    GGUF blocks, bit for bit (`Q4Linear`, `Q8Linear`), and so do the K-quants Q4_K, Q5_K and Q6_K
+    (`KQuantLinear`: the GGUF's super-block rows as they are); activations are fp32 and each kernel
     rounds them per block of 32 to int8 (as llama.cpp does) or int16, per layer (`act_bits`).
   - Without them, torch's weight-only kernels with bf16 activations: Q4_x goes onto the int4
     kernel exactly (it computes `(q - 8) * s + z` per group of 32, and Q4_1 is `q * d + m`, so
     `s = d, z = m + 8d`; the only loss is rounding the fp16 d and m to bf16); Q8_0 onto the int8
     per-channel kernel (per-block scales re-expressed per row, a small requantization).
-  - Other types are dequantized to bf16.
+  - Q2_K, Q3_K, Q5_0 and Q5_1 are dequantized to bf16, with a warning; other quantized types
+    (the IQ family, ...) are refused by name (`check_tensor_types`).
 - "bf16" and "fp32": every weight dequantized (the fp32 one is the reference path).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from typing import Literal
 
 import numpy as np
@@ -24,12 +28,34 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants
 from torch import nn
 
-from edgewise.gguf_io import GGUFTensor
+from edgewise.errors import EdgewiseError
+from edgewise.gguf_io import GGUFFile, GGUFTensor
 
 Precision = Literal["quant", "bf16", "fp32"]
 PRECISIONS: tuple[str, ...] = ("quant", "bf16", "fp32")
 GROUP = 32  # elements per Q4/Q8 block, and the int4 kernel's group size
 INT4_INNER_K_TILES = 8  # fallback kernel; of 2, 4, 8 the fastest on the AVX2 test machine (1536x576: 91, 82, 75 us)
+QK_K = 256  # elements per K-quant super-block
+
+NATIVE_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)  # kept as stored, on edgewise's kernels
+KQUANT_TYPES = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
+FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
+DEQUANTIZED_TYPES = (QT.Q2_K, QT.Q3_K, QT.Q5_0, QT.Q5_1)  # run as bf16, with a warning
+
+
+def check_tensor_types(gguf: GGUFFile) -> None:
+    """Refuse, before any loading, a tensor type edgewise cannot run; warn once about those it dequantizes."""
+    for t in gguf.tensors.values():
+        if t.qtype not in NATIVE_TYPES + FLOAT_TYPES + DEQUANTIZED_TYPES:
+            raise EdgewiseError(
+                f"{gguf.path}: tensor '{t.name}' has type {t.qtype.name}, which edgewise does not run (it runs"
+                f" {', '.join(q.name for q in NATIVE_TYPES + FLOAT_TYPES)}; {', '.join(q.name for q in DEQUANTIZED_TYPES)} as bf16)."
+                " Requantize the model with llama.cpp's `llama-quantize --allow-requantize IN.gguf OUT.gguf Q4_K_M`, or run it in llama.cpp"
+            )
+    slow = Counter(t.qtype.name for t in gguf.tensors.values() if t.qtype in DEQUANTIZED_TYPES)
+    if slow:
+        kinds = ", ".join(f"{n} {name}" for name, n in sorted(slow.items()))
+        warnings.warn(f"{gguf.path.name}: {kinds} tensors are dequantized to bf16 (more memory, slower): edgewise's kernels run {', '.join(q.name for q in NATIVE_TYPES)}", stacklevel=3)
 
 
 def native_kernels():
@@ -188,6 +214,27 @@ class Q8Linear(nn.Module):
         return (q * self.d.index_select(0, ids).to(torch.float32)[..., None]).reshape(ids.shape[0], -1)
 
 
+class KQuantLinear(nn.Module):
+    """Q4_K, Q5_K or Q6_K rows as stored in GGUF (uint8 [N, K/256 * block bytes]), on the native kernel."""
+
+    def __init__(self, raw: torch.Tensor, qtype: QT, in_features: int, act_bits: int = 16):
+        super().__init__()
+        self.out_features, self.in_features = raw.shape[0], in_features
+        self.qtype, self.act_bits = int(qtype), act_bits
+        self.register_buffer("raw", raw)
+
+    @classmethod
+    def from_raw(cls, raw: np.ndarray, qtype: QT, k: int, act_bits: int = 16) -> "KQuantLinear":
+        return cls(torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True)), qtype, k, act_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.edgewise.kquant_linear(x, self.raw, self.qtype, self.out_features, self.in_features, self.act_bits)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Exactly dequantized rows, for an embedding table that shares this weight."""
+        return torch.ops.edgewise.kquant_rows(self.raw, ids, self.qtype, self.in_features)
+
+
 class DenseLinear(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -214,6 +261,8 @@ def load_linear(t: GGUFTensor, precision: Precision, row_order: np.ndarray | Non
         return Int4Linear.from_q4(np.ascontiguousarray(raw), k, with_min=t.qtype == QT.Q4_1)
     if native and t.qtype == QT.Q8_0:
         return Q8Linear.from_raw(raw, k, act_bits)
+    if native and t.qtype in KQUANT_TYPES:
+        return KQuantLinear.from_raw(raw, t.qtype, k, act_bits)
     w = dequantize(t, row_order) if row_order is not None else dequantize(t)
     if precision == "quant" and t.qtype == QT.Q8_0:
         return Int8Linear.from_float(w)
@@ -247,6 +296,8 @@ def load_embedding(t: GGUFTensor, precision: Precision, tied: bool, act_bits: in
     if precision == "quant" and native_kernels() is not None:
         if t.qtype == QT.Q8_0:
             return Q8Linear.from_raw(t.raw, t.shape[1], act_bits)
+        if t.qtype in KQUANT_TYPES:  # kept as stored: rows dequantized per lookup, and the output layer when tied
+            return KQuantLinear.from_raw(t.raw, t.qtype, t.shape[1], act_bits)
         if tied:  # it is also the largest matmul of a token: quantize it to Q8_0
             return Q8Linear.from_float(dequantize(t), act_bits)
         return DenseLinear(dequantize(t).to(torch.float16 if t.qtype == QT.F16 else torch.bfloat16))  # lookups only

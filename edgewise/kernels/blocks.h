@@ -1,0 +1,142 @@
+// GGUF's weight block formats, and the activation quantization every edgewise kernel shares (AVX2).
+//
+// One definition of each format's bytes, as ggml lays them out (ggml-common.h); a kernel includes
+// this header and never restates a size. Values are in GGUF order: a row of K weights is K / 32
+// (or K / 256) consecutive blocks.
+//
+//   Q4_0  (18 B / 32):  fp16 d, 16 B nibbles                    w = (q - 8) * d
+//   Q4_1  (20 B / 32):  fp16 d, fp16 m, 16 B nibbles            w = q * d + m
+//   Q8_0  (34 B / 32):  fp16 d, 32 int8                         w = q * d
+//   (nibbles: byte i holds element i in its low half and element i + 16 in its high half)
+//
+// K-quants: super-blocks of 256 weights, split into sub-blocks with their own integer scales.
+//   Q4_K (144 B / 256): fp16 d, fp16 dmin, 12 B of 6-bit (scale, min) for 8 sub-blocks of 32,
+//                       128 B nibbles: bytes 32j..32j+31 hold sub-block 2j (low nibbles, element l
+//                       in byte l) and sub-block 2j+1 (high nibbles).
+//                       w = d * scale_s * q - dmin * min_s,  q in 0..15.
+//   Q5_K (176 B / 256): fp16 d, fp16 dmin, 12 B scales as Q4_K, 32 B high bits (bit s of byte l is
+//                       the 5th bit of element l of sub-block s), 128 B nibbles as Q4_K; q in 0..31.
+//   Q6_K (210 B / 256): 128 B low nibbles, 64 B high 2-bit pairs, 16 int8 scales (one per sub-block
+//                       of 16), fp16 d.  w = d * scale_s * (q - 32), q in 0..63. Each half of 128
+//                       elements uses 64 B of ql and 32 B of qh: its 32-element block b (0..3) takes
+//                       ql[32 (b & 1) + l] (low nibble for b < 2, high for b >= 2) and bits 2b, 2b+1
+//                       of qh[l] as q's bits 4 and 5.
+//   The 12 scale bytes of Q4_K/Q5_K: scale_j, min_j are the low 6 bits of bytes j and j + 4 for
+//   j < 4; for j >= 4, scale_j = (byte j+4 & 15) | (byte j-4 >> 6) << 4 and
+//   min_j = (byte j+4 >> 4) | (byte j >> 6) << 4.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace ew {
+
+constexpr int64_t QK = 32;     // elements per block of the 32-formats, and per activation block
+constexpr int64_t QK_K = 256;  // elements per K-quant super-block
+
+constexpr int64_t Q4_0_BYTES = 18, Q4_1_BYTES = 20, Q8_0_BYTES = 34;
+constexpr int64_t Q4_K_BYTES = 144, Q5_K_BYTES = 176, Q6_K_BYTES = 210;
+
+// ggml's type ids, as GGUF stores them (gguf.GGMLQuantizationType)
+enum GgmlType : int64_t { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14 };
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+inline int hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline float fp16_at(const uint8_t* p) {  // an fp16 stored at any alignment, widened by F16C
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// One block of 32 floats -> Q codes, round half to even (the MXCSR default, as numpy's rint).
+template <typename Q>
+inline void quantize_block(const float* x, Q* out_q, float* out_d, float* out_s) {
+  constexpr float qmax = std::is_same_v<Q, int8_t> ? 127.f : 32767.f;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  const float d = _mm_cvtss_f32(m) / qmax;
+  const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  __m256i q[4];
+  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
+  const int sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+  // packs interleave 128-bit lanes; the permutes restore element order
+  const __m256i w01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
+  const __m256i w23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8);
+  if constexpr (std::is_same_v<Q, int8_t>) {
+    const __m256i b = _mm256_permute4x64_epi64(_mm256_packs_epi16(w01, w23), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_q), b);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_q), w01);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_q + 16), w23);
+  }
+  *out_d = d;
+  *out_s = d * static_cast<float>(sum);
+}
+
+// Activation rows quantized per block of 32: codes q (x ~= d * q), scale d, and d * sum(q) (for the
+// min terms of Q4_1 and the K-quants). `paired`: blocks 2p and 2p+1 stored as [2p: 0..15 | 2p+1:
+// 0..15 | 2p: 16..31 | 2p+1: 16..31], to match Q4_1's packed nibbles (an odd last block stays in
+// order). `half_sums`: also d * sum(q) over each half block of 16, for Q6_K's offset of 32 per
+// sub-block of 16.
+template <typename Q>
+struct Activations {
+  std::vector<Q> q;
+  std::vector<float> d, s, s16;
+  int64_t n_blocks;
+  Activations(const float* x, int64_t rows, int64_t n_blocks, bool paired, bool half_sums = false)
+      : q(rows * n_blocks * QK), d(rows * n_blocks), s(rows * n_blocks), n_blocks(n_blocks) {
+    for (int64_t i = 0; i < rows * n_blocks; ++i) quantize_block(x + i * QK, q.data() + i * QK, &d[i], &s[i]);
+    if (half_sums) {
+      s16.resize(2 * rows * n_blocks);
+      for (int64_t i = 0; i < rows * n_blocks; ++i)
+        for (int h = 0; h < 2; ++h) {
+          int32_t sum = 0;
+          for (int64_t e = 0; e < QK / 2; ++e) sum += q[i * QK + h * QK / 2 + e];
+          s16[2 * i + h] = d[i] * static_cast<float>(sum);
+        }
+    }
+    if (!paired) return;
+    // [2p: 0..15 | 2p: 16..31 | 2p+1: 0..15 | 2p+1: 16..31] -> swap the middle two quarters
+    constexpr int64_t half = QK / 2 * sizeof(Q);
+    alignas(32) char tmp[QK * sizeof(Q)];
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t b = 0; b + 2 <= n_blocks; b += 2) {
+        char* pair = reinterpret_cast<char*>(q.data() + (r * n_blocks + b) * QK);
+        std::memcpy(tmp, pair + half, half);
+        std::memcpy(pair + half, pair + 2 * half, half);
+        std::memcpy(pair + 2 * half, tmp, half);
+      }
+  }
+  const Q* row(int64_t r) const { return q.data() + r * n_blocks * QK; }
+};
+
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+
+}  // namespace ew

@@ -1,0 +1,303 @@
+// K-quant matrix multiplication for x86-64 AVX2: y = x @ W.T with W kept in GGUF's own Q4_K, Q5_K
+// or Q6_K super-blocks, bit for bit (formats: blocks.h).
+//
+// Activations are quantized per block of 32 as for the other formats (int8 or int16, `act_bits`),
+// so every 32-element dot is exact integer arithmetic; what differs is where the scales come from.
+// A sub-block's weight is d * scale_s * q - dmin * min_s (Q4_K, Q5_K) or d * scale_s * (q - 32)
+// (Q6_K), so for activation block b with scale dx_b and code sum S_b:
+//   sum_i w_i x_i = (d scale_s dx_b) * (q . xq)  -  dmin min_s (dx_b S_b)        (Q4_K, Q5_K)
+//                 = sum over its two halves h: (d scale_h dx_b) * (q_h . xq_h) - 32 d scale_h (dx_b S_bh)   (Q6_K)
+// The integer dot q . xq takes unsigned codes (0..63) against signed activations: maddubs + madd
+// (no saturation: 2 * 63 * 127 < 32767), or one vpdpbusd where AVX512-VNNI is built in.
+//
+// Per super-block, the header's sub-block scales are unpacked once into floats and multiplied by the
+// activation blocks' scales for every activation row of the tile; each block's codes are then
+// unpacked once (mask, shift, or) and dotted with every row of the tile: TILE rows in prefill,
+// one in decode. Min and offset terms collect in a second accumulator, from the same floats.
+// Rows are split evenly between threads (at::parallel_for) and prefetched a few rows ahead.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "blocks.h"
+
+namespace {
+
+using ew::Activations;
+using ew::fp16_at;
+using ew::hsum;
+using ew::QK;
+using ew::QK_K;
+
+constexpr int64_t TILE = 4;
+constexpr int64_t kPrefetchRows = 2;
+constexpr int64_t kBlocksPerSuper = QK_K / QK;  // 8 activation blocks per super-block
+
+// 32 unsigned codes (element order) . 32 activation codes -> 8 int32 lanes; lanes 0-3 sum elements
+// 0..15 and lanes 4-7 elements 16..31 (Q6_K gives each half its own scale).
+inline __m256i dot32(__m256i w, const int8_t* y) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+#endif
+}
+
+inline __m256i dot32(__m256i w, const int16_t* y) {
+  const __m256i lo = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(w)), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y)));
+  const __m256i hi = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(w, 1)), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + 16)));
+  // hadd pairs within 128-bit lanes -> [lo 0..7 | hi 0..7 | lo 8..15 | hi 8..15] as 64-bit quarters; reorder
+  return _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), 0xD8);
+}
+
+inline __m256 bytes_to_floats(uint32_t lo, uint32_t hi) {  // 8 unsigned bytes -> 8 floats
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, static_cast<int>(hi), static_cast<int>(lo))));
+}
+
+// The 8 (scale, min) pairs of a Q4_K/Q5_K super-block as floats: d * scale_s and dmin * min_s.
+// Unpacked four at a time from the 12 bytes read as three little-endian words A, B, C (blocks.h):
+// scales 0-3 = A & 63, mins 0-3 = B & 63; scales 4-7 = C's low nibbles | A's top two bits moved to
+// bits 4-5; mins 4-7 = C's high nibbles | B's top two bits moved to bits 4-5.
+inline void k4_scales(const uint8_t* blk, __m256& scale, __m256& min) {
+  uint32_t w[3];
+  std::memcpy(w, blk + 4, 12);
+  const uint32_t low6 = 0x3f3f3f3f, nib = 0x0f0f0f0f, top2 = 0x30303030;
+  const uint32_t sc_lo = w[0] & low6, mn_lo = w[1] & low6;
+  const uint32_t sc_hi = (w[2] & nib) | ((w[0] >> 2) & top2);
+  const uint32_t mn_hi = ((w[2] >> 4) & nib) | ((w[1] >> 2) & top2);
+  scale = _mm256_mul_ps(_mm256_set1_ps(fp16_at(blk)), bytes_to_floats(sc_lo, sc_hi));
+  min = _mm256_mul_ps(_mm256_set1_ps(fp16_at(blk + 2)), bytes_to_floats(mn_lo, mn_hi));
+}
+
+// Each format: kBytes per super-block; kHalfScales (Q6_K: one scale per 16 elements); a Block view
+// of one super-block that unpacks its scales and the codes of its 32-element block b (0..7).
+struct Q4K {
+  static constexpr int64_t kBytes = ew::Q4_K_BYTES;
+  static constexpr bool kHalfScales = false;
+  struct Block {
+    const uint8_t* p;
+    explicit Block(const uint8_t* blk) : p(blk) {}
+    void scales(__m256& scale, __m256& min) const { k4_scales(p, scale, min); }
+    __m256i codes(int b) const {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 + 32 * (b / 2)));
+      return _mm256_and_si256(b % 2 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
+    }
+  };
+};
+
+struct Q5K {
+  static constexpr int64_t kBytes = ew::Q5_K_BYTES;
+  static constexpr bool kHalfScales = false;
+  struct Block {
+    const uint8_t* p;
+    __m256i qh;
+    explicit Block(const uint8_t* blk) : p(blk), qh(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16))) {}
+    void scales(__m256& scale, __m256& min) const { k4_scales(p, scale, min); }
+    __m256i codes(int b) const {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 48 + 32 * (b / 2)));
+      const __m256i low = _mm256_and_si256(b % 2 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
+      // bit b of each qh byte -> bit 4 (16-bit shifts: the masks drop what crosses from the other byte)
+      const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(b)), _mm256_set1_epi8(1));
+      return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+    }
+  };
+};
+
+struct Q6K {
+  static constexpr int64_t kBytes = ew::Q6_K_BYTES;
+  static constexpr bool kHalfScales = true;
+  struct Block {
+    const uint8_t* p;
+    explicit Block(const uint8_t* blk) : p(blk) {}
+    // d * scale for sub-blocks 0..7 and 8..15
+    void scales(__m256& lo, __m256& hi) const {
+      const __m128i s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192));
+      const __m256 d = _mm256_set1_ps(fp16_at(p + 208));
+      lo = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s)));
+      hi = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s, 8))));
+    }
+    __m256i codes(int b) const {
+      const int half = b / 4, bb = b % 4;
+      const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * half + 32 * (bb & 1)));
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 + 32 * half));
+      const __m256i low = _mm256_and_si256(bb >= 2 ? _mm256_srli_epi16(ql, 4) : ql, _mm256_set1_epi8(0x0F));
+      const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * bb)), _mm256_set1_epi8(3));
+      return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+    }
+  };
+};
+
+// One weight row against T activation rows (row0 ..): out[t * out_stride] = row . x_t.
+template <typename Format, typename Q, int T>
+inline void row_dot(const uint8_t* row, int64_t n_super, const Activations<Q>& a, int64_t row0, float* out, int64_t out_stride) {
+  const int64_t nb = a.n_blocks;
+  __m256 acc[T], macc[T];
+  for (int t = 0; t < T; ++t) acc[t] = macc[t] = _mm256_setzero_ps();
+  const __m256i pair_lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  for (int64_t sb = 0; sb < n_super; ++sb) {
+    const typename Format::Block blk(row + sb * Format::kBytes);
+    __m256 s0, s1;  // Q4_K/Q5_K: scales, mins; Q6_K: scales of sub-blocks 0..7, 8..15
+    blk.scales(s0, s1);
+    alignas(32) float lane_scale[T][2 * kBlocksPerSuper];  // per (row, 32-block) or per (row, 16-half)
+    for (int t = 0; t < T; ++t) {
+      const int64_t x0 = (row0 + t) * nb + sb * kBlocksPerSuper;
+      const __m256 dx = _mm256_loadu_ps(a.d.data() + x0);
+      if constexpr (!Format::kHalfScales) {
+        _mm256_store_ps(lane_scale[t], _mm256_mul_ps(s0, dx));
+        macc[t] = _mm256_fmadd_ps(s1, _mm256_loadu_ps(a.s.data() + x0), macc[t]);
+      } else {
+        // each 32-block's dx serves both of its halves
+        const __m256 dx_lo = _mm256_permutevar8x32_ps(dx, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+        const __m256 dx_hi = _mm256_permutevar8x32_ps(dx, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7));
+        _mm256_store_ps(lane_scale[t], _mm256_mul_ps(s0, dx_lo));
+        _mm256_store_ps(lane_scale[t] + 8, _mm256_mul_ps(s1, dx_hi));
+        const float* h = a.s16.data() + 2 * x0;  // dx * (sum of 16 codes), per half
+        macc[t] = _mm256_fmadd_ps(s0, _mm256_loadu_ps(h), macc[t]);
+        macc[t] = _mm256_fmadd_ps(s1, _mm256_loadu_ps(h + 8), macc[t]);
+      }
+    }
+    const Q* xq = a.q.data() + sb * QK_K;
+#pragma GCC unroll 8
+    for (int b = 0; b < kBlocksPerSuper; ++b) {
+      const __m256i w = blk.codes(b);
+      for (int t = 0; t < T; ++t) {
+        const __m256 p = _mm256_cvtepi32_ps(dot32(w, xq + (row0 + t) * nb * QK + b * QK));
+        __m256 s;
+        if constexpr (Format::kHalfScales)  // lanes 0-3: half 2b's scale, lanes 4-7: half 2b+1's
+          s = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(lane_scale[t] + 2 * b)))), pair_lanes);
+        else
+          s = _mm256_broadcast_ss(lane_scale[t] + b);
+        acc[t] = _mm256_fmadd_ps(s, p, acc[t]);
+      }
+    }
+  }
+  const float offset = Format::kHalfScales ? 32.f : 1.f;  // Q6_K: q - 32; Q4_K/Q5_K: the mins
+  for (int t = 0; t < T; ++t) out[t * out_stride] = hsum(acc[t]) - offset * hsum(macc[t]);
+}
+
+template <typename Format, typename Q>
+at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t n, int64_t k) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t m = x.size(0), n_super = k / QK_K, row_bytes = n_super * Format::kBytes;
+  const Activations<Q> act(x.data_ptr<float>(), m, k / QK, false, Format::kHalfScales);
+  at::Tensor out = at::empty({m, n}, x.options());
+  float* op = out.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  at::parallel_for(0, n, 4, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      if (j + kPrefetchRows < j1) ew::prefetch_bytes(wp + (j + kPrefetchRows) * row_bytes, row_bytes);
+      const uint8_t* row = wp + j * row_bytes;
+      int64_t i = 0;
+      for (; i + TILE <= m; i += TILE) row_dot<Format, Q, TILE>(row, n_super, act, i, op + i * n + j, n);
+      for (; i < m; ++i) row_dot<Format, Q, 1>(row, n_super, act, i, op + i * n + j, n);
+    }
+  });
+  return out;
+}
+
+template <typename Format>
+at::Tensor dispatch_bits(const at::Tensor& x, const at::Tensor& w, int64_t n, int64_t k, int64_t act_bits) {
+  return act_bits == 8 ? matmul<Format, int8_t>(x, w, n, k) : matmul<Format, int16_t>(x, w, n, k);
+}
+
+int64_t super_bytes(int64_t qtype) {
+  switch (qtype) {
+    case ew::GGML_Q4_K: return Q4K::kBytes;
+    case ew::GGML_Q5_K: return Q5K::kBytes;
+    case ew::GGML_Q6_K: return Q6K::kBytes;
+    default: TORCH_CHECK(false, "kquant: ggml type ", qtype, " is not a K-quant edgewise runs (Q4_K = 12, Q5_K = 13, Q6_K = 14)");
+  }
+  return 0;
+}
+
+at::Tensor kquant_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n, int64_t k, int64_t act_bits) {
+  const int64_t bytes = super_bytes(qtype);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "kquant_linear: x must be float32 [M, K]");
+  TORCH_CHECK(x.size(1) == k && k % QK_K == 0, "kquant_linear: x has ", x.size(1), " columns, weights expect ", k, " (a multiple of 256)");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2 && w.size(0) == n && w.size(1) == k / QK_K * bytes,
+              "kquant_linear: w must be the GGUF's uint8 rows [N, K/256 * ", bytes, "]");
+  TORCH_CHECK(act_bits == 8 || act_bits == 16, "kquant_linear: act_bits must be 8 or 16, got ", act_bits);
+  switch (qtype) {
+    case ew::GGML_Q4_K: return dispatch_bits<Q4K>(x, w, n, k, act_bits);
+    case ew::GGML_Q5_K: return dispatch_bits<Q5K>(x, w, n, k, act_bits);
+    default: return dispatch_bits<Q6K>(x, w, n, k, act_bits);
+  }
+}
+
+// Rows `ids` of a K-quant matrix, dequantized exactly (fp32 math on the stored integers): the
+// embedding lookup of a K-quant token table, traceable into the compiled decode step.
+template <typename Format>
+void dequantize_row(const uint8_t* row, int64_t n_super, float* out) {
+  for (int64_t sb = 0; sb < n_super; ++sb) {
+    const typename Format::Block blk(row + sb * Format::kBytes);
+    __m256 s0, s1;
+    blk.scales(s0, s1);
+    alignas(32) float a[8], c[8];
+    _mm256_store_ps(a, s0);
+    _mm256_store_ps(c, s1);
+    for (int b = 0; b < kBlocksPerSuper; ++b) {
+      alignas(32) uint8_t q[32];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(q), blk.codes(b));
+      float* o = out + sb * QK_K + b * QK;
+      for (int e = 0; e < QK; ++e) {
+        if constexpr (Format::kHalfScales) {
+          const int h = 2 * b + e / 16;
+          const float s = h < 8 ? a[h] : c[h - 8];
+          o[e] = s * static_cast<float>(static_cast<int>(q[e]) - 32);
+        } else {
+          o[e] = a[b] * static_cast<float>(q[e]) - c[b];
+        }
+      }
+    }
+  }
+}
+
+at::Tensor kquant_rows(const at::Tensor& w, const at::Tensor& ids, int64_t qtype, int64_t k) {
+  const int64_t bytes = super_bytes(qtype);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2 && k % QK_K == 0 && w.size(1) == k / QK_K * bytes, "kquant_rows: bad weight layout");
+  const at::Tensor idx = ids.contiguous();
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 1, "kquant_rows: ids must be int64 [T]");
+  at::Tensor out = at::empty({idx.size(0), k}, at::TensorOptions().dtype(at::kFloat));
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  for (int64_t t = 0; t < idx.size(0); ++t) {
+    TORCH_CHECK(ip[t] >= 0 && ip[t] < w.size(0), "kquant_rows: id ", ip[t], " out of range [0, ", w.size(0), ")");
+    const uint8_t* row = wp + ip[t] * w.size(1);
+    float* o = out.data_ptr<float>() + t * k;
+    switch (qtype) {
+      case ew::GGML_Q4_K: dequantize_row<Q4K>(row, k / QK_K, o); break;
+      case ew::GGML_Q5_K: dequantize_row<Q5K>(row, k / QK_K, o); break;
+      default: dequantize_row<Q6K>(row, k / QK_K, o);
+    }
+  }
+  return out;
+}
+
+at::Tensor kquant_linear_meta(const at::Tensor& x, const at::Tensor&, int64_t, int64_t n, int64_t, int64_t) { return at::empty({x.size(0), n}, x.options()); }
+
+at::Tensor kquant_rows_meta(const at::Tensor&, const at::Tensor& ids, int64_t, int64_t k) {
+  return at::empty({ids.size(0), k}, ids.options().dtype(at::kFloat));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(edgewise, m) {
+  m.def("kquant_linear(Tensor x, Tensor w, int qtype, int n, int k, int act_bits) -> Tensor");
+  m.def("kquant_rows(Tensor w, Tensor ids, int qtype, int k) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(edgewise, CPU, m) {
+  m.impl("kquant_linear", &kquant_linear);
+  m.impl("kquant_rows", &kquant_rows);
+}
+
+TORCH_LIBRARY_IMPL(edgewise, Meta, m) {
+  m.impl("kquant_linear", &kquant_linear_meta);
+  m.impl("kquant_rows", &kquant_rows_meta);
+}
