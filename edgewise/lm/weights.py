@@ -10,7 +10,9 @@ Three precisions (`Precision`):
     kernel exactly (it computes `(q - 8) * s + z` per group of 32, and Q4_1 is `q * d + m`, so
     `s = d, z = m + 8d`; the only loss is rounding the fp16 d and m to bf16); Q8_0 onto the int8
     per-channel kernel (per-block scales re-expressed per row, a small requantization).
-  - Q2_K, Q3_K, Q5_0 and Q5_1 are dequantized to bf16, with a warning; other quantized types
+  - Q5_0 runs on the Q8_0 kernel: its 5-bit codes minus 16 are int8 codes under the same fp16
+    scale, so the weights are exact (1.5x the bytes).
+  - Q2_K, Q3_K and Q5_1 are dequantized to bf16, with a warning; other quantized types
     (the IQ family, ...) are refused by name (`check_tensor_types`).
 - "bf16" and "fp32": every weight dequantized (the fp32 one is the reference path).
 """
@@ -37,10 +39,11 @@ GROUP = 32  # elements per Q4/Q8 block, and the int4 kernel's group size
 INT4_INNER_K_TILES = 8  # fallback kernel; of 2, 4, 8 the fastest on the AVX2 test machine (1536x576: 91, 82, 75 us)
 QK_K = 256  # elements per K-quant super-block
 
-NATIVE_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)  # kept as stored, on edgewise's kernels
+NATIVE_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q5_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)  # on edgewise's kernels
 KQUANT_TYPES = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
-DEQUANTIZED_TYPES = (QT.Q2_K, QT.Q3_K, QT.Q5_0, QT.Q5_1)  # run as bf16, with a warning
+Q8_CODE_TYPES = (QT.Q8_0, QT.Q5_0)  # both are integer codes times one fp16 scale per 32: Q5_0 runs as Q8_0 codes, exactly
+DEQUANTIZED_TYPES = (QT.Q2_K, QT.Q3_K, QT.Q5_1)  # run as bf16, with a warning
 
 
 def check_tensor_types(gguf: GGUFFile) -> None:
@@ -149,6 +152,28 @@ def _blocks(raw: np.ndarray, k: int, block_bytes: int) -> np.ndarray:
     return np.ascontiguousarray(raw).reshape(raw.shape[0], k // GROUP, block_bytes)
 
 
+def q5_0_codes(raw: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q5_0 rows -> (int8 codes q - 16 [N, K], fp16 d [N, K/32]). Element j of a block: the low (j < 16)
+    or high nibble of byte j % 16, plus bit j of the block's 32-bit qh as its 5th bit."""
+    blocks = _blocks(raw, k, 22)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    qh = blocks[..., 2:6].copy().view("<u4")[..., 0]
+    qs = blocks[..., 6:22]
+    low = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int16)
+    high = ((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16) << 4
+    return (low + high - 16).astype(np.int8).reshape(raw.shape[0], k), np.ascontiguousarray(d)
+
+
+def q8_codes(t: GGUFTensor, row_order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A Q8_0 or Q5_0 tensor as (int8 codes [N, K], fp16 scales [N, K/32]): w = code * scale per block of 32."""
+    raw = t.raw if row_order is None else t.raw[row_order]
+    k = t.shape[1]
+    if t.qtype == QT.Q5_0:
+        return q5_0_codes(raw, k)
+    blocks = _blocks(raw, k, 34)
+    return blocks[..., 2:].copy().view(np.int8).reshape(raw.shape[0], k), np.ascontiguousarray(blocks[..., :2].copy().view(np.float16)[..., 0])
+
+
 class Q4Linear(nn.Module):
     """Q4_1 blocks as stored in GGUF, on the native kernel: qs [N, K/2] nibbles, d and m [N, K/32] fp16."""
 
@@ -194,6 +219,12 @@ class Q8Linear(nn.Module):
         d = blocks[..., :2].copy().view(np.float16)[..., 0]
         qs = blocks[..., 2:].copy().view(np.int8).reshape(raw.shape[0], k)
         return cls(torch.from_numpy(qs), torch.from_numpy(np.ascontiguousarray(d)), act_bits)
+
+    @classmethod
+    def from_q5_0(cls, raw: np.ndarray, k: int, act_bits: int = 16) -> "Q8Linear":
+        """Q5_0 blocks (fp16 d, 32 high bits, 16 bytes of low nibbles; w = (q - 16) * d) as exact int8 codes q - 16."""
+        qs, d = q5_0_codes(raw, k)
+        return cls(torch.from_numpy(qs), torch.from_numpy(d), act_bits)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, act_bits: int = 16) -> "Q8Linear":
@@ -259,8 +290,9 @@ def load_linear(t: GGUFTensor, precision: Precision, row_order: np.ndarray | Non
         if native:
             return Q4Linear.from_raw(np.ascontiguousarray(raw), k, with_min=t.qtype == QT.Q4_1, act_bits=act_bits)
         return Int4Linear.from_q4(np.ascontiguousarray(raw), k, with_min=t.qtype == QT.Q4_1)
-    if native and t.qtype == QT.Q8_0:
-        return Q8Linear.from_raw(raw, k, act_bits)
+    if native and t.qtype in Q8_CODE_TYPES:
+        qs, d = q8_codes(t, row_order)
+        return Q8Linear(torch.from_numpy(qs), torch.from_numpy(d), act_bits)
     if native and t.qtype in KQUANT_TYPES:
         return KQuantLinear.from_raw(raw, t.qtype, k, act_bits)
     w = dequantize(t, row_order) if row_order is not None else dequantize(t)
@@ -284,6 +316,9 @@ def load_fused_linear(tensors: list[GGUFTensor], precision: Precision, row_order
     """One linear layer for weights that share an input (Q|K|V, gate|up): their rows stacked, so the
     input is quantized once and one kernel call streams them all. Mixed types are run side by side."""
     first = tensors[0]
+    if precision == "quant" and native_kernels() is not None and all(t.qtype in Q8_CODE_TYPES and t.shape[1] == first.shape[1] for t in tensors):
+        codes = [q8_codes(t, o) for t, o in zip(tensors, row_orders)]  # Q8_0 and Q5_0 mixed (Gemma's Q|K|V)
+        return Q8Linear(torch.from_numpy(np.concatenate([c for c, _ in codes])), torch.from_numpy(np.concatenate([d for _, d in codes])), act_bits)
     if any(t.qtype != first.qtype or t.shape[1] != first.shape[1] for t in tensors):
         return ConcatLinear([load_linear(t, precision, o, act_bits) for t, o in zip(tensors, row_orders)])
     raw = np.concatenate([t.raw if o is None else t.raw[o] for t, o in zip(tensors, row_orders)])
