@@ -12,10 +12,41 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES
 
 from edgewise.errors import EdgewiseError
+
+
+class ArrayReader(GGUFReader):
+    """gguf's reader, with metadata arrays parsed in one pass instead of one recursive call per item.
+
+    A 262k-piece vocabulary (Gemma 3: tokens, scores, types) took gguf's reader 14 s here; this takes
+    0.5 s. Fields come out the same through `contents()` (tested against GGUFReader): a numeric array
+    is one part of N items, a string array a (length, bytes) pair of parts per item, as gguf lays them."""
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int):
+        if raw_type != GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        itype, n_items, offs = GGUFValueType(int(raw_itype[0])), int(alen[0]), orig_offs + 12
+        if itype == GGUFValueType.STRING:
+            data = np.asarray(self.data).view(np.ndarray)  # plain views: a memmap subclass per item is slow
+            view = memoryview(data)
+            parts: list[np.ndarray] = [raw_itype, alen]
+            for _ in range(n_items):
+                n = int.from_bytes(view[offs : offs + 8], "little")
+                if offs + 8 + n > len(data):
+                    raise ValueError(f"string array item at offset {offs} runs past the end of the file")
+                parts += [data[offs : offs + 8].view("<u8"), data[offs + 8 : offs + 8 + n]]
+                offs += 8 + n
+            return offs - orig_offs, parts, list(range(3, len(parts), 2)), [GGUFValueType.ARRAY, GGUFValueType.STRING]
+        nptype = self.gguf_scalar_to_np.get(itype)
+        if nptype is None or n_items == 0:  # arrays of arrays, empty arrays: gguf's own way
+            return super()._get_field_parts(orig_offs, raw_type)
+        items = self._get(offs, nptype, n_items)
+        return 12 + int(items.nbytes), [raw_itype, alen, items], [2], [GGUFValueType.ARRAY, itype]
 
 
 @dataclass(frozen=True)
@@ -62,7 +93,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     if magic != b"GGUF":
         raise EdgewiseError(f"{path}: not a GGUF file (first bytes {magic!r}, expected b'GGUF')")
     try:
-        reader = GGUFReader(path, "r")
+        reader = ArrayReader(path, "r")
     except Exception as exc:  # the gguf package raises ValueError, IndexError, struct errors... on bad files
         raise EdgewiseError(f"{path}: corrupted or truncated GGUF ({type(exc).__name__}: {exc})") from None
 

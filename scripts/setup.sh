@@ -67,4 +67,7 @@ if [ -n "$extras" ]; then  # the microcontroller build and its emulator (`edgewi
   apt_data libnewlib-arm-none-eabi /usr/lib/arm-none-eabi/newlib/thumb/v7e-m+dp/hard/librdimon.a "tiny firmware (newlib, semihosting)"
   apt_data qemu-system-arm /usr/bin/qemu-system-arm "tiny firmware --run (the emulated Cortex-M7)"
 fi
+# The native kernels, built now (once, ~30 s; cached in ~/.cache/torch_extensions) so that a first run does not wait for them.
+.venv/bin/python -c "from edgewise.kernels import quant_matmul_ops; quant_matmul_ops()" \
+  || echo "[setup] warning: the native kernels did not build; edgewise will use torch's kernels" >&2
 echo "[setup] ready: .venv/bin/edgewise --help"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import pytest
@@ -17,7 +18,7 @@ PROMPT = "The old lighthouse keeper climbed the stairs one last time, and"
 @pytest.fixture(scope="module")
 def compiled_lm(model_path, tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp("aoti")
-    lm = LanguageModel.load(model_path, precision="quant", compile=True, cache_dir=cache_dir)
+    lm = LanguageModel.load(model_path, precision="quant", compile=True, cache_dir=cache_dir, wait_for_compile=True)
     assert lm.decoder is not None, "AOTInductor compile failed on this machine"
     return lm, cache_dir
 
@@ -83,7 +84,7 @@ def test_compile_failure_falls_back_to_eager(model_path, tmp_path, monkeypatch):
     monkeypatch.setattr(compiled_module, "compile_decode_step", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        lm = LanguageModel.load(model_path, precision="quant", compile=True, cache_dir=tmp_path)
+        lm = LanguageModel.load(model_path, precision="quant", compile=True, cache_dir=tmp_path, wait_for_compile=True)
     assert lm.decoder is None
     assert any("decoding eagerly" in str(w.message) for w in caught)
     assert len(list(lm.generate(lm.tokenizer.encode("Hello"), 4, stop_at_eot=False))) == 4
@@ -102,3 +103,49 @@ def test_package_key_covers_activation_rounding(lm_quant):
     finally:
         layer.act_bits = 24 - layer.act_bits
     assert compiled_module.package_key(model) == before
+
+
+def _fake_child(monkeypatch, script: str):
+    """Stand in for the background compile's child: a short Python script run with (package, source)."""
+    import subprocess
+    import sys
+
+    real = subprocess.Popen
+
+    def popen(cmd, **kwargs):
+        return real([sys.executable, "-c", script, cmd[-1]], **{k: v for k, v in kwargs.items() if k != "preexec_fn"})
+
+    monkeypatch.setattr(compiled_module.subprocess, "Popen", popen)
+
+
+def test_first_run_decodes_eagerly_then_switches_to_the_compiled_step(compiled_lm, model_path, tmp_path, monkeypatch):
+    """No package: the first token comes at once (eager), the step compiles in a child process, and
+    the same run switches to it when it lands. The child here copies the package the fixture compiled
+    (a real compile is the fixture's: same code path, minutes)."""
+    lm_ref, cache_dir = compiled_lm
+    package = next(cache_dir.glob("decode-*.pt2"))
+    _fake_child(monkeypatch, f"import os, shutil, sys, time; time.sleep(1.0); shutil.copy({str(package)!r}, sys.argv[1] + '.part'); os.replace(sys.argv[1] + '.part', sys.argv[1])")
+    lm = LanguageModel.load(model_path, precision="quant", compile=True, cache_dir=tmp_path)
+    assert lm.decoder is None and lm.background is not None
+    ids = lm.tokenizer.encode(PROMPT)
+    first = list(lm.generate(ids, 8, stop_at_eot=False))  # eager, at once
+    assert lm.decoder is None or lm.background is None
+    deadline = time.monotonic() + 120
+    while lm.decoder is None and time.monotonic() < deadline:
+        list(lm.generate(ids, 16, stop_at_eot=False))
+    assert lm.decoder is not None, "the run never switched to the compiled step"
+    assert list(lm.generate(ids, 8, stop_at_eot=False))[:4] == first[:4]
+
+
+def test_background_compile_failure_is_one_warning(model_path, tmp_path, monkeypatch):
+    _fake_child(monkeypatch, "import sys; sys.exit(3)")
+    lm = LanguageModel.load(model_path, precision="quant", compile=True, cache_dir=tmp_path)
+    lm.background.proc.wait()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            lm.background and setattr(lm.background, "_next_poll", 0.0)
+            assert len(list(lm.generate(lm.tokenizer.encode("Hello"), 4, stop_at_eot=False))) == 4
+    messages = [str(w.message) for w in caught if "background compile failed" in str(w.message)]
+    assert len(messages) == 1 and "decoding eagerly" in messages[0] and "exit 3" in messages[0]
+    assert lm.decoder is None and lm.background is None

@@ -117,3 +117,16 @@ def test_rope_row_order_inverts_the_converter_permutation():
     hf = np.random.default_rng(0).standard_normal((n_heads * head_dim, dim))
     gguf_rows = hf.reshape(n_heads, 2, head_dim // 2, dim).swapaxes(1, 2).reshape(hf.shape)
     np.testing.assert_array_equal(gguf_rows[rope_row_order(n_heads, head_dim)], hf)
+
+
+def test_array_reader_reads_what_gguf_reads(model_path):
+    """edgewise's one-pass metadata arrays (gguf_io.ArrayReader) against gguf's own reader."""
+    from gguf import GGUFReader
+
+    from edgewise.gguf_io import ArrayReader
+
+    ours, ref = ArrayReader(model_path), GGUFReader(model_path)
+    assert list(ours.fields) == list(ref.fields)
+    for key in ref.fields:
+        assert ours.fields[key].contents() == ref.fields[key].contents(), key
+    assert [(t.name, t.data_offset, t.n_bytes) for t in ours.tensors] == [(t.name, t.data_offset, t.n_bytes) for t in ref.tensors]

@@ -1,5 +1,6 @@
-"""A second llama-architecture GGUF, written here with gguf's own writer: other head counts, an
-untied Q8_0 output layer, Q4_0 and F16 weights. Loaded by edgewise and by transformers alike."""
+"""Small GGUFs of each decoder-only architecture, written here with gguf's own writer: llama (other head
+counts, an untied Q8_0 output layer, Q4_0 and F16 weights), qwen2 (QKV biases, NeoX RoPE) and qwen3
+(per-head q/k norms, a head size other than dim / heads). Loaded by edgewise and by transformers alike."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFWriter, quants
+from gguf.constants import GGML_QUANT_SIZES
 
+from edgewise.errors import EdgewiseError
 from edgewise.lm.runtime import LanguageModel
 
 DIM, FFN, HEADS, KV_HEADS, LAYERS = 128, 256, 8, 2, 2
+QWEN3_HEAD_DIM = 128  # != DIM // HEADS: Qwen3 states its head size (transformers assumes 128, as every Qwen3 has)
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -19,11 +23,10 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-@pytest.fixture(scope="module")
-def other_gguf(gguf, tmp_path_factory):
+def write_tiny(gguf, path, arch: str, down_type: QT = QT.Q4_0):
+    """`down_type`: the ffn_down tensors' type (random bytes for types gguf cannot quantize)."""
     rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("other") / "tiny-llama.gguf"
-    w = GGUFWriter(str(path), "llama")
+    w = GGUFWriter(str(path), arch)
     w.add_context_length(256)
     w.add_embedding_length(DIM)
     w.add_block_count(LAYERS)
@@ -32,7 +35,11 @@ def other_gguf(gguf, tmp_path_factory):
     w.add_head_count_kv(KV_HEADS)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_dimension_count(DIM // HEADS)
+    hd = QWEN3_HEAD_DIM if arch == "qwen3" else DIM // HEADS
+    w.add_rope_dimension_count(hd)
+    if arch == "qwen3":
+        w.add_key_length(hd)
+        w.add_value_length(hd)
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre"):
         w.add_string(key, gguf.metadata[key])
     w.add_token_list(gguf.metadata["tokenizer.ggml.tokens"])
@@ -51,18 +58,28 @@ def other_gguf(gguf, tmp_path_factory):
     w.add_tensor("token_embd.weight", rand(vocab, DIM, scale=0.5).astype(np.float16))
     add_q("output.weight", rand(vocab, DIM), QT.Q8_0)
     w.add_tensor("output_norm.weight", 1 + rand(DIM, scale=0.1))
-    hd = DIM // HEADS
+    permute = _permute if arch == "llama" else (lambda w, n: w)  # only llama's Q/K rows are stored interleaved
     for i in range(LAYERS):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", 1 + rand(DIM, scale=0.1))
         w.add_tensor(p + "ffn_norm.weight", 1 + rand(DIM, scale=0.1))
-        add_q(p + "attn_q.weight", _permute(rand(DIM, DIM), HEADS), QT.Q4_0)
-        add_q(p + "attn_k.weight", _permute(rand(KV_HEADS * hd, DIM), KV_HEADS), QT.Q4_0)
+        add_q(p + "attn_q.weight", permute(rand(HEADS * hd, DIM), HEADS), QT.Q4_0)
+        add_q(p + "attn_k.weight", permute(rand(KV_HEADS * hd, DIM), KV_HEADS), QT.Q4_0)
         w.add_tensor(p + "attn_v.weight", rand(KV_HEADS * hd, DIM).astype(np.float16))
-        add_q(p + "attn_output.weight", rand(DIM, DIM), QT.Q8_0)
+        add_q(p + "attn_output.weight", rand(DIM, HEADS * hd), QT.Q8_0)
+        if arch == "qwen2":
+            for name, rows in (("attn_q", HEADS * hd), ("attn_k", KV_HEADS * hd), ("attn_v", KV_HEADS * hd)):
+                w.add_tensor(p + name + ".bias", rand(rows, scale=0.5))
+        if arch == "qwen3":
+            w.add_tensor(p + "attn_q_norm.weight", 1 + rand(hd, scale=0.2))
+            w.add_tensor(p + "attn_k_norm.weight", 1 + rand(hd, scale=0.2))
         add_q(p + "ffn_gate.weight", rand(FFN, DIM), QT.Q4_0)
         add_q(p + "ffn_up.weight", rand(FFN, DIM), QT.Q4_1)
-        add_q(p + "ffn_down.weight", rand(DIM, FFN), QT.Q4_0)
+        if down_type == QT.Q4_0:
+            add_q(p + "ffn_down.weight", rand(DIM, FFN), QT.Q4_0)
+        else:
+            block, size = GGML_QUANT_SIZES[down_type]
+            w.add_tensor(p + "ffn_down.weight", rng.integers(0, 256, (DIM, FFN // block * size), dtype=np.uint8), raw_dtype=down_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -70,11 +87,17 @@ def other_gguf(gguf, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def other_gguf(gguf, tmp_path_factory, request):
+    return write_tiny(gguf, tmp_path_factory.mktemp("other") / f"tiny-{request.param}.gguf", request.param)
+
+
 def test_fp32_logits_match_transformers(other_gguf):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(other_gguf.parent), gguf_file=other_gguf.name, dtype=torch.float32).eval()
     lm = LanguageModel.load(other_gguf, precision="fp32", compile=False)
     assert (lm.cfg.n_heads, lm.cfg.n_kv_heads, lm.cfg.tied_embeddings) == (HEADS, KV_HEADS, False)
+    assert lm.cfg.head_dim == (QWEN3_HEAD_DIM if lm.cfg.arch == "qwen3" else DIM // HEADS)
     ids = lm.tokenizer.encode("A second model, with another shape, reads the same way.")
     ours = lm.prefill(ids, lm.new_cache(len(ids)), last_only=False)
     with torch.no_grad():
@@ -93,3 +116,16 @@ def test_quantized_path_matches_fp32(other_gguf):
     # on this random-weight model (0.36% with all-int16 activations)
     assert (a - b).abs().max() < 0.03 * a.abs().max()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
+def test_unsupported_tensor_type_is_named(gguf, tmp_path):
+    path = write_tiny(gguf, tmp_path / "iq.gguf", "llama", down_type=QT.IQ4_NL)
+    with pytest.raises(EdgewiseError, match=r"iq\.gguf: tensor 'blk\.\d\.ffn_down\.weight' has type IQ4_NL, which edgewise does not run.*llama-quantize --allow-requantize"):
+        LanguageModel.load(path, precision="quant", compile=False)
+
+
+def test_q3_k_is_dequantized_with_a_warning(gguf, tmp_path):
+    path = write_tiny(gguf, tmp_path / "q3k.gguf", "llama", down_type=QT.Q3_K)
+    with pytest.warns(UserWarning, match=r"2 Q3_K tensors are dequantized to bf16"):
+        lm = LanguageModel.load(path, precision="quant", compile=False)
+    assert lm.model.blocks[0].ffn.down.weight.dtype == torch.bfloat16  # random bytes: only the path is checked here

@@ -23,8 +23,13 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "blocks.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512DQ__)
+#define EW_AVX512 1  // 512-bit decode path (kernels/__init__.py builds with it where the CPU has these)
+#endif
 
 namespace {
 
@@ -61,18 +66,21 @@ inline __m256 bytes_to_floats(uint32_t lo, uint32_t hi) {  // 8 unsigned bytes -
 }
 
 // The 8 (scale, min) pairs of a Q4_K/Q5_K super-block as floats: d * scale_s and dmin * min_s.
-// Unpacked four at a time from the 12 bytes read as three little-endian words A, B, C (blocks.h):
-// scales 0-3 = A & 63, mins 0-3 = B & 63; scales 4-7 = C's low nibbles | A's top two bits moved to
-// bits 4-5; mins 4-7 = C's high nibbles | B's top two bits moved to bits 4-5.
+// The 12 bytes after d and dmin, as three little-endian words A, B, C (blocks.h), unpack four at a
+// time: scales 0-3 = A & 63, mins 0-3 = B & 63; scales 4-7 = C's low nibbles | A's top two bits
+// moved to bits 4-5; mins 4-7 = C's high nibbles | B's top two bits moved to bits 4-5. One 16-byte
+// load holds [d dmin | A | B | C]; both halves are computed side by side in 32-bit lanes.
 inline void k4_scales(const uint8_t* blk, __m256& scale, __m256& min) {
-  uint32_t w[3];
-  std::memcpy(w, blk + 4, 12);
-  const uint32_t low6 = 0x3f3f3f3f, nib = 0x0f0f0f0f, top2 = 0x30303030;
-  const uint32_t sc_lo = w[0] & low6, mn_lo = w[1] & low6;
-  const uint32_t sc_hi = (w[2] & nib) | ((w[0] >> 2) & top2);
-  const uint32_t mn_hi = ((w[2] >> 4) & nib) | ((w[1] >> 2) & top2);
-  scale = _mm256_mul_ps(_mm256_set1_ps(fp16_at(blk)), bytes_to_floats(sc_lo, sc_hi));
-  min = _mm256_mul_ps(_mm256_set1_ps(fp16_at(blk + 2)), bytes_to_floats(mn_lo, mn_hi));
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
+  const __m128i ab = _mm_shuffle_epi32(v, 0xF9);  // [A, B, C, C]
+  const __m128i cc = _mm_shuffle_epi32(v, 0xFF);  // [C, C, C, C]
+  const __m128i lo = _mm_and_si128(ab, _mm_set1_epi32(0x3f3f3f3f));  // [scales 0-3, mins 0-3, ..]
+  const __m128i hi = _mm_or_si128(_mm_and_si128(_mm_srlv_epi32(cc, _mm_setr_epi32(0, 4, 0, 0)), _mm_set1_epi32(0x0f0f0f0f)),
+                                  _mm_and_si128(_mm_srli_epi32(ab, 2), _mm_set1_epi32(0x30303030)));  // [scales 4-7, mins 4-7, ..]
+  const __m128i both = _mm_unpacklo_epi32(lo, hi);  // bytes: scales 0-7, mins 0-7
+  const __m256 dm = _mm256_cvtph_ps(v);  // lanes 0, 1: d, dmin
+  scale = _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, _mm256_setzero_si256()), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(both)));
+  min = _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, _mm256_set1_epi32(1)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(both, 8))));
 }
 
 // Each format: kBytes per super-block; kHalfScales (Q6_K: one scale per 16 elements); a Block view
@@ -88,6 +96,13 @@ struct Q4K {
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 + 32 * (b / 2)));
       return _mm256_and_si256(b % 2 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
     }
+#ifdef EW_AVX512
+    __m512i codes2(int j) const {  // blocks 2j, 2j+1: one 32-byte load, low nibbles then high
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 + 32 * j));
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
+      return _mm512_and_si512(both, _mm512_set1_epi8(0x0F));
+    }
+#endif
   };
 };
 
@@ -106,6 +121,16 @@ struct Q5K {
       const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(b)), _mm256_set1_epi8(1));
       return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
     }
+#ifdef EW_AVX512
+    __m512i codes2(int j) const {  // blocks 2j, 2j+1: nibbles as Q4_K, 5th bits 2j and 2j+1 of qh
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 48 + 32 * j));
+      const __m512i low = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1), _mm512_set1_epi8(0x0F));
+      const __m512i qh2 = _mm512_broadcast_i64x4(qh);
+      const __m512i shift = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(2 * j)), _mm256_set1_epi16(static_cast<int16_t>(2 * j + 1)), 1);
+      const __m512i high = _mm512_and_si512(_mm512_srlv_epi16(qh2, shift), _mm512_set1_epi8(1));
+      return _mm512_or_si512(low, _mm512_slli_epi16(high, 4));
+    }
+#endif
   };
 };
 
@@ -130,6 +155,18 @@ struct Q6K {
       const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * bb)), _mm256_set1_epi8(3));
       return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
     }
+#ifdef EW_AVX512
+    __m512i codes2(int j) const {  // blocks 2j, 2j+1 (bb = 0, 1 or 2, 3 of half j / 2): 64 bytes of ql, qh twice
+      const int half = j / 2, hi_nibble = j % 2;
+      const __m512i ql = _mm512_loadu_si512(p + 64 * half);
+      const __m512i low = _mm512_and_si512(hi_nibble ? _mm512_srli_epi16(ql, 4) : ql, _mm512_set1_epi8(0x0F));
+      const __m512i qh2 = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 + 32 * half)));
+      const int bb = 2 * hi_nibble;  // qh bits 2bb (first block) and 2bb + 2 (second)
+      const __m512i shift = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(2 * bb)), _mm256_set1_epi16(static_cast<int16_t>(2 * bb + 2)), 1);
+      const __m512i high = _mm512_and_si512(_mm512_srlv_epi16(qh2, shift), _mm512_set1_epi8(3));
+      return _mm512_or_si512(low, _mm512_slli_epi16(high, 4));
+    }
+#endif
   };
 };
 
@@ -137,8 +174,15 @@ struct Q6K {
 template <typename Format, typename Q, int T>
 inline void row_dot(const uint8_t* row, int64_t n_super, const Activations<Q>& a, int64_t row0, float* out, int64_t out_stride) {
   const int64_t nb = a.n_blocks;
-  __m256 acc[T], macc[T];
-  for (int t = 0; t < T; ++t) acc[t] = macc[t] = _mm256_setzero_ps();
+  // A accumulators per row: in decode (T = 1) four independent FMA chains, so that the chain's
+  // latency, not the loads, would bound a row (measured 1.5x faster than one chain); prefill's T
+  // rows already interleave T chains.
+  constexpr int A = T == 1 ? 4 : 1;
+  __m256 acc[T][A], macc[T];
+  for (int t = 0; t < T; ++t) {
+    macc[t] = _mm256_setzero_ps();
+    for (int i = 0; i < A; ++i) acc[t][i] = _mm256_setzero_ps();
+  }
   const __m256i pair_lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
   for (int64_t sb = 0; sb < n_super; ++sb) {
     const typename Format::Block blk(row + sb * Format::kBytes);
@@ -173,13 +217,62 @@ inline void row_dot(const uint8_t* row, int64_t n_super, const Activations<Q>& a
           s = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(lane_scale[t] + 2 * b)))), pair_lanes);
         else
           s = _mm256_broadcast_ss(lane_scale[t] + b);
-        acc[t] = _mm256_fmadd_ps(s, p, acc[t]);
+        acc[t][b % A] = _mm256_fmadd_ps(s, p, acc[t][b % A]);
       }
     }
   }
   const float offset = Format::kHalfScales ? 32.f : 1.f;  // Q6_K: q - 32; Q4_K/Q5_K: the mins
-  for (int t = 0; t < T; ++t) out[t * out_stride] = hsum(acc[t]) - offset * hsum(macc[t]);
+  for (int t = 0; t < T; ++t) {
+    __m256 sum = acc[t][0];
+    for (int i = 1; i < A; ++i) sum = _mm256_add_ps(sum, acc[t][i]);
+    out[t * out_stride] = hsum(sum) - offset * hsum(macc[t]);
+  }
 }
+
+#ifdef EW_AVX512
+// Decode (one activation row, int8) with 512-bit vectors where the CPU has AVX-512 (BW, VNNI): two
+// 32-element blocks per step, their lane scales picked from the super-block's scales by one permute.
+// Same arithmetic as row_dot; only the grouping of the float sums differs.
+template <typename Format>
+inline float row_dot_512(const uint8_t* row, int64_t n_super, const Activations<int8_t>& a, int64_t row0) {
+  const int64_t nb = a.n_blocks;
+  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m256 macc = _mm256_setzero_ps();
+  // lane -> entry of lane_scale: per block (8 entries: lanes 0-7 block 2j, 8-15 block 2j+1) or per half (16)
+  const __m512i pick_block[4] = {_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2),
+                                 _mm512_set_epi32(5, 5, 5, 5, 5, 5, 5, 5, 4, 4, 4, 4, 4, 4, 4, 4), _mm512_set_epi32(7, 7, 7, 7, 7, 7, 7, 7, 6, 6, 6, 6, 6, 6, 6, 6)};
+  const __m512i pick_half[4] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0), _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4),
+                                _mm512_set_epi32(11, 11, 11, 11, 10, 10, 10, 10, 9, 9, 9, 9, 8, 8, 8, 8), _mm512_set_epi32(15, 15, 15, 15, 14, 14, 14, 14, 13, 13, 13, 13, 12, 12, 12, 12)};
+  for (int64_t sb = 0; sb < n_super; ++sb) {
+    const typename Format::Block blk(row + sb * Format::kBytes);
+    __m256 s0, s1;
+    blk.scales(s0, s1);
+    const int64_t x0 = row0 * nb + sb * kBlocksPerSuper;
+    const __m256 dx = _mm256_loadu_ps(a.d.data() + x0);
+    __m512 lane_scale;
+    if constexpr (!Format::kHalfScales) {
+      lane_scale = _mm512_castps256_ps512(_mm256_mul_ps(s0, dx));
+      macc = _mm256_fmadd_ps(s1, _mm256_loadu_ps(a.s.data() + x0), macc);
+    } else {
+      const __m256 dx_lo = _mm256_permutevar8x32_ps(dx, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+      const __m256 dx_hi = _mm256_permutevar8x32_ps(dx, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7));
+      lane_scale = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_mul_ps(s0, dx_lo)), _mm256_mul_ps(s1, dx_hi), 1);
+      const float* h = a.s16.data() + 2 * x0;
+      macc = _mm256_fmadd_ps(s0, _mm256_loadu_ps(h), macc);
+      macc = _mm256_fmadd_ps(s1, _mm256_loadu_ps(h + 8), macc);
+    }
+    const int8_t* xq = a.q.data() + x0 * QK;
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), blk.codes2(j), _mm512_loadu_si512(xq + 64 * j));
+      const __m512 s = _mm512_permutexvar_ps(Format::kHalfScales ? pick_half[j] : pick_block[j], lane_scale);
+      acc[j % 2] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(p), acc[j % 2]);
+    }
+  }
+  const float offset = Format::kHalfScales ? 32.f : 1.f;
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) - offset * hsum(macc);
+}
+#endif
 
 template <typename Format, typename Q>
 at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t n, int64_t k) {
@@ -195,7 +288,15 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t n, int64_
       const uint8_t* row = wp + j * row_bytes;
       int64_t i = 0;
       for (; i + TILE <= m; i += TILE) row_dot<Format, Q, TILE>(row, n_super, act, i, op + i * n + j, n);
-      for (; i < m; ++i) row_dot<Format, Q, 1>(row, n_super, act, i, op + i * n + j, n);
+      for (; i < m; ++i) {
+#ifdef EW_AVX512
+        if constexpr (std::is_same_v<Q, int8_t>) {
+          op[i * n + j] = row_dot_512<Format>(row, n_super, act, i);
+          continue;
+        }
+#endif
+        row_dot<Format, Q, 1>(row, n_super, act, i, op + i * n + j, n);
+      }
     }
   });
   return out;

@@ -61,7 +61,7 @@ class DecodeStep(nn.Module):
 
 
 def package_key(model: Llama) -> str:
-    source = inspect.getsource(model_module) + inspect.getsource(weights_module) + inspect.getsource(DecodeStep) + kernels.source_hash()
+    source = inspect.getsource(model_module) + inspect.getsource(weights_module) + inspect.getsource(DecodeStep) + inspect.getsource(compile_decode_step) + kernels.source_hash()
     layout = sorted((name, tuple(b.shape), str(b.dtype)) for name, b in model.named_buffers())
     act_bits = sorted((name, m.act_bits) for name, m in model.named_modules() if hasattr(m, "act_bits"))  # baked into the graph
     blob = json.dumps([__version__, torch.__version__, model.cfg.to_dict(), model.precision, layout, act_bits, source], default=str)

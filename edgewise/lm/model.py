@@ -206,12 +206,13 @@ class Llama(nn.Module):
     def from_gguf(
         cls, gguf: GGUFFile, precision: Precision = "quant", progress=None, act_bits: dict[str, int] | None = None, ffn_of_layer: Callable[[int], nn.Module] | None = None
     ) -> "Llama":
-        """Build the decoder from a GGUF; `act_bits` overrides `ACT_BITS` (the native kernels' input rounding per role).
+        """Build the decoder from a GGUF; `act_bits` overrides `ACT_BITS` and the architecture's own (the native
+        kernels' input rounding per role).
         `ffn_of_layer(i)` supplies layer i's FFN instead of loading it (the flash engine, whose GGUF has no FFN tensors)."""
         cfg = ModelConfig.from_gguf(gguf)
         check_tensor_types(gguf)
         traits = cfg.traits
-        bits = {**ACT_BITS, **(act_bits or {})}
+        bits = {**ACT_BITS, **dict(traits.act_bits), **(act_bits or {})}
         q_order = rope_row_order(cfg.n_heads, cfg.head_dim) if traits.rope_permuted else None
         k_order = rope_row_order(cfg.n_kv_heads, cfg.head_dim) if traits.rope_permuted else None
 
