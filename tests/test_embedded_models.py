@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from edgewise.lm.runtime import LanguageModel
+from tests.quality import quant_vs_fp32_perplexity
 
 GEMMA_PROMPTS = [
     "The capital of France is",
@@ -131,16 +132,8 @@ def test_gemma_fp32_greedy_is_token_identical(gemma_fp32, gemma_hf, prompt):
 
 def test_gemma_quantized_perplexity_within_half_a_percent_of_fp32(gemma_fp32, gemma_quant):
     """On 2 windows x 512 tokens of Austen (benchmarks/decode.py reports a longer run)."""
-    from edgewise.data.text import load_text
-    from edgewise.metrics.perplexity import perplexity
-
-    ids = gemma_fp32.tokenizer.encode(load_text("austen")[:20_000])
-    results = {}
-    for name, lm in (("fp32", gemma_fp32), ("quant", gemma_quant)):
-        cache = lm.new_cache(512)
-        results[name] = perplexity(lambda w: lm.prefill(w, cache, last_only=False), ids, 512, 1024).ppl
-    print(f"gemma ppl fp32 {results['fp32']:.3f}, quant {results['quant']:.3f} ({results['quant'] / results['fp32'] - 1:+.2%})")
-    assert abs(results["quant"] / results["fp32"] - 1) < 0.005
+    fp32, quant = quant_vs_fp32_perplexity(gemma_fp32, gemma_quant, 1024)
+    assert abs(quant / fp32 - 1) < 0.005
 
 
 # -- Qwen2.5-Coder-1.5B ----------------------------------------------------------------------------
@@ -208,13 +201,5 @@ def test_qwen_fp32_greedy_is_token_identical(qwen_fp32, qwen_hf):
 
 @pytest.mark.slow
 def test_qwen_quantized_perplexity_within_half_a_percent_of_fp32(qwen_fp32, qwen_quant):
-    from edgewise.data.text import load_text
-    from edgewise.metrics.perplexity import perplexity
-
-    ids = qwen_fp32.tokenizer.encode(load_text("austen")[:40_000])
-    results = {}
-    for name, lm in (("fp32", qwen_fp32), ("quant", qwen_quant)):
-        cache = lm.new_cache(512)
-        results[name] = perplexity(lambda w: lm.prefill(w, cache, last_only=False), ids, 512, 2048).ppl
-    print(f"qwen ppl fp32 {results['fp32']:.3f}, quant {results['quant']:.3f} ({results['quant'] / results['fp32'] - 1:+.2%})")
-    assert abs(results["quant"] / results["fp32"] - 1) < 0.005
+    fp32, quant = quant_vs_fp32_perplexity(qwen_fp32, qwen_quant, 2048)
+    assert abs(quant / fp32 - 1) < 0.005

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.quality import quant_vs_fp32_perplexity
+
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog. Once upon a time, there was a little girl who lived in a village near the forest.",
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
@@ -61,13 +63,5 @@ def test_quantized_logits_stay_close_to_fp32(lm_quant, hf_model):
 def test_quantized_perplexity_within_half_a_percent_of_fp32(lm_fp32, lm_quant):
     """The issue's quality bar, on 4 windows x 512 tokens of Austen (benchmarks/decode.py runs 16k tokens).
     Measured +0.12% with model.ACT_BITS (all-int16 +0.01%, all-int8 as llama.cpp +0.58%)."""
-    from edgewise.data.text import load_text
-    from edgewise.metrics.perplexity import perplexity
-
-    ids = lm_fp32.tokenizer.encode(load_text("austen")[:40_000])
-    results = {}
-    for name, lm in (("fp32", lm_fp32), ("quant", lm_quant)):
-        cache = lm.new_cache(512)
-        results[name] = perplexity(lambda w: lm.prefill(w, cache, last_only=False), ids, 512, 2048).ppl
-    print(f"ppl fp32 {results['fp32']:.3f}, quant {results['quant']:.3f} ({results['quant'] / results['fp32'] - 1:+.2%})")
-    assert abs(results["quant"] / results["fp32"] - 1) < 0.005
+    fp32, quant = quant_vs_fp32_perplexity(lm_fp32, lm_quant, 2048)
+    assert abs(quant / fp32 - 1) < 0.005
