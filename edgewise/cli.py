@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from edgewise import __version__
@@ -689,12 +690,19 @@ def cmd_tiny_plan(args) -> int:
     return 0
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as the CLI prints them: one line, no source location (`--debug` keeps Python's own)."""
+    return f"edgewise: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     # OpenMP reads this once, when torch loads (imported lazily below): PASSIVE makes a decode step
     # 3-4x slower on small machines, and unset was sometimes pathological.
     os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.debug:
+        warnings.formatwarning = one_line_warning
     if args.command is None:
         parser.print_help()
         return 2

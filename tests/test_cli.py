@@ -72,3 +72,13 @@ def test_chat_session_through_stdin(monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert out.strip() and "<|im_" not in out
     assert "decode" in err and "tok/s" in err
+
+
+def test_warnings_print_on_one_line():
+    import warnings
+
+    from edgewise.cli import one_line_warning
+
+    text = one_line_warning(UserWarning("AOTInductor compile/load failed (RuntimeError: x); decoding eagerly"), UserWarning, "compiled.py", 10)
+    assert text == "edgewise: warning: AOTInductor compile/load failed (RuntimeError: x); decoding eagerly\n"
+    assert warnings.formatwarning is not None
