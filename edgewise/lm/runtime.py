@@ -215,7 +215,6 @@ class LanguageModel:
         stats.decode_s = time.perf_counter() - t_first
         stats.peak_rss_mb = peak_rss_mb()
 
-
     def stream(self, prompt: str, max_new_tokens: int = 128, sampler: Sampler | None = None) -> Iterator[str]:
         """Text pieces of the continuation of `prompt` (raw, no chat template)."""
         ids = self.tokenizer.encode(prompt)

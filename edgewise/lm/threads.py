@@ -538,10 +538,13 @@ class ThreadGovernor:
         else:
             assert self.meter is not None
             sample = self.meter.sample()
-            if sample is None:
-                time.sleep(self.start_wait_s)
-                sample = self.meter.sample()
-            n = threads_for(sample) if sample is not None else usable_cpus()
+            if sample is None and self._threads:  # measured moments ago (back-to-back generations): keep the count
+                n = self._threads
+            else:
+                if sample is None:
+                    time.sleep(self.start_wait_s)
+                    sample = self.meter.sample()
+                n = threads_for(sample) if sample is not None else usable_cpus()
             if sample is not None:
                 self._record(sample, n, n)
         self._apply(n, self._saved)
