@@ -37,8 +37,6 @@ Precision = Literal["quant", "bf16", "fp32"]
 PRECISIONS: tuple[str, ...] = ("quant", "bf16", "fp32")
 GROUP = 32  # elements per Q4/Q8 block, and the int4 kernel's group size
 INT4_INNER_K_TILES = 8  # fallback kernel; of 2, 4, 8 the fastest on the AVX2 test machine (1536x576: 91, 82, 75 us)
-QK_K = 256  # elements per K-quant super-block
-
 NATIVE_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q5_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)  # on edgewise's kernels
 KQUANT_TYPES = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
@@ -219,12 +217,6 @@ class Q8Linear(nn.Module):
         d = blocks[..., :2].copy().view(np.float16)[..., 0]
         qs = blocks[..., 2:].copy().view(np.int8).reshape(raw.shape[0], k)
         return cls(torch.from_numpy(qs), torch.from_numpy(np.ascontiguousarray(d)), act_bits)
-
-    @classmethod
-    def from_q5_0(cls, raw: np.ndarray, k: int, act_bits: int = 16) -> "Q8Linear":
-        """Q5_0 blocks (fp16 d, 32 high bits, 16 bytes of low nibbles; w = (q - 16) * d) as exact int8 codes q - 16."""
-        qs, d = q5_0_codes(raw, k)
-        return cls(torch.from_numpy(qs), torch.from_numpy(d), act_bits)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, act_bits: int = 16) -> "Q8Linear":
