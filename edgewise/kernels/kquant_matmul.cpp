@@ -89,6 +89,20 @@ inline void k4_scales(const uint8_t* blk, __m256& scale, __m256& min) {
 
 // Each format: kBytes per super-block; kHalfScales (Q6_K: one scale per 16 elements); a Block view
 // of one super-block that unpacks its scales and the codes of its 32-element block b (0..7).
+// Q4_K/Q5_K low 4 bits: the 32 bytes at qs + 32 (b / 2) hold block b in their low nibbles (b even)
+// or high nibbles (b odd), element l in byte l.
+inline __m256i k4_nibbles(const uint8_t* qs, int b) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * (b / 2)));
+  return _mm256_and_si256(b % 2 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
+}
+
+#ifdef EW_AVX512
+inline __m512i k4_nibbles2(const uint8_t* qs, int j) {  // blocks 2j, 2j+1: one 32-byte load, low nibbles then high
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * j));
+  return _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1), _mm512_set1_epi8(0x0F));
+}
+#endif
+
 struct Q4K {
   static constexpr int64_t kBytes = ew::Q4_K_BYTES;
   static constexpr bool kHalfScales = false;
@@ -96,16 +110,9 @@ struct Q4K {
     const uint8_t* p;
     explicit Block(const uint8_t* blk) : p(blk) {}
     void scales(__m256& scale, __m256& min) const { k4_scales(p, scale, min); }
-    __m256i codes(int b) const {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 + 32 * (b / 2)));
-      return _mm256_and_si256(b % 2 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
-    }
+    __m256i codes(int b) const { return k4_nibbles(p + 16, b); }
 #ifdef EW_AVX512
-    __m512i codes2(int j) const {  // blocks 2j, 2j+1: one 32-byte load, low nibbles then high
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 + 32 * j));
-      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
-      return _mm512_and_si512(both, _mm512_set1_epi8(0x0F));
-    }
+    __m512i codes2(int j) const { return k4_nibbles2(p + 16, j); }
 #endif
   };
 };
@@ -119,16 +126,14 @@ struct Q5K {
     explicit Block(const uint8_t* blk) : p(blk), qh(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16))) {}
     void scales(__m256& scale, __m256& min) const { k4_scales(p, scale, min); }
     __m256i codes(int b) const {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 48 + 32 * (b / 2)));
-      const __m256i low = _mm256_and_si256(b % 2 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
+      const __m256i low = k4_nibbles(p + 48, b);
       // bit b of each qh byte -> bit 4 (16-bit shifts: the masks drop what crosses from the other byte)
       const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(b)), _mm256_set1_epi8(1));
       return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
     }
 #ifdef EW_AVX512
     __m512i codes2(int j) const {  // blocks 2j, 2j+1: nibbles as Q4_K, 5th bits 2j and 2j+1 of qh
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 48 + 32 * j));
-      const __m512i low = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1), _mm512_set1_epi8(0x0F));
+      const __m512i low = k4_nibbles2(p + 48, j);
       const __m512i qh2 = _mm512_broadcast_i64x4(qh);
       const __m512i shift = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(2 * j)), _mm256_set1_epi16(static_cast<int16_t>(2 * j + 1)), 1);
       const __m512i high = _mm512_and_si512(_mm512_srlv_epi16(qh2, shift), _mm512_set1_epi8(1));

@@ -200,13 +200,18 @@ class BackgroundCompile:
         if now < self._next_poll or self._loading is not None:
             return None
         self._next_poll = now + self.POLL_S
-        if self.proc is not None and self.proc.poll() not in (None, 0):
-            self.failed = f"the background compile failed (exit {self.proc.returncode}; log: {self.log_path})"
-            warnings.warn(self.failed + "; decoding eagerly", stacklevel=3)
-            return None
         if self.path.exists():
             self._loading = threading.Thread(target=self._load, daemon=True)
             self._loading.start()
+            return None
+        exit_code = None if self.proc is None else self.proc.poll()
+        if exit_code not in (None, 0):
+            self.failed = f"the background compile failed (exit {exit_code}; log: {self.log_path})"
+        elif (self.proc is None or exit_code == 0) and not _compile_running(self.path.with_suffix(".lock")):
+            # our child left it to another process (or found nothing to do), and that one ended without a package
+            self.failed = f"the background compile ended without a package (log: {self.log_path})"
+        if self.failed:
+            warnings.warn(self.failed + "; decoding eagerly", stacklevel=3)
         return None
 
     def _load(self) -> None:
@@ -218,16 +223,12 @@ class BackgroundCompile:
 
     def wait(self, timeout: float | None = None) -> CompiledDecoder | None:
         """Block until the child is done and the package loaded (tests, benchmarks)."""
-        if self.proc is not None:
-            self.proc.wait(timeout)
         deadline = time.monotonic() + (timeout or 1e9)
         while self.decoder is None and self.failed is None and time.monotonic() < deadline:
             self._next_poll = 0.0
             self.poll()
             if self._loading is not None:
                 self._loading.join()
-            elif self.proc is None and not _compile_running(self.path.with_suffix(".lock")) and not self.path.exists():
-                self.failed = "another process's compile ended without a package"
             else:
                 time.sleep(0.2)
         return self.decoder

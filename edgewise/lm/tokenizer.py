@@ -83,11 +83,10 @@ def _sentencepiece_merges(tokens: list[str], vocab: dict[str, int], scores, type
     return [(left, right) for *_, left, right in keyed]
 
 
-def _sentencepiece_tokenizer(gguf: GGUFFile, tokens: list[str], types: list[int]) -> Tokenizer:
+def _sentencepiece_tokenizer(gguf: GGUFFile, tokens: list[str], vocab: dict[str, int], types: list[int]) -> Tokenizer:
     scores = gguf.metadata.get("tokenizer.ggml.scores")
     if scores is None or len(scores) != len(tokens):
         scores = [-float(i) for i in range(len(tokens))]  # no scores: file order is merge order
-    vocab = {tok: i for i, tok in enumerate(tokens)}
     unk = gguf.metadata.get("tokenizer.ggml.unknown_token_id")
     tk = Tokenizer(models.BPE(vocab=vocab, merges=_sentencepiece_merges(tokens, vocab, scores, types), unk_token=tokens[int(unk)] if unk is not None else None, fuse_unk=True, byte_fallback=True))
     steps = [decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -124,7 +123,7 @@ class TextTokenizer:
         types = gguf.metadata.get("tokenizer.ggml.token_type") or [TOKEN_TYPE_NORMAL] * len(tokens)
         vocab = {tok: i for i, tok in enumerate(tokens)}
         if kind == "llama":
-            tk = _sentencepiece_tokenizer(gguf, tokens, types)
+            tk = _sentencepiece_tokenizer(gguf, tokens, vocab, types)
         else:
             pre = gguf.metadata.get("tokenizer.ggml.pre", "default")
             if pre not in PRE_TOKENIZERS:

@@ -162,14 +162,16 @@ def q5_0_codes(raw: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return (low + high - 16).astype(np.int8).reshape(raw.shape[0], k), np.ascontiguousarray(d)
 
 
+def q8_0_codes(raw: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 rows -> (int8 codes [N, K], fp16 d [N, K/32])."""
+    blocks = _blocks(raw, k, 34)
+    return blocks[..., 2:].copy().view(np.int8).reshape(raw.shape[0], k), np.ascontiguousarray(blocks[..., :2].copy().view(np.float16)[..., 0])
+
+
 def q8_codes(t: GGUFTensor, row_order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A Q8_0 or Q5_0 tensor as (int8 codes [N, K], fp16 scales [N, K/32]): w = code * scale per block of 32."""
     raw = t.raw if row_order is None else t.raw[row_order]
-    k = t.shape[1]
-    if t.qtype == QT.Q5_0:
-        return q5_0_codes(raw, k)
-    blocks = _blocks(raw, k, 34)
-    return blocks[..., 2:].copy().view(np.int8).reshape(raw.shape[0], k), np.ascontiguousarray(blocks[..., :2].copy().view(np.float16)[..., 0])
+    return (q5_0_codes if t.qtype == QT.Q5_0 else q8_0_codes)(raw, t.shape[1])
 
 
 class Q4Linear(nn.Module):
@@ -213,10 +215,8 @@ class Q8Linear(nn.Module):
 
     @classmethod
     def from_raw(cls, raw: np.ndarray, k: int, act_bits: int = 16) -> "Q8Linear":
-        blocks = _blocks(raw, k, 34)
-        d = blocks[..., :2].copy().view(np.float16)[..., 0]
-        qs = blocks[..., 2:].copy().view(np.int8).reshape(raw.shape[0], k)
-        return cls(torch.from_numpy(qs), torch.from_numpy(np.ascontiguousarray(d)), act_bits)
+        qs, d = q8_0_codes(raw, k)
+        return cls(torch.from_numpy(qs), torch.from_numpy(d), act_bits)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, act_bits: int = 16) -> "Q8Linear":
