@@ -49,7 +49,7 @@ constexpr int64_t kBlocksPerSuper = QK_K / QK;  // 8 activation blocks per super
 
 // 32 unsigned codes (element order) . 32 activation codes -> 8 int32 lanes; lanes 0-3 sum elements
 // 0..15 and lanes 4-7 elements 16..31 (Q6_K gives each half its own scale).
-inline __m256i dot32(__m256i w, const int8_t* y) {
+EW_INLINE __m256i dot32(__m256i w, const int8_t* y) {
   const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y));
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
@@ -58,15 +58,11 @@ inline __m256i dot32(__m256i w, const int8_t* y) {
 #endif
 }
 
-inline __m256i dot32(__m256i w, const int16_t* y) {
+EW_INLINE __m256i dot32(__m256i w, const int16_t* y) {
   const __m256i lo = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(w)), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y)));
   const __m256i hi = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(w, 1)), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + 16)));
   // hadd pairs within 128-bit lanes -> [lo 0..7 | hi 0..7 | lo 8..15 | hi 8..15] as 64-bit quarters; reorder
   return _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), 0xD8);
-}
-
-inline __m256 bytes_to_floats(uint32_t lo, uint32_t hi) {  // 8 unsigned bytes -> 8 floats
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, static_cast<int>(hi), static_cast<int>(lo))));
 }
 
 // The 8 (scale, min) pairs of a Q4_K/Q5_K super-block as floats: d * scale_s and dmin * min_s.
@@ -74,7 +70,7 @@ inline __m256 bytes_to_floats(uint32_t lo, uint32_t hi) {  // 8 unsigned bytes -
 // time: scales 0-3 = A & 63, mins 0-3 = B & 63; scales 4-7 = C's low nibbles | A's top two bits
 // moved to bits 4-5; mins 4-7 = C's high nibbles | B's top two bits moved to bits 4-5. One 16-byte
 // load holds [d dmin | A | B | C]; both halves are computed side by side in 32-bit lanes.
-inline void k4_scales(const uint8_t* blk, __m256& scale, __m256& min) {
+EW_INLINE void k4_scales(const uint8_t* blk, __m256& scale, __m256& min) {
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
   const __m128i ab = _mm_shuffle_epi32(v, 0xF9);  // [A, B, C, C]
   const __m128i cc = _mm_shuffle_epi32(v, 0xFF);  // [C, C, C, C]
@@ -91,13 +87,13 @@ inline void k4_scales(const uint8_t* blk, __m256& scale, __m256& min) {
 // of one super-block that unpacks its scales and the codes of its 32-element block b (0..7).
 // Q4_K/Q5_K low 4 bits: the 32 bytes at qs + 32 (b / 2) hold block b in their low nibbles (b even)
 // or high nibbles (b odd), element l in byte l.
-inline __m256i k4_nibbles(const uint8_t* qs, int b) {
+EW_INLINE __m256i k4_nibbles(const uint8_t* qs, int b) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * (b / 2)));
   return _mm256_and_si256(b % 2 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
 }
 
 #ifdef EW_AVX512
-inline __m512i k4_nibbles2(const uint8_t* qs, int j) {  // blocks 2j, 2j+1: one 32-byte load, low nibbles then high
+EW_INLINE __m512i k4_nibbles2(const uint8_t* qs, int j) {  // blocks 2j, 2j+1: one 32-byte load, low nibbles then high
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * j));
   return _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1), _mm512_set1_epi8(0x0F));
 }
@@ -109,10 +105,10 @@ struct Q4K {
   struct Block {
     const uint8_t* p;
     explicit Block(const uint8_t* blk) : p(blk) {}
-    void scales(__m256& scale, __m256& min) const { k4_scales(p, scale, min); }
-    __m256i codes(int b) const { return k4_nibbles(p + 16, b); }
+    EW_INLINE void scales(__m256& scale, __m256& min) const { k4_scales(p, scale, min); }
+    EW_INLINE __m256i codes(int b) const { return k4_nibbles(p + 16, b); }
 #ifdef EW_AVX512
-    __m512i codes2(int j) const { return k4_nibbles2(p + 16, j); }
+    EW_INLINE __m512i codes2(int j) const { return k4_nibbles2(p + 16, j); }
 #endif
   };
 };
@@ -124,15 +120,15 @@ struct Q5K {
     const uint8_t* p;
     __m256i qh;
     explicit Block(const uint8_t* blk) : p(blk), qh(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16))) {}
-    void scales(__m256& scale, __m256& min) const { k4_scales(p, scale, min); }
-    __m256i codes(int b) const {
+    EW_INLINE void scales(__m256& scale, __m256& min) const { k4_scales(p, scale, min); }
+    EW_INLINE __m256i codes(int b) const {
       const __m256i low = k4_nibbles(p + 48, b);
       // bit b of each qh byte -> bit 4 (16-bit shifts: the masks drop what crosses from the other byte)
       const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(b)), _mm256_set1_epi8(1));
       return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
     }
 #ifdef EW_AVX512
-    __m512i codes2(int j) const {  // blocks 2j, 2j+1: nibbles as Q4_K, 5th bits 2j and 2j+1 of qh
+    EW_INLINE __m512i codes2(int j) const {  // blocks 2j, 2j+1: nibbles as Q4_K, 5th bits 2j and 2j+1 of qh
       const __m512i low = k4_nibbles2(p + 48, j);
       const __m512i qh2 = _mm512_broadcast_i64x4(qh);
       const __m512i shift = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(2 * j)), _mm256_set1_epi16(static_cast<int16_t>(2 * j + 1)), 1);
@@ -150,13 +146,13 @@ struct Q6K {
     const uint8_t* p;
     explicit Block(const uint8_t* blk) : p(blk) {}
     // d * scale for sub-blocks 0..7 and 8..15
-    void scales(__m256& lo, __m256& hi) const {
+    EW_INLINE void scales(__m256& lo, __m256& hi) const {
       const __m128i s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192));
       const __m256 d = _mm256_set1_ps(fp16_at(p + 208));
       lo = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s)));
       hi = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s, 8))));
     }
-    __m256i codes(int b) const {
+    EW_INLINE __m256i codes(int b) const {
       const int half = b / 4, bb = b % 4;
       const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * half + 32 * (bb & 1)));
       const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 + 32 * half));
@@ -165,7 +161,7 @@ struct Q6K {
       return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
     }
 #ifdef EW_AVX512
-    __m512i codes2(int j) const {  // blocks 2j, 2j+1 (bb = 0, 1 or 2, 3 of half j / 2): 64 bytes of ql, qh twice
+    EW_INLINE __m512i codes2(int j) const {  // blocks 2j, 2j+1 (bb = 0, 1 or 2, 3 of half j / 2): 64 bytes of ql, qh twice
       const int half = j / 2, hi_nibble = j % 2;
       const __m512i ql = _mm512_loadu_si512(p + 64 * half);
       const __m512i low = _mm512_and_si512(hi_nibble ? _mm512_srli_epi16(ql, 4) : ql, _mm512_set1_epi8(0x0F));
