@@ -23,7 +23,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
+#include <vector>
 
 #include "blocks.h"
 
@@ -65,19 +67,24 @@ EW_INLINE __m256i dot32(__m256i w, const int16_t* y) {
   return _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), 0xD8);
 }
 
-// The 8 (scale, min) pairs of a Q4_K/Q5_K super-block as floats: d * scale_s and dmin * min_s.
+// The 8 (scale, min) pairs of a Q4_K/Q5_K super-block as bytes: scales 0-7, then mins 0-7.
 // The 12 bytes after d and dmin, as three little-endian words A, B, C (blocks.h), unpack four at a
 // time: scales 0-3 = A & 63, mins 0-3 = B & 63; scales 4-7 = C's low nibbles | A's top two bits
 // moved to bits 4-5; mins 4-7 = C's high nibbles | B's top two bits moved to bits 4-5. One 16-byte
 // load holds [d dmin | A | B | C]; both halves are computed side by side in 32-bit lanes.
-EW_INLINE void k4_scales(const uint8_t* blk, __m256& scale, __m256& min) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
+EW_INLINE __m128i k4_scale_bytes(__m128i v) {
   const __m128i ab = _mm_shuffle_epi32(v, 0xF9);  // [A, B, C, C]
   const __m128i cc = _mm_shuffle_epi32(v, 0xFF);  // [C, C, C, C]
   const __m128i lo = _mm_and_si128(ab, _mm_set1_epi32(0x3f3f3f3f));  // [scales 0-3, mins 0-3, ..]
   const __m128i hi = _mm_or_si128(_mm_and_si128(_mm_srlv_epi32(cc, _mm_setr_epi32(0, 4, 0, 0)), _mm_set1_epi32(0x0f0f0f0f)),
                                   _mm_and_si128(_mm_srli_epi32(ab, 2), _mm_set1_epi32(0x30303030)));  // [scales 4-7, mins 4-7, ..]
-  const __m128i both = _mm_unpacklo_epi32(lo, hi);  // bytes: scales 0-7, mins 0-7
+  return _mm_unpacklo_epi32(lo, hi);
+}
+
+// As floats: d * scale_s and dmin * min_s.
+EW_INLINE void k4_scales(const uint8_t* blk, __m256& scale, __m256& min) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
+  const __m128i both = k4_scale_bytes(v);
   const __m256 dm = _mm256_cvtph_ps(v);  // lanes 0, 1: d, dmin
   scale = _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, _mm256_setzero_si256()), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(both)));
   min = _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, _mm256_set1_epi32(1)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(both, 8))));
@@ -93,9 +100,20 @@ EW_INLINE __m256i k4_nibbles(const uint8_t* qs, int b) {
 }
 
 #ifdef EW_AVX512
-EW_INLINE __m512i k4_nibbles2(const uint8_t* qs, int j) {  // blocks 2j, 2j+1: one 32-byte load, low nibbles then high
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * j));
-  return _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1), _mm512_set1_epi8(0x0F));
+// Pair j of 32-element blocks from one 64-byte load of nibbles (qs + 64 (j / 2)): its bytes 0..31 hold
+// blocks 4h and 4h+1, bytes 32..63 blocks 4h+2 and 4h+3 (low, high nibbles), so the low nibbles are
+// blocks (4h, 4h+2) and the high nibbles (4h+1, 4h+3): Format::kPairs.
+EW_INLINE __m512i k4_nibbles_pair(const uint8_t* qs, int j) {
+  const __m512i raw = _mm512_loadu_si512(qs + 64 * (j / 2));
+  return _mm512_and_si512(j % 2 ? _mm512_srli_epi16(raw, 4) : raw, _mm512_set1_epi8(0x0F));
+}
+
+// k4_scales in one 512-bit vector: [d * scale_0..7 | dmin * min_0..7].
+EW_INLINE __m512 k4_scales16(const uint8_t* blk) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
+  const __m512 dm = _mm512_castps128_ps512(_mm_cvtph_ps(v));  // lanes 0, 1: d, dmin
+  const __m512 d_dmin = _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), dm);
+  return _mm512_mul_ps(d_dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(k4_scale_bytes(v))));
 }
 #endif
 
@@ -108,9 +126,13 @@ struct Q4K {
     EW_INLINE void scales(__m256& scale, __m256& min) const { k4_scales(p, scale, min); }
     EW_INLINE __m256i codes(int b) const { return k4_nibbles(p + 16, b); }
 #ifdef EW_AVX512
-    EW_INLINE __m512i codes2(int j) const { return k4_nibbles2(p + 16, j); }
+    EW_INLINE __m512 scales16() const { return k4_scales16(p); }
+    EW_INLINE __m512i pair(int j) const { return k4_nibbles_pair(p + 16, j); }
 #endif
   };
+#ifdef EW_AVX512
+  static constexpr int kPairs[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};  // one 64-byte load of nibbles: low halves, then high
+#endif
 };
 
 struct Q5K {
@@ -128,15 +150,18 @@ struct Q5K {
       return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
     }
 #ifdef EW_AVX512
-    EW_INLINE __m512i codes2(int j) const {  // blocks 2j, 2j+1: nibbles as Q4_K, 5th bits 2j and 2j+1 of qh
-      const __m512i low = k4_nibbles2(p + 48, j);
-      const __m512i qh2 = _mm512_broadcast_i64x4(qh);
-      const __m512i shift = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(2 * j)), _mm256_set1_epi16(static_cast<int16_t>(2 * j + 1)), 1);
-      const __m512i high = _mm512_and_si512(_mm512_srlv_epi16(qh2, shift), _mm512_set1_epi8(1));
-      return _mm512_or_si512(low, _mm512_slli_epi16(high, 4));
+    EW_INLINE __m512 scales16() const { return k4_scales16(p); }
+    EW_INLINE __m512i pair(int j) const {  // nibbles as Q4_K; 5th bits: bit A of qh's bytes for the low half, A + 2 for the high
+      const int a = kPairs[j][0];
+      const __m512i shift = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(a)), _mm256_set1_epi16(static_cast<int16_t>(a + 2)), 1);
+      const __m512i high = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(qh), shift), _mm512_set1_epi8(1));
+      return _mm512_or_si512(k4_nibbles_pair(p + 48, j), _mm512_slli_epi16(high, 4));
     }
 #endif
   };
+#ifdef EW_AVX512
+  static constexpr int kPairs[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
+#endif
 };
 
 struct Q6K {
@@ -161,7 +186,11 @@ struct Q6K {
       return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
     }
 #ifdef EW_AVX512
-    EW_INLINE __m512i codes2(int j) const {  // blocks 2j, 2j+1 (bb = 0, 1 or 2, 3 of half j / 2): 64 bytes of ql, qh twice
+    EW_INLINE __m512 scales16() const {  // d * scale for the 16 sub-blocks of 16
+      const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192));
+      return _mm512_mul_ps(_mm512_set1_ps(fp16_at(p + 208)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+    }
+    EW_INLINE __m512i pair(int j) const {  // blocks 2j, 2j+1 (bb = 0, 1 or 2, 3 of half j / 2): 64 bytes of ql, qh twice
       const int half = j / 2, hi_nibble = j % 2;
       const __m512i ql = _mm512_loadu_si512(p + 64 * half);
       const __m512i low = _mm512_and_si512(hi_nibble ? _mm512_srli_epi16(ql, 4) : ql, _mm512_set1_epi8(0x0F));
@@ -173,6 +202,9 @@ struct Q6K {
     }
 #endif
   };
+#ifdef EW_AVX512
+  static constexpr int kPairs[4][2] = {{0, 1}, {2, 3}, {4, 5}, {6, 7}};  // ql's low nibbles hold blocks 4h, 4h+1; high nibbles 4h+2, 4h+3
+#endif
 };
 
 // One weight row against T activation rows (row0 ..): out[t * out_stride] = row . x_t.
@@ -236,48 +268,68 @@ inline void row_dot(const uint8_t* row, int64_t n_super, const Activations<Q>& a
 }
 
 #ifdef EW_AVX512
-// Decode (one activation row, int8) with 512-bit vectors where the CPU has AVX-512 (BW, VNNI): two
-// 32-element blocks per step, their lane scales picked from the super-block's scales by one permute.
+// Decode (int8 activation rows left over from the tiles) with 512-bit vectors where the CPU has
+// AVX-512 (BW, VNNI): two 32-element blocks per vpdpbusd, the pair Format::kPairs[j] that one load of
+// the weight's codes yields. The activation codes are laid out once per call in the same pairs, and
+// per super-block one 16-float vector of activation scales meets the weight's 16 scales in one
+// multiply: t = [d scale_s dx_s | dmin min_s (dx S)_s] (Q4_K/Q5_K; the second half is the min term)
+// or [d scale_h dx_h] per half of 16 (Q6_K). Each pair's lane scales are picked from t by one permute.
 // Same arithmetic as row_dot; only the grouping of the float sums differs.
 template <typename Format>
-inline float row_dot_512(const uint8_t* row, int64_t n_super, const Activations<int8_t>& a, int64_t row0) {
-  const int64_t nb = a.n_blocks;
+struct DecodeRows {
+  std::vector<int8_t> q;  // codes, each super-block's blocks in pair order
+  std::vector<float> t;   // per super-block 16 floats: dx per block then dx * sum (Q4_K/Q5_K), or dx per half (Q6_K)
+  const Activations<int8_t>& a;
+  int64_t first, n_super;
+  __m512i pick[4];  // lane -> entry of t, per pair
+  DecodeRows(const Activations<int8_t>& act, int64_t first_row, int64_t rows) : q(rows * act.n_blocks * QK), t(rows * act.n_blocks * 2), a(act), first(first_row), n_super(act.n_blocks / kBlocksPerSuper) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t sb = 0; sb < n_super; ++sb) {
+        const int64_t x0 = (first_row + r) * act.n_blocks + sb * kBlocksPerSuper, y0 = r * act.n_blocks + sb * kBlocksPerSuper;
+        for (int j = 0; j < 4; ++j)
+          for (int h = 0; h < 2; ++h) std::memcpy(q.data() + (y0 + 2 * j + h) * QK, act.q.data() + (x0 + Format::kPairs[j][h]) * QK, QK);
+        for (int i = 0; i < 16; ++i)
+          t[2 * y0 + i] = Format::kHalfScales ? act.d[x0 + i / 2] : (i < 8 ? act.d[x0 + i] : act.s[x0 + i - 8]);
+      }
+    for (int j = 0; j < 4; ++j) {
+      alignas(64) int32_t idx[16];
+      for (int lane = 0; lane < 16; ++lane) {
+        const int block = Format::kPairs[j][lane / 8];
+        idx[lane] = Format::kHalfScales ? 2 * block + (lane % 8) / 4 : block;
+      }
+      pick[j] = _mm512_load_si512(idx);
+    }
+  }
+  const int8_t* codes(int64_t row) const { return q.data() + (row - first) * n_super * QK_K; }
+  const float* scales(int64_t row) const { return t.data() + (row - first) * n_super * 16; }
+};
+
+template <typename Format>
+inline float row_dot_512(const uint8_t* row, const DecodeRows<Format>& x, int64_t r) {
+  const int64_t n_super = x.n_super;
+  const int8_t* xq = x.codes(r);
+  const float* xt = x.scales(r);
+  const float* s16 = x.a.s16.data() + r * x.a.n_blocks * 2;  // Q6_K: dx * (sum of 16 codes), per half
   __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-  __m256 macc = _mm256_setzero_ps();
-  // lane -> entry of lane_scale: per block (8 entries: lanes 0-7 block 2j, 8-15 block 2j+1) or per half (16)
-  const __m512i pick_block[4] = {_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2),
-                                 _mm512_set_epi32(5, 5, 5, 5, 5, 5, 5, 5, 4, 4, 4, 4, 4, 4, 4, 4), _mm512_set_epi32(7, 7, 7, 7, 7, 7, 7, 7, 6, 6, 6, 6, 6, 6, 6, 6)};
-  const __m512i pick_half[4] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0), _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4),
-                                _mm512_set_epi32(11, 11, 11, 11, 10, 10, 10, 10, 9, 9, 9, 9, 8, 8, 8, 8), _mm512_set_epi32(15, 15, 15, 15, 14, 14, 14, 14, 13, 13, 13, 13, 12, 12, 12, 12)};
+  __m512 macc = _mm512_setzero_ps();
   for (int64_t sb = 0; sb < n_super; ++sb) {
     const typename Format::Block blk(row + sb * Format::kBytes);
     ew::prefetch_bytes(row + sb * Format::kBytes + kPrefetchAhead, Format::kBytes);
-    __m256 s0, s1;
-    blk.scales(s0, s1);
-    const int64_t x0 = row0 * nb + sb * kBlocksPerSuper;
-    const __m256 dx = _mm256_loadu_ps(a.d.data() + x0);
-    __m512 lane_scale;
-    if constexpr (!Format::kHalfScales) {
-      lane_scale = _mm512_castps256_ps512(_mm256_mul_ps(s0, dx));
-      macc = _mm256_fmadd_ps(s1, _mm256_loadu_ps(a.s.data() + x0), macc);
-    } else {
-      const __m256 dx_lo = _mm256_permutevar8x32_ps(dx, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
-      const __m256 dx_hi = _mm256_permutevar8x32_ps(dx, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7));
-      lane_scale = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_mul_ps(s0, dx_lo)), _mm256_mul_ps(s1, dx_hi), 1);
-      const float* h = a.s16.data() + 2 * x0;
-      macc = _mm256_fmadd_ps(s0, _mm256_loadu_ps(h), macc);
-      macc = _mm256_fmadd_ps(s1, _mm256_loadu_ps(h + 8), macc);
-    }
-    const int8_t* xq = a.q.data() + x0 * QK;
+    const __m512 sc = blk.scales16();
+    const __m512 t = _mm512_mul_ps(sc, _mm512_loadu_ps(xt + 16 * sb));
+    if constexpr (Format::kHalfScales)
+      macc = _mm512_fmadd_ps(sc, _mm512_loadu_ps(s16 + 16 * sb), macc);
+    else
+      macc = _mm512_add_ps(macc, t);  // only its upper half (the min terms) is used
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), blk.codes2(j), _mm512_loadu_si512(xq + 64 * j));
-      const __m512 s = _mm512_permutexvar_ps(Format::kHalfScales ? pick_half[j] : pick_block[j], lane_scale);
-      acc[j % 2] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(p), acc[j % 2]);
+      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), blk.pair(j), _mm512_loadu_si512(xq + sb * QK_K + 64 * j));
+      acc[j % 2] = _mm512_fmadd_ps(_mm512_permutexvar_ps(x.pick[j], t), _mm512_cvtepi32_ps(p), acc[j % 2]);
     }
   }
-  const float offset = Format::kHalfScales ? 32.f : 1.f;
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) - offset * hsum(macc);
+  const float dot = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+  if constexpr (Format::kHalfScales) return dot - 32.f * _mm512_reduce_add_ps(macc);  // Q6_K: q - 32
+  return dot - hsum(_mm512_extractf32x8_ps(macc, 1));
 }
 #endif
 
@@ -289,15 +341,20 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t n, int64_
   at::Tensor out = at::empty({m, n}, x.options());
   float* op = out.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t tiled = m / TILE * TILE;
+#ifdef EW_AVX512
+  std::optional<DecodeRows<Format>> rest;
+  if constexpr (std::is_same_v<Q, int8_t>)
+    if (tiled < m) rest.emplace(act, tiled, m - tiled);
+#endif
   at::parallel_for(0, n, 4, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const uint8_t* row = wp + j * row_bytes;
-      int64_t i = 0;
-      for (; i + TILE <= m; i += TILE) row_dot<Format, Q, TILE>(row, n_super, act, i, op + i * n + j, n);
-      for (; i < m; ++i) {
+      for (int64_t i = 0; i < tiled; i += TILE) row_dot<Format, Q, TILE>(row, n_super, act, i, op + i * n + j, n);
+      for (int64_t i = tiled; i < m; ++i) {
 #ifdef EW_AVX512
         if constexpr (std::is_same_v<Q, int8_t>) {
-          op[i * n + j] = row_dot_512<Format>(row, n_super, act, i);
+          op[i * n + j] = row_dot_512<Format>(row, *rest, i);
           continue;
         }
 #endif
