@@ -5,8 +5,8 @@
 - Qwen2.5-Coder-1.5B-Instruct Q4_K_M (qwen2: QKV biases, NeoX RoPE; Q4_K/Q6_K tensors): loading it in
   transformers takes about 40 s and 7 GB, so the live comparisons are marked slow; the default suite
   runs the quantized model's greedy tokens against transformers' own greedy tokens, recorded below
-  (edgewise's quantized tokens: identical for all 32 tokens on two prompts; on the chat prompt a
-  near-tie flips at the 10th).
+  (identical up to near-ties of int8 rounding, which go either way with a kernel's summation order:
+  the code prompt matches all 24; the chat and story prompts have near-ties at their 10th and 8th).
 
 Where the models are not installed (`scripts/setup.sh --test` installs them) the tests skip.
 """
@@ -156,17 +156,37 @@ def qwen_quant(qwen_path):
     return LanguageModel.load(qwen_path, precision="quant", compile=False)
 
 
+# The quantized model's own decode and prefill paths differ by ~0.04 logits RMS (0.2 max) on these
+# prompts: int8-rounded activations turn float-order differences into one-code flips. A greedy choice
+# closer than this is a coin toss between any two kernels, including llama.cpp's.
+NEAR_TIE = 0.1
+MIN_IDENTICAL = 6
+
+
+def assert_greedy_follows(lm: LanguageModel, prompt: str, reference: list[int]) -> int:
+    """Greedy tokens identical to `reference`, except that a near-tie may flip: where the tokens first
+    differ, `reference`'s token must be within NEAR_TIE of the top logit there (after that the texts
+    legitimately part), and not before MIN_IDENTICAL tokens. Returns how many tokens matched."""
+    ids = lm.tokenizer.encode(prompt)
+    ours = list(lm.generate(ids, len(reference), stop_at_eot=False))
+    i = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), len(reference))
+    if i < len(reference):
+        seq = ids + reference[:i]
+        cache = lm.new_cache(len(seq))
+        lm.prefill(seq[:-1], cache)
+        logits = lm.decode(seq[-1], len(seq) - 1, cache)
+        gap = (logits.max() - logits[reference[i]]).item()
+        assert i >= MIN_IDENTICAL and gap < NEAR_TIE, f"{prompt!r}: token {i} is {ours[i]}, transformers' {reference[i]} ({gap:.3f} below the top logit)"
+    return i
+
+
 def test_qwen_quantized_greedy_matches_transformers(qwen_quant):
     """The default suite's short check of the 1.5B model: K-quant kernels, biases, NeoX RoPE, the
-    qwen2 tokenizer, end to end, against transformers' greedy tokens."""
+    qwen2 tokenizer, end to end, against transformers' greedy tokens (the fp32 path matches them
+    exactly: slow test below)."""
     assert qwen_quant.cfg.arch == "qwen2" and qwen_quant.cfg.n_layers == 28
-    for prompt, reference in QWEN_REFERENCE.items():
-        if prompt.startswith("<|im_start|>"):
-            # int8-rounded activations (config.ALL_INT8) flip a near-tie at the 10th token of this one
-            # ("# Check if ..." or "if num <= 1:"); the fp32 path matches it (slow test below)
-            reference = reference[:9]
-        ids = qwen_quant.tokenizer.encode(prompt)
-        assert list(qwen_quant.generate(ids, len(reference), stop_at_eot=False)) == reference, prompt
+    matched = [assert_greedy_follows(qwen_quant, prompt, reference) for prompt, reference in QWEN_REFERENCE.items()]
+    assert matched[0] == len(QWEN_REFERENCE["def fibonacci(n):"])  # no near-tie on this one
 
 
 @pytest.fixture(scope="module")
