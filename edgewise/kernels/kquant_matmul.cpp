@@ -15,6 +15,8 @@
 // unpacked once (mask, shift, or) and dotted with every row of the tile: TILE rows in prefill,
 // one in decode. Min and offset terms collect in a second accumulator, from the same floats.
 // Rows are split evenly between threads (at::parallel_for); decode prefetches 2 KiB ahead.
+// Where AVX-512 (BW, VNNI) is built in, int8 decode rows take row_dot_512: pairs of blocks per
+// instruction, activations laid out once per call to match the weight's own byte order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
