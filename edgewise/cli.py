@@ -52,6 +52,44 @@ data (--data and --val):
 """
 
 
+
+# -- argument types: every count, size and rate is checked while parsing, before any heavy work --------
+def _number(kind: type, low: float, low_open: bool = False, high: float | None = None):
+    """An argparse type: a `kind` number >= low (> low if low_open) and <= high."""
+    bounds = f"{'>' if low_open else 'at least'} {low}" + (f" and at most {high}" if high is not None else "")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, got '{text}'") from None
+        if value != value or value < low or (low_open and value == low) or (high is not None and value > high):  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} {bounds}"  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, 1)
+non_negative_int = _number(int, 0)
+positive_float = _number(float, 0.0, low_open=True)
+non_negative_float = _number(float, 0.0)
+unit_fraction = _number(float, 0.0, low_open=True, high=1.0)
+MIN_RESOLUTION = 32  # MobileNetV2 halves the image five times
+
+
+def size_in_bytes(text: str) -> int:
+    """An argparse type over `parse_bytes`: a size such as 256KB, at least one byte."""
+    try:
+        n = parse_bytes(text)
+    except EdgewiseError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text}")
+    return n
+
+
 def _add_model_args(p: argparse.ArgumentParser, compile_default: bool = True) -> None:
     from edgewise.models import DEFAULT_MODEL, model_names
 
@@ -62,7 +100,7 @@ def _add_model_args(p: argparse.ArgumentParser, compile_default: bool = True) ->
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="decode threads (default: adapt to the cores other processes leave free, measured while decoding)",
@@ -88,8 +126,8 @@ def _add_flash_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("flash inference (FFN weights read from a flash store under a DRAM budget)")
     g.add_argument("--flash", metavar="STORE", help="run from this store (made by `edgewise flash convert`); --model, if given, must be its source GGUF")
     g.add_argument("--dram-budget", default="50%", help="DRAM for FFN weights: a size (40MB, 64MiB) or a share of them (50%%; default)")
-    g.add_argument("--window", type=int, default=4, help="keep the units used by the last K tokens cached (default 4)")
-    g.add_argument("--active-fraction", type=float, default=None, help="fraction of FFN units each token computes (default: the store's operating point)")
+    g.add_argument("--window", type=non_negative_int, default=4, help="keep the units used by the last K tokens cached (default 4)")
+    g.add_argument("--active-fraction", type=unit_fraction, default=None, help="fraction of FFN units each token computes (default: the store's operating point)")
     g.add_argument(
         "--reads", choices=("unit", "adjacent", "cost"), default="cost", help="one read per unit, adjacent units merged, or the cost model's plan (default)"
     )
@@ -97,10 +135,10 @@ def _add_flash_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=128, help="new tokens to generate at most (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.7 for varied text")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass when temperature > 0 (default 0.9)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    p.add_argument("--max-tokens", type=positive_int, default=128, help="new tokens to generate at most (default 128)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default); e.g. 0.7 for varied text")
+    p.add_argument("--top-p", type=unit_fraction, default=0.9, help="nucleus sampling mass when temperature > 0 (default 0.9)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed for sampling (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens of the text. Ends with a line `ppl = X`.",
     )
     ppl.add_argument("--text", required=True, metavar="shakespeare|austen|FILE", help="a bundled corpus or any UTF-8 file")
-    ppl.add_argument("--ctx", type=int, default=1024, help="window length in tokens (default 1024)")
-    ppl.add_argument("--max-tokens", type=int, default=None, help="score only the first M tokens of the text (default: all)")
+    ppl.add_argument("--ctx", type=_number(int, 2), default=1024, help="window length in tokens (default 1024)")
+    ppl.add_argument("--max-tokens", type=positive_int, default=None, help="score only the first M tokens of the text (default: all)")
     _add_model_args(ppl, compile_default=False)
     _add_flash_args(ppl)
 
@@ -153,10 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("store", metavar="STORE", help="output directory")
     conv.add_argument("--model", metavar="PATH.gguf", help="a llama-architecture GGUF with Q4_1 FFN weights (default: the embedded SmolLM2-135M)")
     conv.add_argument("--corpus", default="shakespeare", metavar="shakespeare|austen|FILE", help="calibration text (default shakespeare)")
-    conv.add_argument("--calibration-tokens", type=int, default=8192, help="tokens the predictors are fitted on (default 8192)")
-    conv.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens the operating point is chosen on (default 1024)")
-    conv.add_argument("--rank", type=int, default=32, help="predictor rank (default 32)")
-    conv.add_argument("--tolerance", type=float, default=0.04, help="relative perplexity rise allowed at the operating point (default 0.04)")
+    conv.add_argument("--calibration-tokens", type=positive_int, default=8192, help="tokens the predictors are fitted on (default 8192)")
+    conv.add_argument("--eval-tokens", type=positive_int, default=1024, help="held-out tokens the operating point is chosen on (default 1024)")
+    conv.add_argument("--rank", type=positive_int, default=32, help="predictor rank (default 32)")
+    conv.add_argument("--tolerance", type=non_negative_float, default=0.04, help="relative perplexity rise allowed at the operating point (default 0.04)")
     pr = flash_sub.add_parser(
         "probe",
         help="measure direct-read throughput against read size and threads: the engine's cost model",
@@ -177,9 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
         "where read; the fp32 graph gives every value its own fp32 buffer. The last line `peak_kb = X` is the SRAM "
         "of the step: arena plus trained parameters.",
     )
-    plan.add_argument("--width", type=float, default=0.35, help="MobileNetV2 width multiplier (default 0.35)")
-    plan.add_argument("--resolution", type=int, default=128, help="input images are RES x RES (default 128)")
-    plan.add_argument("--classes", type=int, default=10, help="classifier outputs (default 10)")
+    plan.add_argument("--width", type=positive_float, default=0.35, help="MobileNetV2 width multiplier (default 0.35)")
+    plan.add_argument("--resolution", type=_number(int, MIN_RESOLUTION), default=128, help="input images are RES x RES (default 128)")
+    plan.add_argument("--classes", type=_number(int, 2), default=10, help="classifier outputs (default 10)")
     plan.add_argument("--scheme", metavar="FILE.json", help='sparse update scheme, e.g. {"bias_depth": 12, "weights": {"features.16.conv.0.0": 0.25}} (default: full update)')
     plan.add_argument("--no-reorder", action="store_true", help="apply updates after the whole backward pass instead of in place")
     plan.add_argument("--png", default="memory-timeline.png", help="where to save the memory timeline (default memory-timeline.png)")
@@ -200,24 +238,24 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("model", nargs="?", default="imagenet-mbv2", choices=("imagenet-mbv2", "mbv2-w0.35", "proxyless-w0.3", "mcunet-5fps-like"), metavar="MODEL",
                       help="imagenet-mbv2: torchvision's ImageNet MobileNetV2-1.0 (default); mbv2-w0.35, proxyless-w0.3, mcunet-5fps-like: "
                       "random-weight nets for memory studies")
-    comp.add_argument("--classes", type=int, default=10, help="classifier outputs (default 10; with --search: the data's classes)")
-    comp.add_argument("--resolution", type=int, default=64, metavar="RES", help="input images are RES x RES (default 64)")
+    comp.add_argument("--classes", type=_number(int, 2), default=10, help="classifier outputs (default 10; with --search: the data's classes)")
+    comp.add_argument("--resolution", type=_number(int, MIN_RESOLUTION), default=64, metavar="RES", help="input images are RES x RES (default 64)")
     pick = comp.add_mutually_exclusive_group(required=True)
     pick.add_argument("--scheme", metavar="FILE.json", help="a sparse update scheme to compile")
     pick.add_argument("--search", action="store_true", help="find the scheme by contribution analysis and evolutionary search under --budget")
-    comp.add_argument("--budget", default="256KB", help="SRAM budget for the step, e.g. 256KB, 200K, 0.25MB (default 256KB)")
+    comp.add_argument("--budget", type=size_in_bytes, default="256KB", help="SRAM budget for the step, e.g. 256KB, 200K, 0.25MB (default 256KB)")
     comp.add_argument("--rule", default="stochastic", choices=("round", "stochastic", "master16", "master32"), help="int8 sub-LSB update rule (decides master-copy bytes; default stochastic)")
     comp.add_argument("--out", default="tiny-compiled", metavar="DIR", help="output folder (default tiny-compiled)")
     comp.add_argument("--data", default="fashion-mnist", metavar="fashion-mnist|mnist|PATH", help="--search: the target data (formats as in `tiny train`)")
     comp.add_argument("--val", metavar="PATH", help="--search: validation images (default as in `tiny train`)")
-    comp.add_argument("--train-samples", type=int, default=300, metavar="N", help="--search: training images per fine-tune (default 300)")
-    comp.add_argument("--val-samples", type=int, default=500, metavar="N", help="--search: validation images (default 500)")
-    comp.add_argument("--lr", type=float, default=0.001, help="--search: fine-tune learning rate (default 0.001)")
+    comp.add_argument("--train-samples", type=positive_int, default=300, metavar="N", help="--search: training images per fine-tune (default 300)")
+    comp.add_argument("--val-samples", type=positive_int, default=500, metavar="N", help="--search: validation images (default 500)")
+    comp.add_argument("--lr", type=positive_float, default=0.001, help="--search: fine-tune learning rate (default 0.001)")
     comp.add_argument("--finetune", choices=("fp32", "int8"), default="fp32",
                       help="--search: the step the contribution fine-tunes run (default fp32: an offline analysis, several times faster than int8)")
-    comp.add_argument("--last-blocks", type=int, default=4, help="--search: candidate weight layers are the pointwise convs of the last N blocks (default 4)")
+    comp.add_argument("--last-blocks", type=positive_int, default=4, help="--search: candidate weight layers are the pointwise convs of the last N blocks (default 4)")
     comp.add_argument("--contributions", metavar="FILE.json", help="--search: where the contribution analysis is saved after every fine-tune and resumed from (default OUT/contributions.json)")
-    comp.add_argument("--seed", type=int, default=0, help="seed for data, fine-tunes and the search (default 0)")
+    comp.add_argument("--seed", type=non_negative_int, default=0, help="seed for data, fine-tunes and the search (default 0)")
 
     train = tiny_sub.add_parser(
         "train",
@@ -235,12 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val", metavar="fashion-mnist|mnist|PATH", help="validation images, same formats (mnist and fashion-mnist: their test split); default: the test split of a "
                        "built-in --data, else the last 20%% of a permutation of --data seeded with --seed")
     train.add_argument("--scheme", metavar="FILE.json", help="sparse update scheme (default: the classifier only)")
-    train.add_argument("--resolution", type=int, default=48, metavar="RES", help="images are resized to RES x RES (default 48)")
-    train.add_argument("--train-samples", type=int, default=1000, metavar="N", help="at most N training images, drawn at random with --seed (default 1000)")
-    train.add_argument("--val-samples", type=int, default=1000, metavar="N", help="at most N validation images: the first N of the validation set (default 1000)")
-    train.add_argument("--epochs", type=int, default=1, help="passes over the training images (default 1)")
-    train.add_argument("--lr", type=float, default=0.001, help="SGD learning rate at batch 1 (default 0.001)")
-    train.add_argument("--seed", type=int, default=0, help="seed for the training subset, its order and the held-out split (default 0)")
+    train.add_argument("--resolution", type=_number(int, MIN_RESOLUTION), default=48, metavar="RES", help="images are resized to RES x RES (default 48)")
+    train.add_argument("--train-samples", type=positive_int, default=1000, metavar="N", help="at most N training images, drawn at random with --seed (default 1000)")
+    train.add_argument("--val-samples", type=positive_int, default=1000, metavar="N", help="at most N validation images: the first N of the validation set (default 1000)")
+    train.add_argument("--epochs", type=positive_int, default=1, help="passes over the training images (default 1)")
+    train.add_argument("--lr", type=positive_float, default=0.001, help="SGD learning rate at batch 1 (default 0.001)")
+    train.add_argument("--seed", type=non_negative_int, default=0, help="seed for the training subset, its order and the held-out split (default 0)")
     train.add_argument("--precision", choices=("int8", "fp32"), default="int8", help="the training graph (default int8)")
     train.add_argument("--rule", default="stochastic", choices=("round", "stochastic", "master16", "master32"),
                        help="int8: how weight updates smaller than one int8 step are applied (default stochastic: unbiased "
@@ -284,14 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_c_args(fw, out_default="tiny-firmware")
-    fw.add_argument("--sram", default="256KB", help="the MCU's SRAM: the linker script's RAM length (default 256KB)")
-    fw.add_argument("--flash", default="4MB", help="the MCU's flash for code and frozen weights (default 4MB, the mps2-an500's code memory)")
-    fw.add_argument("--stack", default="8KB", help="stack reserved in SRAM (default 8KB)")
+    fw.add_argument("--sram", type=size_in_bytes, default="256KB", help="the MCU's SRAM: the linker script's RAM length (default 256KB)")
+    fw.add_argument("--flash", type=size_in_bytes, default="4MB", help="the MCU's flash for code and frozen weights (default 4MB, the mps2-an500's code memory)")
+    fw.add_argument("--stack", type=size_in_bytes, default="8KB", help="stack reserved in SRAM (default 8KB)")
     fw.add_argument("--run", action="store_true", help="train and evaluate in qemu-system-arm, count instructions per step")
-    fw.add_argument("--train-samples", type=int, default=1000, metavar="N", help="--run: training images (default 1000)")
-    fw.add_argument("--val-samples", type=int, default=1000, metavar="N", help="--run: validation images (default 1000)")
-    fw.add_argument("--epochs", type=int, default=1, help="--run: passes over the training images, in the same order (default 1)")
-    fw.add_argument("--insns-k", type=int, default=4, metavar="K", help="--run: steps per instruction-count run (default 4)")
+    fw.add_argument("--train-samples", type=positive_int, default=1000, metavar="N", help="--run: training images (default 1000)")
+    fw.add_argument("--val-samples", type=positive_int, default=1000, metavar="N", help="--run: validation images (default 1000)")
+    fw.add_argument("--epochs", type=positive_int, default=1, help="--run: passes over the training images, in the same order (default 1)")
+    fw.add_argument("--insns-k", type=positive_int, default=4, metavar="K", help="--run: steps per instruction-count run (default 4)")
     fw.add_argument("--check-host", action="store_true", help="--run: also run the same program natively and require identical results")
     return parser
 
@@ -307,12 +345,12 @@ def _add_c_args(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--scheme", metavar="FILE.json", help="sparse update scheme (default: the classifier only)")
     p.add_argument("--data", default="fashion-mnist", metavar="fashion-mnist|mnist|PATH", help="the target data: calibration images and classes (formats as in `tiny train`; default fashion-mnist)")
     p.add_argument("--val", metavar="PATH", help="validation images (default as in `tiny train`)")
-    p.add_argument("--resolution", type=int, default=64, metavar="RES", help="input images are RES x RES (default 64)")
-    p.add_argument("--lr", type=float, default=0.001, help="SGD learning rate at batch 1 (default 0.001)")
+    p.add_argument("--resolution", type=_number(int, MIN_RESOLUTION), default=64, metavar="RES", help="input images are RES x RES (default 64)")
+    p.add_argument("--lr", type=positive_float, default=0.001, help="SGD learning rate at batch 1 (default 0.001)")
     p.add_argument("--rule", default="stochastic", choices=("round", "stochastic", "master16", "master32"), help="int8 sub-LSB update rule (default stochastic)")
     p.add_argument("--no-qas", action="store_true", help="plain SGD, without quantization-aware scaling")
-    p.add_argument("--seed", type=int, default=0, help="seed for the data subset and order, and the stochastic rounding (default 0)")
-    p.add_argument("--budget", default="256KB", help="SRAM the planned step (arena + trained parameters) must fit, checked before any C is written (default 256KB)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed for the data subset and order, and the stochastic rounding (default 0)")
+    p.add_argument("--budget", type=size_in_bytes, default="256KB", help="SRAM the planned step (arena + trained parameters) must fit, checked before any C is written (default 256KB)")
     p.add_argument("--out", default=out_default, metavar="DIR", help=f"output folder (default {out_default})")
 
 
@@ -489,9 +527,7 @@ def _c_project(args, train_samples: int, val_samples: int):
     from edgewise.tiny.sparse import Scheme
     from edgewise.tiny.transfer import CALIBRATION_IMAGES, load_transfer_data, make_c_project
 
-    if args.resolution < 32 or args.lr <= 0:
-        raise EdgewiseError(f"need --resolution >= 32 and --lr > 0 (got {args.resolution}, {args.lr})")
-    budget = parse_bytes(args.budget)
+    budget = args.budget  # bytes; --resolution and --lr were checked while parsing
     scheme = Scheme.load(args.scheme) if args.scheme else Scheme(bias_depth=0)
     data = load_transfer_data(args.data, args.val, args.resolution, max(train_samples, CALIBRATION_IMAGES), val_samples, args.seed)
     print(f"data: {data.description}")
@@ -508,13 +544,11 @@ def cmd_tiny_firmware(args) -> int:
 
     from edgewise.tiny import firmware
 
-    sram, flash, stack = parse_bytes(args.sram), parse_bytes(args.flash), parse_bytes(args.stack)
-    if args.run and (args.train_samples < 1 or args.val_samples < 1 or args.epochs < 1 or args.insns_k < 1):
-        raise EdgewiseError("--run needs --train-samples, --val-samples, --epochs and --insns-k >= 1")
+    sram, flash, stack = args.sram, args.flash, args.stack  # bytes, as are the counts checked while parsing
     firmware.require_tools(qemu=args.run)
     out = Path(args.out)
     args.out = str(out / "project")
-    args.budget = args.budget if parse_bytes(args.budget) <= sram else args.sram
+    args.budget = min(args.budget, sram)
     data, reference, project = _c_project(args, args.train_samples if args.run else 0, args.val_samples if args.run else 1)
     build = firmware.build_firmware(project.dir, out / "fw", sram_bytes=sram, flash_bytes=flash, stack_bytes=stack)
     print(f"firmware: {build.elf}")
@@ -566,8 +600,6 @@ def cmd_tiny_train(args) -> int:
         make_trainer,
     )
 
-    if args.resolution < 32 or args.train_samples < 1 or args.val_samples < 1 or args.epochs < 1 or args.lr <= 0:
-        raise EdgewiseError("need --resolution >= 32, --train-samples, --val-samples and --epochs >= 1, and --lr > 0")
     scheme = Scheme.load(args.scheme) if args.scheme else Scheme(bias_depth=0)
     data = load_transfer_data(args.data, args.val, args.resolution, args.train_samples, args.val_samples, args.seed)
     print(f"data: {data.description}")
@@ -606,9 +638,7 @@ def cmd_tiny_compile(args) -> int:
     from edgewise.tiny.plan import plan_table, save_timeline, training_plan
     from edgewise.tiny.sparse import Scheme
 
-    budget = parse_bytes(args.budget)
-    if args.resolution < 32 or args.classes < 2:
-        raise EdgewiseError(f"need --resolution >= 32 and --classes >= 2 (got {args.resolution}, {args.classes})")
+    budget = args.budget  # bytes; --resolution and --classes were checked while parsing
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shape = (1, 3, args.resolution, args.resolution)
@@ -679,8 +709,6 @@ def cmd_tiny_plan(args) -> int:
     from edgewise.tiny.plan import plan_table, save_timeline, training_plan
     from edgewise.tiny.sparse import Scheme
 
-    if args.width <= 0 or args.resolution < 32 or args.classes < 2:
-        raise EdgewiseError(f"need --width > 0, --resolution >= 32 and --classes >= 2 (got {args.width}, {args.resolution}, {args.classes})")
     scheme = Scheme.load(args.scheme) if args.scheme else None
     model = mobilenet_v2(args.width, n_classes=args.classes)
     plan = training_plan(model, (1, 3, args.resolution, args.resolution), scheme, reorder=not args.no_reorder, precision=args.precision, update_rule=args.rule)

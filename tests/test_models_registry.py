@@ -85,8 +85,10 @@ def test_unknown_model_name_lists_the_known_ones(capsys):
 
 @pytest.mark.parametrize("threads", ["0", "-1"])
 def test_bad_thread_counts_are_refused_before_loading(capsys, threads):
-    assert main(["generate", "--threads", threads, "hi"]) == 1
-    assert f"--threads must be at least 1, got {threads}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--threads", threads, "hi"])
+    assert exit_.value.code == 2
+    assert f"argument --threads: must be at least 1, got {threads}" in capsys.readouterr().err
 
 
 def test_embedded_table_is_consistent():

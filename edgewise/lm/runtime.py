@@ -127,6 +127,7 @@ class LanguageModel:
         _check_omp_wait_policy()
         path = resolve_model(path)
         gguf = read_gguf(path)
+        tokenizer = TextTokenizer.from_gguf(gguf)  # a corrupted vocabulary is refused before the weights load
         model = Llama.from_gguf(gguf, precision, progress=progress)
         decoder, compile_s, background = None, 0.0, None
         if compile and wait_for_compile:
@@ -136,14 +137,15 @@ class LanguageModel:
             if decoder is None:
                 background = BackgroundCompile.start(model, path, precision, cache_dir)
                 log(f"decoding eagerly while the decode step compiles in the background (once, about a minute; cached in {background.path.parent})")
-        lm = cls.assemble(path, gguf, model, decoder, compile_s)
+        lm = cls.assemble(path, gguf, model, decoder, compile_s, tokenizer=tokenizer)
         lm.background, lm.governor = background, governor
         return lm
 
     @classmethod
-    def assemble(cls, path: Path, gguf: GGUFFile, model: Llama, decoder: CompiledDecoder | None = None, compile_s: float = 0.0, **extra):
-        """Tokenizer and chat template from the GGUF's metadata around a built decoder."""
-        tokenizer = TextTokenizer.from_gguf(gguf)
+    def assemble(cls, path: Path, gguf: GGUFFile, model: Llama, decoder: CompiledDecoder | None = None, compile_s: float = 0.0,
+                 tokenizer: TextTokenizer | None = None, **extra):
+        """Tokenizer (built here unless given) and chat template from the GGUF's metadata around a built decoder."""
+        tokenizer = tokenizer or TextTokenizer.from_gguf(gguf)
         if tokenizer.vocab_size != model.cfg.vocab_size:
             raise EdgewiseError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {model.cfg.vocab_size}")
         tokens = gguf.require("tokenizer.ggml.tokens")

@@ -122,6 +122,30 @@ class TextTokenizer:
         tokens: list[str] = gguf.require("tokenizer.ggml.tokens")
         types = gguf.metadata.get("tokenizer.ggml.token_type") or [TOKEN_TYPE_NORMAL] * len(tokens)
         vocab = {tok: i for i, tok in enumerate(tokens)}
+        try:
+            tk = cls._build(gguf, kind, tokens, vocab, types)
+        except EdgewiseError:
+            raise
+        except Exception as exc:  # the tokenizers library rejects an inconsistent vocabulary (a corrupted file)
+            fields = "tokenizer.ggml.tokens/scores" if kind == "llama" else "tokenizer.ggml.tokens/merges"
+            raise EdgewiseError(
+                f"{gguf.path}: the tokenizer in {fields} is inconsistent ({str(exc).splitlines()[0][:200]}); the file is probably"
+                " corrupted: download or assemble it again"
+            ) from None
+        if tk.get_vocab_size(with_added_tokens=True) != len(tokens):
+            raise EdgewiseError(f"{gguf.path}: tokenizer vocabulary has duplicate tokens")
+
+        bos = gguf.metadata.get("tokenizer.ggml.bos_token_id")
+        eos = gguf.metadata.get("tokenizer.ggml.eos_token_id")
+        eot = {int(eos)} if eos is not None else set()
+        for name in END_OF_TURN:
+            if name in vocab and types[vocab[name]] == TOKEN_TYPE_CONTROL:
+                eot.add(vocab[name])
+        add_bos = bool(gguf.metadata.get("tokenizer.ggml.add_bos_token", False))
+        return cls(tk, int(bos) if bos is not None else None, int(eos) if eos is not None else None, add_bos, eot)
+
+    @staticmethod
+    def _build(gguf: GGUFFile, kind: str, tokens: list[str], vocab: dict[str, int], types: list[int]) -> Tokenizer:
         if kind == "llama":
             tk = _sentencepiece_tokenizer(gguf, tokens, vocab, types)
         else:
@@ -138,17 +162,7 @@ class TextTokenizer:
             tk.decoder = decoders.ByteLevel()
             tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_CONTROL])
             tk.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_USER_DEFINED])
-        if tk.get_vocab_size(with_added_tokens=True) != len(tokens):
-            raise EdgewiseError(f"{gguf.path}: tokenizer vocabulary has duplicate tokens")
-
-        bos = gguf.metadata.get("tokenizer.ggml.bos_token_id")
-        eos = gguf.metadata.get("tokenizer.ggml.eos_token_id")
-        eot = {int(eos)} if eos is not None else set()
-        for name in END_OF_TURN:
-            if name in vocab and types[vocab[name]] == TOKEN_TYPE_CONTROL:
-                eot.add(vocab[name])
-        add_bos = bool(gguf.metadata.get("tokenizer.ggml.add_bos_token", False))
-        return cls(tk, int(bos) if bos is not None else None, int(eos) if eos is not None else None, add_bos, eot)
+        return tk
 
     @property
     def vocab_size(self) -> int:
