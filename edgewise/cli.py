@@ -46,7 +46,7 @@ data (--data and --val):
                   and y: integer class labels 0..K-1 [N]; np.savez("data.npz", x=images, y=labels)
   FOLDER          an image folder FOLDER/<class_name>/*.png|jpg|jpeg|bmp, one subfolder per class
                   (class index: sorted folder names); read as RGB, resized to the most common size
-  The classes are those of the training labels (K = largest label + 1); every validation label must
+  The classes are those of the training labels, 0..K-1, each with at least one image; every validation label must
   occur in the training set. Images of any size are resized to --resolution. A folder or file
   named like a built-in dataset is reached as ./mnist.
 """

@@ -54,3 +54,24 @@ def test_corrupted_vocabulary_is_a_one_line_error(model_path, tmp_path, capsys):
     errors = [line for line in err.splitlines() if line.startswith("edgewise: error:")]
     assert "Traceback" not in err and "loading model" not in err and len(errors) == 1  # refused before the weights load
     assert str(bad) in errors[0] and "tokenizer.ggml.tokens/merges is inconsistent" in errors[0] and "corrupted" in errors[0]
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ([0, 1, 2, 3, 1000], "the largest training label is 1000, which would make 1001 classes, but only 5 labels occur (class 4 has no image)"),
+        ([0, 1, 2, 10**12], "which would make 1000000000001 classes, but only 4 labels occur (class 3 has no image)"),
+        ([2, 2, 2, 2], "every training label is 2"),
+    ],
+)
+def test_labels_must_be_every_class_0_to_k_minus_1(tmp_path, capsys, labels, message):
+    """Findings 2 (a label of 10^12 asked for a 5 PB classifier: a traceback from the allocator) and
+    3 (one label of 1000 among 0-3 silently made a 1001-class model)."""
+    np = pytest.importorskip("numpy")
+    y = np.array(labels * 4, dtype=np.int64)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.zeros((len(y), 8, 8), np.uint8), y=y)
+    t0 = time.perf_counter()
+    assert main(["tiny", "train", "--data", str(data), "--epochs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and str(data) in err and "Traceback" not in err and time.perf_counter() - t0 < 30

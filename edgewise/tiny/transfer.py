@@ -55,6 +55,7 @@ def load_transfer_data(data: str, val: str | None, resolution: int, train_sample
     )
 
     images, labels = load_image_dataset(data, "train")
+    n_classes = class_count(labels, data)
     if val:
         # an image folder labels by sorted folder names: label the validation folder by the training folder's
         classes = image_folder_classes(data) if data not in BUILTIN_DATASETS and Path(data).is_dir() else None
@@ -68,9 +69,6 @@ def load_transfer_data(data: str, val: str | None, resolution: int, train_sample
         images, labels, val_images, val_labels = images[train_part], labels[train_part], images[val_part], labels[val_part]
         val_name = f"{data} (held out)"
         log(f"validation: no --val, so the last {VAL_FRACTION:.0%} of a permutation of {data} seeded with --seed {seed} is held out ({len(val_part)} of {len(train_part) + len(val_part)} images)")
-    n_classes = int(labels.max()) + 1
-    if n_classes < 2:
-        raise EdgewiseError(f"{data}: every training label is 0: need at least 2 classes (labels 0..K-1)")
     unseen = np.setdiff1d(val_labels, labels)
     if len(unseen):
         known = np.unique(labels)
@@ -86,6 +84,24 @@ def load_transfer_data(data: str, val: str | None, resolution: int, train_sample
         to_model_input(val_images[:val_samples], resolution), torch.from_numpy(val_labels[:val_samples]),
         n_classes, resolution, description,
     )  # fmt: skip
+
+
+def class_count(labels: np.ndarray, source: str | Path) -> int:
+    """K, the number of classes of training labels that must be 0..K-1, each with at least one image;
+    checked without allocating anything of size K (a label of 10^12 would otherwise ask for a
+    classifier of petabytes)."""
+    present = np.unique(labels)
+    k = int(present[-1]) + 1
+    if len(present) < 2:
+        raise EdgewiseError(f"{source}: every training label is {int(present[0])}: need at least 2 classes (labels 0..K-1)")
+    if len(present) != k:
+        first_gap = int(np.flatnonzero(present != np.arange(len(present)))[0])
+        raise EdgewiseError(
+            f"{source}: the largest training label is {k - 1}, which would make {k} classes, but only {len(present)} labels occur"
+            f" (class {first_gap} has no image): labels must be 0..K-1 with every class present;"
+            " relabel with y = np.unique(y, return_inverse=True)[1]"
+        )
+    return k
 
 
 def imagenet_backbone(n_classes: int) -> nn.Module:
