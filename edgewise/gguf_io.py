@@ -18,6 +18,14 @@ from gguf.constants import GGML_QUANT_SIZES
 from edgewise.errors import EdgewiseError
 
 
+class GGUFLayoutError(ValueError):
+    """A part of the file that contradicts the GGUF layout, said in the layout's own terms."""
+
+
+def _plain(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+
+
 class ArrayReader(GGUFReader):
     """gguf's reader, with metadata arrays parsed in one pass instead of one recursive call per item.
 
@@ -25,7 +33,61 @@ class ArrayReader(GGUFReader):
     0.5 s. Fields come out the same through `contents()` (tested against GGUFReader): a numeric array
     is one part of N items, a string array a (length, bytes) pair of parts per item, as gguf lays them."""
 
+    # Each stage of gguf's parse is wrapped so that a failure names where in the file it happened,
+    # instead of passing on numpy's words ("cannot reshape array of size 0 into shape (49152,612)").
+    def _build_fields(self, offs: int, count: int) -> int:
+        self._value_offs, self._key, self._key_index, self._last_str = offs, "", -1, ""
+        try:
+            return super()._build_fields(offs, count)
+        except GGUFLayoutError:
+            raise
+        except Exception as exc:
+            n = len(self.fields) - 3  # the header's version and two counts are fields too
+            key = f" '{self._key}'" if n == self._key_index else ""
+            raise GGUFLayoutError(f"metadata key/value #{n + 1} of {int(count)}{key} (its value at byte {self._value_offs}) is unreadable ({_plain(exc)})") from None
+
+    def _build_tensor_info(self, offs: int, count: int):
+        fields: list = []
+        try:
+            for _ in range(int(count)):
+                field = self._get_tensor_info_field(offs)
+                offs += sum(int(part.nbytes) for part in field.parts)
+                fields.append(field)
+        except Exception as exc:
+            raise GGUFLayoutError(f"tensor info #{len(fields) + 1} of {int(count)} (at byte {offs}) is unreadable ({_plain(exc)})") from None
+        return offs, fields
+
+    def _build_tensors(self, start_offs: int, fields: list) -> None:
+        size = len(self.data)
+        for i, field in enumerate(fields):
+            _, name_data, _, dims, raw_dtype, offset = field.parts
+            name = bytes(name_data).decode("utf-8", errors="replace")
+            where = f"tensor #{i + 1} of {len(fields)} '{name}'"
+            try:
+                qtype = GGMLQuantizationType(int(raw_dtype[0]))
+            except ValueError:
+                raise GGUFLayoutError(f"{where} has type id {int(raw_dtype[0])}, which is no ggml type") from None
+            block, type_bytes = GGML_QUANT_SIZES[qtype]
+            shape = [int(d) for d in dims]
+            n = int(np.prod(shape, dtype=object))
+            if not shape or min(shape) < 1 or n % block or shape[0] % block:
+                raise GGUFLayoutError(f"{where} has shape {shape[::-1]}, not whole {qtype.name} blocks of {block}")
+            start, n_bytes = start_offs + int(offset[0]), n // block * type_bytes
+            if start + n_bytes > size:
+                raise GGUFLayoutError(
+                    f"{where} ({qtype.name} {shape[::-1]}) needs bytes {start}..{start + n_bytes} but the file ends at {size}"
+                )
+        super()._build_tensors(start_offs, fields)
+
+    def _get_str(self, offset: int):
+        length, data = super()._get_str(offset)
+        self._last_str = bytes(data[:200]).decode("utf-8", errors="replace")
+        return length, data
+
     def _get_field_parts(self, orig_offs: int, raw_type: int):
+        if getattr(self, "_key_index", None) is not None and len(self.fields) - 3 != self._key_index:  # a new key/value: its key was the last string read
+            self._key, self._key_index = self._last_str, len(self.fields) - 3
+        self._value_offs = orig_offs
         if raw_type != GGUFValueType.ARRAY:
             return super()._get_field_parts(orig_offs, raw_type)
         raw_itype = self._get(orig_offs, np.uint32)
@@ -94,8 +156,10 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         raise EdgewiseError(f"{path}: not a GGUF file (first bytes {magic!r}, expected b'GGUF')")
     try:
         reader = ArrayReader(path, "r")
-    except Exception as exc:  # the gguf package raises ValueError, IndexError, struct errors... on bad files
-        raise EdgewiseError(f"{path}: corrupted or truncated GGUF ({type(exc).__name__}: {exc})") from None
+    except GGUFLayoutError as exc:
+        raise EdgewiseError(f"{path}: corrupted or truncated GGUF: {exc}; download or assemble the file again") from None
+    except Exception as exc:  # the header itself: gguf raises ValueError, IndexError, struct errors...
+        raise EdgewiseError(f"{path}: corrupted or truncated GGUF header ({_plain(exc)}); download or assemble the file again") from None
 
     metadata: dict[str, Any] = {}
     for key, field in reader.fields.items():
@@ -104,18 +168,9 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         except Exception as exc:
             raise EdgewiseError(f"{path}: unreadable GGUF metadata field '{key}' ({exc})") from None
 
-    file_size = path.stat().st_size
     tensors: dict[str, GGUFTensor] = {}
-    for t in reader.tensors:
+    for t in reader.tensors:  # each one's type, shape and bytes were checked by ArrayReader._build_tensors
         qtype = GGMLQuantizationType(t.tensor_type)
-        block, type_bytes = GGML_QUANT_SIZES[qtype]
-        n_elements = int(np.prod(t.shape))
-        expected = n_elements // block * type_bytes
-        if t.data_offset + expected > file_size or t.n_bytes != expected:
-            raise EdgewiseError(
-                f"{path}: truncated GGUF: tensor '{t.name}' needs bytes {t.data_offset}..{t.data_offset + expected}"
-                f" but the file has {file_size}"
-            )
         # GGUF lists dims fastest-first; PyTorch order is the reverse.
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         tensors[t.name] = GGUFTensor(t.name, qtype, shape, t.data)

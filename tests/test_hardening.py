@@ -75,3 +75,26 @@ def test_labels_must_be_every_class_0_to_k_minus_1(tmp_path, capsys, labels, mes
     assert main(["tiny", "train", "--data", str(data), "--epochs", "1"]) == 1
     err = capsys.readouterr().err
     assert message in err and str(data) in err and "Traceback" not in err and time.perf_counter() - t0 < 30
+
+
+def test_truncated_gguf_names_the_tensor_and_its_bytes(model_path, tmp_path, capsys):
+    """Finding 7: errors passed on numpy's words ("cannot reshape array of size 0 into shape
+    (49152,612)"); now they name the tensor, its type and shape, and the bytes it needs."""
+    cut = tmp_path / "cut.gguf"
+    with open(model_path, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(50_000_000))
+    assert main(["generate", "--model", str(cut), "--no-compile", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "reshape" not in err and "Traceback" not in err
+    assert "corrupted or truncated GGUF: tensor #" in err and "needs bytes" in err and "but the file ends at 50000000" in err
+
+
+def test_corrupted_gguf_metadata_names_the_key(model_path, tmp_path):
+    from edgewise.errors import EdgewiseError
+    from edgewise.gguf_io import read_gguf
+
+    cut = tmp_path / "cut.gguf"
+    with open(model_path, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(3000))  # inside the vocabulary
+    with pytest.raises(EdgewiseError, match=r"metadata key/value #\d+ of \d+ 'tokenizer.ggml.tokens' \(its value at byte \d+\) is unreadable"):
+        read_gguf(cut)
