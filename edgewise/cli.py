@@ -479,7 +479,8 @@ def cmd_eval_ppl(args) -> int:
 
 def cmd_flash(args) -> int:
     if args.flash_command == "probe":
-        from edgewise.flash.engine import PROBE_FILE, default_probe_path
+        from edgewise.flash.engine import default_probe_path
+        from edgewise.flash.store import PROBE_FILE
         from edgewise.flash.io import probe
 
         folder = Path(args.store) if args.store else default_probe_path().parent

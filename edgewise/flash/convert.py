@@ -4,7 +4,8 @@
 2. Per layer: fit the low-rank predictor, group and order the neurons for I/O.
 3. Choose the operating point (fraction of units computed) from perplexity on held-out
    calibration text, and report the predictors' recall and precision there.
-4. Write ffn.bin, resident.safetensors and metadata.json through temp files, then the manifest.
+4. Write ffn.bin, resident.safetensors, metadata.json and the manifest into a new folder that
+   replaces the store whole (`edgewise.files.atomic_dir`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from edgewise import __version__
 from edgewise.data.text import load_text
 from edgewise.errors import EdgewiseError
-from edgewise.files import atomic_path, write_text_atomic
+from edgewise.files import atomic_dir
 from edgewise.flash.predictor import (
     SelectedFFN,
     capture,
@@ -37,6 +38,7 @@ from edgewise.flash.predictor import (
 )
 from edgewise.flash.store import (
     FORMAT,
+    PROBE_FILE,
     VERSION,
     BundleLayout,
     check_ffn_tensors,
@@ -163,74 +165,73 @@ def convert(store_dir: str | os.PathLike, model_path: str | os.PathLike | None =
         f" (limit +{opts.tolerance:.0%}); predictor recall {np.mean([q['recall'] for q in quality]):.3f}, precision {np.mean([q['precision'] for q in quality]):.3f}"
     )
 
-    # 4. files
-    store.mkdir(parents=True, exist_ok=True)
-    (store / "manifest.json").unlink(missing_ok=True)  # the store is incomplete until the new manifest lands
-    layers, down_scales = [], []
-    bar = progress("writing ffn.bin")
-    ffn_bytes = 0
-    with atomic_path(store / "ffn.bin") as tmp, open(tmp, "wb") as f:
+    # 4. files, into a new folder swapped in whole: a killed convert never leaves a partial store, nor
+    # loses the previous one (a probe measured for the old store is carried over)
+    with atomic_dir(store, keep=(PROBE_FILE,)) as out:
+        layers, down_scales = [], []
+        bar = progress("writing ffn.bin")
+        ffn_bytes = 0
+        with open(out / "ffn.bin", "wb") as f:
+            for i in range(cfg.n_layers):
+                t = lambda name: gguf.tensor(f"blk.{i}.{name}.weight")  # noqa: E731
+                ffn_bytes += sum(t(name).nbytes for name in ("ffn_gate", "ffn_up", "ffn_down"))
+                columns, down_d, down_m = split_down(np.asarray(t("ffn_down").raw), cfg.dim, cfg.ffn_dim)
+                down_scales.append((down_d, down_m))
+                units = pack_layer(layout, np.asarray(t("ffn_gate").raw), np.asarray(t("ffn_up").raw), columns, orders[i])
+                layers.append({"offset": f.tell(), "bytes": int(units.nbytes), "sha256": hashlib.sha256(units).hexdigest()})
+                f.write(units)
+                bar(i + 1, cfg.n_layers)
+            f.flush()
+            os.fsync(f.fileno())
+
+        from safetensors.numpy import save_file
+
+        resident = {name: np.ascontiguousarray(t.raw) for name, t in resident_tensor_entries(gguf).items()}
         for i in range(cfg.n_layers):
-            t = lambda name: gguf.tensor(f"blk.{i}.{name}.weight")  # noqa: E731
-            ffn_bytes += sum(t(name).nbytes for name in ("ffn_gate", "ffn_up", "ffn_down"))
-            columns, down_d, down_m = split_down(np.asarray(t("ffn_down").raw), cfg.dim, cfg.ffn_dim)
-            down_scales.append((down_d, down_m))
-            units = pack_layer(layout, np.asarray(t("ffn_gate").raw), np.asarray(t("ffn_up").raw), columns, orders[i])
-            layers.append({"offset": f.tell(), "bytes": int(units.nbytes), "sha256": hashlib.sha256(units).hexdigest()})
-            f.write(units)
-            bar(i + 1, cfg.n_layers)
-        f.flush()
-        os.fsync(f.fileno())
-
-    from safetensors.numpy import save_file
-
-    resident = {name: np.ascontiguousarray(t.raw) for name, t in resident_tensor_entries(gguf).items()}
-    for i in range(cfg.n_layers):
-        a, b_units, c_units = unit_preds[i]
-        resident[f"flash.blk.{i}.down_d"], resident[f"flash.blk.{i}.down_m"] = down_scales[i]
-        # fp32: the top-k boundary is full of near ties, and fp16 factors moved the chosen units enough to
-        # change the perplexity the operating point was chosen from (232 -> 328 at 50% on the test store)
-        resident[f"flash.blk.{i}.pred_a"] = a.to(torch.float32).numpy()
-        resident[f"flash.blk.{i}.pred_b"] = b_units.to(torch.float32).numpy()
-        resident[f"flash.blk.{i}.pred_c"] = c_units.to(torch.float32).numpy()
-        resident[f"flash.blk.{i}.order"] = orders[i]
-    with atomic_path(store / "resident.safetensors") as tmp:
+            a, b_units, c_units = unit_preds[i]
+            resident[f"flash.blk.{i}.down_d"], resident[f"flash.blk.{i}.down_m"] = down_scales[i]
+            # fp32: the top-k boundary is full of near ties, and fp16 factors moved the chosen units enough to
+            # change the perplexity the operating point was chosen from (232 -> 328 at 50% on the test store)
+            resident[f"flash.blk.{i}.pred_a"] = a.to(torch.float32).numpy()
+            resident[f"flash.blk.{i}.pred_b"] = b_units.to(torch.float32).numpy()
+            resident[f"flash.blk.{i}.pred_c"] = c_units.to(torch.float32).numpy()
+            resident[f"flash.blk.{i}.order"] = orders[i]
         # safetensors.numpy writes an array's memory as it lies: a transposed view would read back scrambled
-        save_file({name: np.ascontiguousarray(array) for name, array in resident.items()}, str(tmp))
-    write_text_atomic(store / "metadata.json", json.dumps({k: jsonable(v) for k, v in gguf.metadata.items()}))
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "edgewise": __version__,
-        "model": {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size},
-        "dims": {"n_layers": cfg.n_layers, "d_model": cfg.dim, "d_ff": cfg.ffn_dim},
-        "ffn_file": {
-            "path": "ffn.bin",
-            "quant": "Q4_1",
-            "unit_bytes": layout.unit_bytes,
-            "bundles_per_unit": layout.bundles_per_unit,
-            "bundle_bytes": layout.bundle_bytes,
-            "n_units": layout.n_units,
-            "gguf_ffn_bytes": ffn_bytes,
-            "down_scale_bytes": int(sum(d.nbytes + m.nbytes for d, m in down_scales)),
-            "layers": layers,
-        },
-        "resident_tensors": {name: {"qtype": t.qtype.name, "shape": list(t.shape)} for name, t in resident_tensor_entries(gguf).items()},
-        "predictor": {
-            "rank": opts.rank,
-            "corpus": opts.corpus,
-            "calibration_tokens": opts.calibration_tokens,
-            "eval_tokens": opts.eval_tokens,
-            "ctx": opts.ctx,
-            "tolerance": opts.tolerance,
-            "dense_ppl": dense_ppl,
-            "sweep": sweep,
-            "active_fraction": chosen["fraction"],
-            "k_units": [k_units] * cfg.n_layers,
-            "quality": quality,
-        },
-        "convert_seconds": round(time.perf_counter() - t_start, 1),
-    }
-    write_text_atomic(store / "manifest.json", json.dumps(manifest, indent=1))
+        save_file({name: np.ascontiguousarray(array) for name, array in resident.items()}, str(out / "resident.safetensors"))
+        (out / "metadata.json").write_text(json.dumps({k: jsonable(v) for k, v in gguf.metadata.items()}))
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "edgewise": __version__,
+            "model": {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size},
+            "dims": {"n_layers": cfg.n_layers, "d_model": cfg.dim, "d_ff": cfg.ffn_dim},
+            "ffn_file": {
+                "path": "ffn.bin",
+                "quant": "Q4_1",
+                "unit_bytes": layout.unit_bytes,
+                "bundles_per_unit": layout.bundles_per_unit,
+                "bundle_bytes": layout.bundle_bytes,
+                "n_units": layout.n_units,
+                "gguf_ffn_bytes": ffn_bytes,
+                "down_scale_bytes": int(sum(d.nbytes + m.nbytes for d, m in down_scales)),
+                "layers": layers,
+            },
+            "resident_tensors": {name: {"qtype": t.qtype.name, "shape": list(t.shape)} for name, t in resident_tensor_entries(gguf).items()},
+            "predictor": {
+                "rank": opts.rank,
+                "corpus": opts.corpus,
+                "calibration_tokens": opts.calibration_tokens,
+                "eval_tokens": opts.eval_tokens,
+                "ctx": opts.ctx,
+                "tolerance": opts.tolerance,
+                "dense_ppl": dense_ppl,
+                "sweep": sweep,
+                "active_fraction": chosen["fraction"],
+                "k_units": [k_units] * cfg.n_layers,
+                "quality": quality,
+            },
+            "convert_seconds": round(time.perf_counter() - t_start, 1),
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return store
 

@@ -31,16 +31,17 @@ from torch import nn
 from edgewise.errors import EdgewiseError
 from edgewise.flash.cache import UnitCache
 from edgewise.flash.io import CostModel, DirectReader, ProbeResult
-from edgewise.flash.store import Q4_1_BLOCK, QK, FlashStore, nibbles_to_codes
+from edgewise.flash.store import PROBE_FILE, Q4_1_BLOCK, QK, FlashStore, nibbles_to_codes
 
 Mode = Literal["flash", "naive"]
 Reads = Literal["unit", "adjacent", "cost"]
-PROBE_FILE = "probe.json"
 NAIVE_MAX_READ = 256 << 10
 
 
 def default_probe_path() -> Path:
-    return Path.home() / ".cache" / "edgewise" / "flash_probe.json"
+    from edgewise.models import cache_root
+
+    return cache_root() / "flash_probe.json"
 
 
 def parse_budget(text: str | int, ffn_bytes: int) -> int:

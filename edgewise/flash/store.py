@@ -40,6 +40,7 @@ QK = 32
 Q4_1_BLOCK = 20
 ID_BYTES = 4
 FFN_TENSORS = ("ffn_gate", "ffn_up", "ffn_down")
+PROBE_FILE = "probe.json"  # `edgewise flash probe STORE`: this store's disk, measured (not part of the format)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from edgewise.errors import EdgewiseError
+from edgewise.files import atomic_dir
 from edgewise.tiny.frontend import IMAGE, LABEL, LOGITS, LOSS
 from edgewise.tiny.int8_train import Int8Trainer
 from edgewise.tiny.ir import Node
@@ -496,26 +497,24 @@ class _Generator:
             label=self.offset(LABEL), logits=self.offset(LOGITS), loss=self.offset(LOSS), n_classes=n_classes,
         )  # fmt: skip
         out_dir = Path(out_dir)
-        tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        ram_bytes = sum(p.numel * {"int8": 1, "int16": 2}.get(p.dtype, 4) for p in params)
+        with atomic_dir(out_dir) as tmp:  # a killed run never leaves a partial project, nor loses the previous one
+            self.write_files(tmp, header, source, params, arena, ram_bytes)
+        return CProject(out_dir, arena, ram_bytes, len(self.flash.data), params, (c, h, w), n_classes, q_in.scale, q_in.zero_point)
+
+    def write_files(self, tmp: Path, header: str, source: str, params: list[CParam], arena: int, ram_bytes: int) -> None:
         for f in ("ew_ops.c", "ew_ops.h"):
             shutil.copy(C_SOURCES / f, tmp / f)
         (tmp / "ew_model.h").write_text(header)
         (tmp / "ew_model.c").write_text(source)
         (tmp / "ew_flash.bin").write_bytes(bytes(self.flash.data))
         (tmp / "ew_flash.S").write_text(FLASH_S)
-        ram_bytes = sum(p.numel * {"int8": 1, "int16": 2}.get(p.dtype, 4) for p in params)
         values = {v: self.offset(v) for v in self.graph.values if self.graph.values[v].kind != "param" and v not in self.layout.streamed and v not in self.layout.lazy and alias_root(self.layout.aliases, v) in self.plan.memory.allocations}
         meta = {
             "arena_bytes": arena, "ram_param_bytes": ram_bytes, "flash_bytes": len(self.flash.data), "rule": self.tr.rule,
             "qas": self.tr.qas, "seed": self.tr.seed, "params": [[p.name, p.dtype, list(p.shape)] for p in params], "value_offsets": values,
         }  # fmt: skip
         (tmp / "ew_model.json").write_text(json.dumps(meta, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-        return CProject(out_dir, arena, ram_bytes, len(self.flash.data), params, (c, h, w), n_classes, q_in.scale, q_in.zero_point)
 
     def init_param(self, p: CParam, src: str) -> str:
         """ew_init's copy of a trained parameter's initial value from flash (a weight's trained slice row by row)."""

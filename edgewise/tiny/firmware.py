@@ -31,7 +31,6 @@ Tools (Debian): gcc-arm-none-eabi, libnewlib-arm-none-eabi, qemu-system-arm, and
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import struct
@@ -47,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from edgewise.errors import EdgewiseError
+from edgewise.files import atomic_dir
 from edgewise.files import atomic_path
 from edgewise.tiny.cbackend import PROJECT_SOURCES, RESULT_CFLAGS
 
@@ -165,15 +165,10 @@ def build_firmware(project_dir: str | Path, out_dir: str | Path, sram_bytes: int
     if min(sram_bytes, flash_bytes, heap_bytes) <= 0 or stack_bytes < 512 or stack_bytes % 8 or heap_bytes % 8:
         raise EdgewiseError(f"sizes must be positive, the stack at least 512 bytes, stack and heap multiples of 8: "
                             f"sram {sram_bytes}, flash {flash_bytes}, stack {stack_bytes}, heap {heap_bytes}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         p = _link(project_dir, tmp, sram_bytes, flash_bytes, stack_bytes, heap_bytes, extra_cflags)
         if p.returncode != 0:
             raise _link_error(p, project_dir, sram_bytes, flash_bytes, stack_bytes, heap_bytes, extra_cflags)
-        _replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return _describe(out_dir / "fw.elf", out_dir, sram_bytes, flash_bytes)
 
 
@@ -218,18 +213,6 @@ def _link_error(p: subprocess.CompletedProcess, project_dir: Path, sram: int, fl
                       f"largest: {big}) and flash {b.flash_used} bytes.")
     return EdgewiseError(f"the firmware does not fit the budget of SRAM {sram} bytes / flash {flash} bytes: the linker "
                          f"says: {quoted}.{detail} Give it a larger budget (sram_bytes, flash_bytes) or plan a smaller model.")
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Moves the finished build `src` to `dst`; an old `dst` is moved aside first, then removed."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".old-{os.getpid()}-{dst.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- ELF: section and symbol tables (ELF32, little endian) ----------------------------------------
