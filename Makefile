@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 export OMP_WAIT_POLICY ?= ACTIVE
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow fuzz bench clean
 
 setup:
 	@scripts/setup.sh
@@ -17,6 +17,14 @@ test:
 test-slow:
 	@scripts/setup.sh --test
 	.venv/bin/python -m pytest -q -m slow
+
+# More fuzzing than `make test`'s sample: N damaged GGUFs, N/3 npz datasets and N/3 schemes, a new seed each time
+# unless SEED is given; every case and its outcome in fuzz-report.json.
+N ?= 3000
+SEED ?= $(shell date +%s)
+fuzz:
+	@scripts/setup.sh --test
+	.venv/bin/python -m tests.fuzz --gguf $(N) --npz $$(( $(N) / 3 )) --scheme $$(( $(N) / 3 )) --seed $(SEED) --json fuzz-report.json
 
 bench:
 	@scripts/setup.sh --bench

@@ -59,6 +59,7 @@ class ArrayReader(GGUFReader):
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         size = len(self.data)
+        spans = []
         for i, field in enumerate(fields):
             _, name_data, _, dims, raw_dtype, offset = field.parts
             name = bytes(name_data).decode("utf-8", errors="replace")
@@ -77,6 +78,11 @@ class ArrayReader(GGUFReader):
                 raise GGUFLayoutError(
                     f"{where} ({qtype.name} {shape[::-1]}) needs bytes {start}..{start + n_bytes} but the file ends at {size}"
                 )
+            spans.append((start, start + n_bytes, where))
+        spans.sort()
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+            if start < end:  # a damaged offset or type: two tensors would read the same bytes
+                raise GGUFLayoutError(f"{second} starts at byte {start}, inside {first} (which ends at byte {end})")
         super()._build_tensors(start_offs, fields)
 
     def _get_str(self, offset: int):

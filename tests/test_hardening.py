@@ -98,3 +98,93 @@ def test_corrupted_gguf_metadata_names_the_key(model_path, tmp_path):
         dst.write(src.read(3000))  # inside the vocabulary
     with pytest.raises(EdgewiseError, match=r"metadata key/value #\d+ of \d+ 'tokenizer.ggml.tokens' \(its value at byte \d+\) is unreadable"):
         read_gguf(cut)
+
+
+# -- faults the fuzzing harness found (tests/fuzz), one test each ------------------------------------
+@pytest.fixture(scope="module")
+def tiny_gguf(model_path, tmp_path_factory):
+    from tests.fuzz.seeds import write_gguf
+
+    return write_gguf(tmp_path_factory.mktemp("seed") / "tiny.gguf", model_path)
+
+
+def _with_field(src, dst, kind: str, value: int, nth: int = 0):
+    """A copy of GGUF `src` with the nth field of `kind` (tests/fuzz/mutators.py's walk) set to `value`."""
+    from tests.fuzz.mutators import gguf_fields
+
+    data = bytearray(src.read_bytes())
+    f = [f for f in gguf_fields(bytes(data)) if f.kind == kind][nth]
+    data[f.offset : f.offset + f.size] = value.to_bytes(f.size, "little")
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def _cli_error(capsys, path) -> str:
+    assert main(["generate", "--model", str(path), "--no-compile", "--max-tokens", "2", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_tiny_gguf_seed_runs(tiny_gguf):
+    assert main(["generate", "--model", str(tiny_gguf), "--no-compile", "--max-tokens", "2", "hi"]) == 0
+
+
+def test_damaged_tensor_dimension_is_named(tiny_gguf, tmp_path, capsys):
+    """A weight's dimension 64 -> 32 reached the kernel ("q4_1_linear: x has 64 columns ...")."""
+    bad = _with_field(tiny_gguf, tmp_path / "dim.gguf", "dim", 32, nth=5)
+    err = _cli_error(capsys, bad)
+    assert "has shape" in err and "but the metadata" in err and "implies" in err
+
+
+def test_absurd_context_length_is_refused_before_allocating(tiny_gguf, tmp_path, capsys):
+    """context_length 2^31 made the RoPE tables ask for 16 GB."""
+    from tests.fuzz.mutators import gguf_fields
+
+    data = bytearray(tiny_gguf.read_bytes())
+    key = next(f for f in gguf_fields(bytes(data)) if f.kind == "key_bytes" and bytes(data[f.offset : f.offset + f.size]) == b"llama.context_length")
+    value_at = key.offset + key.size + 4  # after the value type
+    data[value_at : value_at + 4] = (1 << 31).to_bytes(4, "little")
+    bad = tmp_path / "ctx.gguf"
+    bad.write_bytes(bytes(data))
+    err = _cli_error(capsys, bad)
+    assert "metadata 'llama.context_length' is 2147483648; expected an integer in 1..1048576" in err
+
+
+def test_out_of_range_special_token_is_named(tiny_gguf, tmp_path, capsys):
+    from tests.fuzz.mutators import gguf_fields
+
+    data = bytearray(tiny_gguf.read_bytes())
+    key = next(f for f in gguf_fields(bytes(data)) if f.kind == "key_bytes" and bytes(data[f.offset : f.offset + f.size]) == b"tokenizer.ggml.eos_token_id")
+    value_at = key.offset + key.size + 4
+    data[value_at : value_at + 4] = (1 << 31).to_bytes(4, "little")
+    bad = tmp_path / "eos.gguf"
+    bad.write_bytes(bytes(data))
+    err = _cli_error(capsys, bad)
+    assert "metadata 'tokenizer.ggml.eos_token_id' is 2147483648, not a token id 0..1023" in err
+
+
+def test_overlapping_tensors_are_refused(tiny_gguf, tmp_path, capsys):
+    """A damaged data offset made two tensors read the same bytes: garbage weights, silently."""
+    bad = _with_field(tiny_gguf, tmp_path / "offset.gguf", "tensor_offset", 0, nth=3)
+    err = _cli_error(capsys, bad)
+    assert "starts at byte" in err and "inside tensor" in err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"bias_depth": 2, "weights": {"features.16.conv.0.0": \xff}}', "cannot read the scheme as UTF-8 JSON"),
+        (b'{"weights": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nests too deeply"),
+        (b'{"bias_depth": true}', "bias_depth must be a non-negative integer, got True"),
+        (b'{"classifier": "yes"}', "classifier must be true or false, got 'yes'"),
+    ],
+)
+def test_damaged_schemes_are_one_line_errors(tmp_path, capsys, content, message):
+    """Found by the fuzzer: bytes that are not UTF-8 and deep nesting gave tracebacks; booleans and
+    strings passed as numbers and flags."""
+    scheme = tmp_path / "scheme.json"
+    scheme.write_bytes(content)
+    assert main(["tiny", "plan", "--scheme", str(scheme), "--resolution", "32", "--png", str(tmp_path / "p.png")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from edgewise.errors import EdgewiseError
 from edgewise.gguf_io import GGUFFile
 
@@ -45,6 +47,7 @@ ARCHITECTURES: dict[str, ArchTraits] = {
     "gemma3": ArchTraits(qk_norm=True, ffn_activation="gelu_tanh", post_norms=True, scale_embedding=True, sliding_window_pattern=6, rope_theta_local=10_000.0, act_bits=ALL_INT8),
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+MAX_CONTEXT = 1 << 20  # tokens: above every real model's (Qwen2.5-1M: 1010000); RoPE tables are built for all of it
 
 
 @dataclass(frozen=True)
@@ -88,16 +91,27 @@ class ModelConfig:
                 " GGUF models (e.g. SmolLM2, Llama 3, Qwen2.5, Qwen3, Gemma 3)"
             )
         p = arch + "."
-        n_heads = int(gguf.require(p + "attention.head_count"))
-        n_kv = int(gguf.metadata.get(p + "attention.head_count_kv", n_heads))
-        dim = int(gguf.require(p + "embedding_length"))
-        head_dim = int(gguf.metadata.get(p + "attention.key_length", dim // n_heads if n_heads and dim % n_heads == 0 else 0))
-        if int(gguf.metadata.get(p + "attention.value_length", head_dim)) != head_dim:
+
+        def number(key: str, low: float, high: float, default=None, kind=int):
+            """A hyper-parameter within the range any real model has, else an error naming the key."""
+            value = gguf.metadata.get(p + key, default) if default is not None else gguf.require(p + key)
+            ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and low <= value <= high
+            if not ok or (kind is int and value != int(value)):
+                raise EdgewiseError(f"{gguf.path}: metadata '{p + key}' is {value!r}; expected {'an integer' if kind is int else 'a number'} in {low}..{high}")
+            return kind(value)
+
+        n_heads = number("attention.head_count", 1, 1024)
+        n_kv = number("attention.head_count_kv", 1, 1024, default=n_heads)
+        dim = number("embedding_length", 1, 1 << 16)
+        head_dim = number("attention.key_length", 2, 1024, default=dim // n_heads if dim % n_heads == 0 else 2)
+        if number("attention.value_length", 2, 1024, default=head_dim) != head_dim:
             raise EdgewiseError(f"{gguf.path}: keys and values of different lengths are not supported")
         vocab = gguf.metadata.get(p + "vocab_size")
         if vocab is None:
             vocab = len(gguf.require("tokenizer.ggml.tokens"))
-        if n_heads <= 0 or n_kv <= 0 or head_dim <= 0 or head_dim % 2 or n_heads % n_kv:
+        else:
+            vocab = number("vocab_size", 1, 1 << 22)
+        if head_dim % 2 or n_heads % n_kv or (p + "attention.key_length" not in gguf.metadata and dim % n_heads):
             raise EdgewiseError(f"{gguf.path}: inconsistent heads: dim {dim}, {n_heads} heads of {head_dim}, {n_kv} KV heads")
         rope_dims = gguf.metadata.get(p + "rope.dimension_count", head_dim)
         if rope_dims != head_dim:
@@ -108,14 +122,46 @@ class ModelConfig:
             arch=arch,
             vocab_size=int(vocab),
             dim=dim,
-            n_layers=int(gguf.require(p + "block_count")),
+            n_layers=number("block_count", 1, 1024),
             n_heads=n_heads,
             n_kv_heads=n_kv,
             head_dim=head_dim,
-            ffn_dim=int(gguf.require(p + "feed_forward_length")),
-            context_length=int(gguf.require(p + "context_length")),
-            rope_theta=float(gguf.metadata.get(p + "rope.freq_base", 10000.0)),
-            norm_eps=float(gguf.metadata.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
+            ffn_dim=number("feed_forward_length", 1, 1 << 20),
+            context_length=number("context_length", 1, MAX_CONTEXT),
+            rope_theta=number("rope.freq_base", 1.0, 1e12, default=10000.0, kind=float),
+            norm_eps=number("attention.layer_norm_rms_epsilon", 0.0, 1.0, default=1e-5, kind=float),
             tied_embeddings="output.weight" not in gguf.tensors,
-            sliding_window=int(gguf.metadata.get(p + "attention.sliding_window", 0)) if ARCHITECTURES[arch].sliding_window_pattern else 0,
+            sliding_window=number("attention.sliding_window", 0, MAX_CONTEXT, default=0) if ARCHITECTURES[arch].sliding_window_pattern else 0,
         )
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape (PyTorch order) as the config implies it, by name with "N" for the layer."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {
+        "token_embd.weight": (cfg.vocab_size, cfg.dim), "output.weight": (cfg.vocab_size, cfg.dim), "output_norm.weight": (cfg.dim,),
+        "blk.N.attn_norm.weight": (cfg.dim,), "blk.N.ffn_norm.weight": (cfg.dim,),
+        "blk.N.post_attention_norm.weight": (cfg.dim,), "blk.N.post_ffw_norm.weight": (cfg.dim,),
+        "blk.N.attn_q.weight": (q, cfg.dim), "blk.N.attn_k.weight": (kv, cfg.dim), "blk.N.attn_v.weight": (kv, cfg.dim),
+        "blk.N.attn_q.bias": (q,), "blk.N.attn_k.bias": (kv,), "blk.N.attn_v.bias": (kv,), "blk.N.attn_output.weight": (cfg.dim, q),
+        "blk.N.attn_q_norm.weight": (cfg.head_dim,), "blk.N.attn_k_norm.weight": (cfg.head_dim,),
+        "blk.N.ffn_gate.weight": (cfg.ffn_dim, cfg.dim), "blk.N.ffn_up.weight": (cfg.ffn_dim, cfg.dim), "blk.N.ffn_down.weight": (cfg.dim, cfg.ffn_dim),
+    }  # fmt: skip
+
+
+def check_tensor_shapes(gguf: GGUFFile, cfg: ModelConfig) -> None:
+    """Every tensor the decoder reads has the shape its metadata implies (a damaged dimension would
+    otherwise surface deep in a kernel), and layer numbers stay below block_count."""
+    shapes = expected_shapes(cfg)
+    for name, t in gguf.tensors.items():
+        parts = name.split(".")
+        key = name
+        if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit():
+            if int(parts[1]) >= cfg.n_layers:
+                raise EdgewiseError(f"{gguf.path}: tensor '{name}' is for layer {parts[1]}, but the model has {cfg.n_layers} layers (block_count)")
+            key = ".".join(["blk", "N", *parts[2:]])
+        if key in shapes and tuple(t.shape) != shapes[key]:
+            raise EdgewiseError(
+                f"{gguf.path}: tensor '{name}' has shape {list(t.shape)}, but the metadata (dim {cfg.dim}, {cfg.n_heads} heads of {cfg.head_dim},"
+                f" {cfg.n_kv_heads} KV heads, FFN {cfg.ffn_dim}, vocabulary {cfg.vocab_size}) implies {list(shapes[key])}: the file is damaged or converted wrongly"
+            )

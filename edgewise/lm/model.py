@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgewise.gguf_io import GGUFFile
-from edgewise.lm.config import ModelConfig
+from edgewise.lm.config import ModelConfig, check_tensor_shapes
 from edgewise.lm.weights import (
     Precision,
     activation_dtype,
@@ -211,6 +211,7 @@ class Llama(nn.Module):
         `ffn_of_layer(i)` supplies layer i's FFN instead of loading it (the flash engine, whose GGUF has no FFN tensors)."""
         cfg = ModelConfig.from_gguf(gguf)
         check_tensor_types(gguf)
+        check_tensor_shapes(gguf, cfg)
         traits = cfg.traits
         bits = {**ACT_BITS, **dict(traits.act_bits), **(act_bits or {})}
         q_order = rope_row_order(cfg.n_heads, cfg.head_dim) if traits.rope_permuted else None

@@ -121,6 +121,8 @@ class TextTokenizer:
             )
         tokens: list[str] = gguf.require("tokenizer.ggml.tokens")
         types = gguf.metadata.get("tokenizer.ggml.token_type") or [TOKEN_TYPE_NORMAL] * len(tokens)
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens) or not isinstance(types, list) or len(types) != len(tokens):
+            raise EdgewiseError(f"{gguf.path}: metadata 'tokenizer.ggml.tokens' and 'tokenizer.ggml.token_type' must be lists of equal length (token strings, type ids)")
         vocab = {tok: i for i, tok in enumerate(tokens)}
         try:
             tk = cls._build(gguf, kind, tokens, vocab, types)
@@ -137,6 +139,9 @@ class TextTokenizer:
 
         bos = gguf.metadata.get("tokenizer.ggml.bos_token_id")
         eos = gguf.metadata.get("tokenizer.ggml.eos_token_id")
+        for key, value in (("bos", bos), ("eos", eos)):
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(tokens)):
+                raise EdgewiseError(f"{gguf.path}: metadata 'tokenizer.ggml.{key}_token_id' is {value!r}, not a token id 0..{len(tokens) - 1}")
         eot = {int(eos)} if eos is not None else set()
         for name in END_OF_TURN:
             if name in vocab and types[vocab[name]] == TOKEN_TYPE_CONTROL:

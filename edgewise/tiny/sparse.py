@@ -43,22 +43,27 @@ class Scheme:
         if unknown:
             raise SchemeError(f"{source}: unknown field(s) {', '.join(unknown)}; expected bias_depth, weights, classifier")
         depth = data.get("bias_depth", 0)
-        if not isinstance(depth, int) or depth < 0:
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
             raise SchemeError(f"{source}: bias_depth must be a non-negative integer, got {depth!r}")
         weights = data.get("weights", {})
         if not isinstance(weights, dict):
             raise SchemeError(f"{source}: weights must map layer names to ratios, got {type(weights).__name__}")
         for layer, ratio in weights.items():
-            if not isinstance(ratio, (int, float)) or not any(math.isclose(ratio, r) for r in RATIOS):
+            if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not any(math.isclose(ratio, r) for r in RATIOS):
                 raise SchemeError(f"{source}: weights['{layer}'] = {ratio!r}; a ratio must be one of 0, 1/8, 1/4, 1/2, 1")
-        return cls(depth, {k: float(v) for k, v in weights.items() if v}, bool(data.get("classifier", True)), source)
+        classifier = data.get("classifier", True)
+        if not isinstance(classifier, bool):
+            raise SchemeError(f"{source}: classifier must be true or false, got {classifier!r}")
+        return cls(depth, {k: float(v) for k, v in weights.items() if v}, classifier, source)
 
     @classmethod
     def load(cls, path: str | Path) -> "Scheme":
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SchemeError(f"{path}: cannot read the scheme ({exc})") from exc
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON, or bytes that are not UTF-8
+            raise SchemeError(f"{path}: cannot read the scheme as UTF-8 JSON ({exc})") from None
+        except RecursionError:
+            raise SchemeError(f"{path}: the scheme nests too deeply to be a scheme (expected {{\"bias_depth\": N, \"weights\": {{layer: ratio}}}})") from None
         if not isinstance(data, dict):
             raise SchemeError(f"{path}: a scheme is a JSON object")
         return cls.from_dict(data, str(path))
