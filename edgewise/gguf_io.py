@@ -137,11 +137,14 @@ class GGUFFile:
     metadata: dict[str, Any]
     tensors: dict[str, GGUFTensor]
 
-    def require(self, key: str) -> Any:
-        """A metadata value that must be present, else an error naming the file and the key."""
+    def require(self, key: str, kind: type | None = None) -> Any:
+        """A metadata value that must be present (and of type `kind`), else an error naming the file and the key."""
         if key not in self.metadata:
             raise EdgewiseError(f"{self.path}: GGUF metadata lacks required key '{key}'")
-        return self.metadata[key]
+        value = self.metadata[key]
+        if kind is not None and not isinstance(value, kind):
+            raise EdgewiseError(f"{self.path}: GGUF metadata '{key}' is a {type(value).__name__}, expected a {kind.__name__}")
+        return value
 
     def tensor(self, name: str) -> GGUFTensor:
         if name not in self.tensors:

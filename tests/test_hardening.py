@@ -188,3 +188,29 @@ def test_damaged_schemes_are_one_line_errors(tmp_path, capsys, content, message)
     assert main(["tiny", "plan", "--scheme", str(scheme), "--resolution", "32", "--png", str(tmp_path / "p.png")]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda m: "a string", "a manifest is a JSON object, got str"),
+        (lambda m: m["dims"].pop("n_layers"), "field 'dims.n_layers' is None, expected a non-negative integer"),
+        (lambda m: m["resident_tensors"]["output_norm.weight"].update(qtype=["F32"]), "field 'resident_tensors.output_norm.weight'"),
+        (lambda m: m["predictor"].update(k_units=[0, 2]), "field 'predictor.k_units' must list positive integers"),
+    ],
+)
+def test_damaged_flash_manifest_names_the_field(tiny_gguf, tmp_path, capsys, damage, message):
+    """Found by the fuzzer: a manifest that was not an object, or a field of the wrong type, gave a
+    KeyError or TypeError wherever the field was first used."""
+    import json
+
+    from tests.fuzz.seeds import write_flash_store
+
+    store = write_flash_store(tmp_path / "store", tiny_gguf)
+    capsys.readouterr()
+    manifest = json.loads((store / "manifest.json").read_text())
+    replaced = damage(manifest)
+    (store / "manifest.json").write_text(json.dumps(replaced if isinstance(replaced, str) else manifest))
+    assert main(["generate", "--flash", str(store), "--model", str(tiny_gguf), "--dram-budget", "100%", "--max-tokens", "2", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

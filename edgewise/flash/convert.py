@@ -94,19 +94,20 @@ def convert(store_dir: str | os.PathLike, model_path: str | os.PathLike | None =
     layout = BundleLayout.for_dims(cfg.dim, cfg.ffn_dim)
     tokenizer = TextTokenizer.from_gguf(gguf)
 
-    # 1. calibration
+    # 1. calibration, in windows no longer than the model's context
+    ctx = min(opts.ctx, cfg.context_length)
     ids = tokenizer.encode(load_text(opts.corpus)[: 12 * (opts.calibration_tokens + opts.eval_tokens)])
     need = opts.calibration_tokens + opts.eval_tokens
     if len(ids) < need:
         raise EdgewiseError(f"corpus {opts.corpus!r} gives {len(ids)} tokens; calibration needs {need} (--calibration-tokens + --eval-tokens)")
-    train_windows = _windows(ids[: opts.calibration_tokens], opts.ctx)
+    train_windows = _windows(ids[: opts.calibration_tokens], ctx)
     eval_ids = ids[opts.calibration_tokens : need]
-    if not train_windows or len(eval_ids) < opts.ctx:
-        raise EdgewiseError(f"--calibration-tokens and --eval-tokens must each be at least --ctx ({opts.ctx})")
+    if not train_windows or len(eval_ids) < ctx:
+        raise EdgewiseError(f"--calibration-tokens and --eval-tokens must each be at least the calibration window of {ctx} tokens")
     torch.manual_seed(opts.seed)
     model = Llama.from_gguf(gguf, "fp32", progress=progress("loading model"))
     calib = capture(model, train_windows, progress("calibration"))
-    held_out = capture(model, _windows(eval_ids, opts.ctx))
+    held_out = capture(model, _windows(eval_ids, ctx))
 
     # 2. predictors and neuron order
     bar = progress("predictors")
@@ -128,7 +129,7 @@ def convert(store_dir: str | os.PathLike, model_path: str | os.PathLike | None =
                 b.ffn = SelectedFFN(b.ffn, a, bu, cu, neuron_unit_index(order, layout.bundles_per_unit, cfg.ffn_dim), k_units)
         try:
             with torch.no_grad():
-                return perplexity(lambda w: run_window(model, w), eval_ids, opts.ctx).ppl
+                return perplexity(lambda w: run_window(model, w), eval_ids, ctx).ppl
         finally:
             for b, ffn in zip(model.blocks, originals):
                 b.ffn = ffn
@@ -222,7 +223,7 @@ def convert(store_dir: str | os.PathLike, model_path: str | os.PathLike | None =
                 "corpus": opts.corpus,
                 "calibration_tokens": opts.calibration_tokens,
                 "eval_tokens": opts.eval_tokens,
-                "ctx": opts.ctx,
+                "ctx": ctx,
                 "tolerance": opts.tolerance,
                 "dense_ppl": dense_ppl,
                 "sweep": sweep,

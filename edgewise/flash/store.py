@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
+from gguf.constants import GGML_QUANT_SIZES
 
 from edgewise.errors import EdgewiseError
 from edgewise.gguf_io import GGUFFile, GGUFTensor
@@ -40,7 +41,16 @@ QK = 32
 Q4_1_BLOCK = 20
 ID_BYTES = 4
 FFN_TENSORS = ("ffn_gate", "ffn_up", "ffn_down")
+FLASH_LAYER_TENSORS = ("down_d", "down_m", "pred_a", "pred_b", "pred_c", "order")  # per layer, beside the GGUF's resident tensors
 PROBE_FILE = "probe.json"  # `edgewise flash probe STORE`: this store's disk, measured (not part of the format)
+# What the runtime reads from a manifest, and its type: checked once, so that a damaged manifest is
+# one error naming the field instead of a KeyError wherever the field happens to be used.
+MANIFEST_SCHEMA: dict[str, type | tuple[type, ...]] = {
+    "format": str, "version": int, "model.file": str, "model.sha256": str, "model.bytes": int,
+    "dims.n_layers": int, "dims.d_model": int, "dims.d_ff": int,
+    "ffn_file.unit_bytes": int, "ffn_file.bundles_per_unit": int, "ffn_file.gguf_ffn_bytes": int, "ffn_file.layers": list,
+    "resident_tensors": dict, "predictor.k_units": list, "predictor.active_fraction": (int, float),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -182,6 +192,28 @@ class FlashStore:
         """The FFN weights' size in the GGUF (gate + up + down, all layers): what a `--dram-budget X%` is a share of."""
         return int(self.manifest["ffn_file"]["gguf_ffn_bytes"])
 
+
+    @staticmethod
+    def check_manifest(manifest: Any, where: Path) -> None:
+        if not isinstance(manifest, dict):
+            raise EdgewiseError(f"{where}: a manifest is a JSON object, got {type(manifest).__name__}")
+        for dotted, kind in MANIFEST_SCHEMA.items():
+            node: Any = manifest
+            for key in dotted.split("."):
+                node = node.get(key) if isinstance(node, dict) else None
+            if not isinstance(node, kind) or isinstance(node, bool) or (kind is int and node < 0):
+                raise EdgewiseError(f"{where}: field '{dotted}' is {node!r}, expected {'a non-negative integer' if kind is int else getattr(kind, '__name__', 'a number')}")
+        for i, layer in enumerate(manifest["ffn_file"]["layers"]):
+            if not (isinstance(layer, dict) and isinstance(layer.get("offset"), int) and layer["offset"] >= 0 and isinstance(layer.get("sha256"), str)):
+                raise EdgewiseError(f"{where}: field 'ffn_file.layers[{i}]' is {layer!r}, expected {{offset, bytes, sha256}}")
+        for name, spec in manifest["resident_tensors"].items():
+            shape = spec.get("shape") if isinstance(spec, dict) else None
+            if not (isinstance(spec, dict) and isinstance(spec.get("qtype"), str) and spec["qtype"] in QT.__members__ and isinstance(shape, list) and shape
+                    and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+                raise EdgewiseError(f"{where}: field 'resident_tensors.{name}' is {spec!r}, expected {{qtype: a ggml type name, shape: [positive ints]}}")
+        if not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in manifest["predictor"]["k_units"]):
+            raise EdgewiseError(f"{where}: field 'predictor.k_units' must list positive integers, got {manifest['predictor']['k_units']!r}")
+
     @classmethod
     def open(cls, path: str | os.PathLike, verify: bool = True, model: str | os.PathLike | None = None) -> "FlashStore":
         path = Path(path)
@@ -196,12 +228,15 @@ class FlashStore:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as exc:
             raise EdgewiseError(f"{manifest_path}: unreadable manifest ({exc}); re-run `edgewise flash convert {path}`") from None
+        if not isinstance(manifest, dict):
+            raise EdgewiseError(f"{manifest_path}: a manifest is a JSON object, got {type(manifest).__name__}; re-run `edgewise flash convert {path}`")
         if manifest.get("format") != FORMAT:
             raise EdgewiseError(f"{manifest_path}: field 'format' is {manifest.get('format')!r}, expected {FORMAT!r}")
         if manifest.get("version") != VERSION:
             raise EdgewiseError(
                 f"{manifest_path}: store version {manifest.get('version')!r}, but this edgewise reads version {VERSION}; re-run `edgewise flash convert {path}`"
             )
+        cls.check_manifest(manifest, manifest_path)
         try:
             dims, unit = manifest["dims"], manifest["ffn_file"]
             layout = BundleLayout(int(dims["d_model"]), int(dims["d_ff"]), int(unit["bundles_per_unit"]), int(unit["unit_bytes"]))
@@ -211,8 +246,8 @@ class FlashStore:
         except (KeyError, TypeError, ValueError) as exc:
             raise EdgewiseError(f"{manifest_path}: missing or malformed field {exc}; re-run `edgewise flash convert {path}`") from None
         store = cls(path, manifest, layout)
-        if len(layers) != store.n_layers:
-            raise EdgewiseError(f"{manifest_path}: field 'ffn_file.layers' lists {len(layers)} layers, expected {store.n_layers}")
+        if len(layers) != store.n_layers or len(manifest["predictor"]["k_units"]) != store.n_layers:
+            raise EdgewiseError(f"{manifest_path}: fields 'ffn_file.layers' and 'predictor.k_units' list {len(layers)} and {len(manifest['predictor']['k_units'])} layers, expected {store.n_layers}")
         if model is not None:
             store.check_model(model)
         expected = store.layer_offset(store.n_layers - 1) + layout.layer_bytes
@@ -250,9 +285,14 @@ class FlashStore:
 
         path = self.path / "resident.safetensors"
         try:
-            return load_file(str(path))
+            tensors = load_file(str(path))
         except Exception as exc:
             raise EdgewiseError(f"{path}: unreadable resident weights ({type(exc).__name__}: {exc}); re-run `edgewise flash convert {self.path}`") from None
+        for i in range(self.n_layers):
+            for part in FLASH_LAYER_TENSORS:
+                if f"flash.blk.{i}.{part}" not in tensors:
+                    raise EdgewiseError(f"{path}: tensor flash.blk.{i}.{part} is missing; re-run `edgewise flash convert {self.path}`")
+        return tensors
 
     def gguf_view(self, resident: dict[str, np.ndarray]) -> GGUFFile:
         """The resident part as a GGUFFile without FFN tensors, for `Llama.from_gguf(..., ffn_of_layer=...)`."""
@@ -261,11 +301,18 @@ class FlashStore:
             metadata = json.loads(meta_path.read_text())
         except (OSError, ValueError) as exc:
             raise EdgewiseError(f"{meta_path}: unreadable GGUF metadata ({exc}); re-run `edgewise flash convert {self.path}`") from None
+        if not isinstance(metadata, dict):
+            raise EdgewiseError(f"{meta_path}: GGUF metadata is a JSON object, got {type(metadata).__name__}; re-run `edgewise flash convert {self.path}`")
         tensors = {}
         for name, spec in self.manifest["resident_tensors"].items():
             if name not in resident:
                 raise EdgewiseError(f"{self.path / 'resident.safetensors'}: tensor {name} listed in the manifest is missing")
-            tensors[name] = GGUFTensor(name, QT[spec["qtype"]], tuple(spec["shape"]), resident[name])
+            qtype, shape = QT[spec["qtype"]], tuple(spec["shape"])
+            block, type_bytes = GGML_QUANT_SIZES[qtype]
+            n = int(np.prod(shape, dtype=object))
+            if n % block or resident[name].nbytes != n // block * type_bytes:
+                raise EdgewiseError(f"{self.path / 'resident.safetensors'}: tensor {name} holds {resident[name].nbytes} bytes, but the manifest says {qtype.name} {list(shape)}")
+            tensors[name] = GGUFTensor(name, qtype, shape, resident[name])
         return GGUFFile(self.path, metadata, tensors)
 
 

@@ -16,6 +16,8 @@ CHATML = (
 
 class ChatTemplate:
     def __init__(self, source: str | None, bos_token: str = "", eos_token: str = ""):
+        if source is not None and not isinstance(source, str):
+            raise EdgewiseError(f"the model's chat template (metadata 'tokenizer.chat_template') is a {type(source).__name__}, not a Jinja text")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         try:
             self.template = env.from_string(source or CHATML)

@@ -85,7 +85,7 @@ class ModelConfig:
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> "ModelConfig":
         arch = gguf.require("general.architecture")
-        if arch not in ARCHITECTURES:
+        if not isinstance(arch, str) or arch not in ARCHITECTURES:
             raise EdgewiseError(
                 f"{gguf.path}: architecture '{arch}' is not supported; edgewise runs {', '.join(SUPPORTED_ARCHITECTURES)}"
                 " GGUF models (e.g. SmolLM2, Llama 3, Qwen2.5, Qwen3, Gemma 3)"
@@ -108,7 +108,7 @@ class ModelConfig:
             raise EdgewiseError(f"{gguf.path}: keys and values of different lengths are not supported")
         vocab = gguf.metadata.get(p + "vocab_size")
         if vocab is None:
-            vocab = len(gguf.require("tokenizer.ggml.tokens"))
+            vocab = len(gguf.require("tokenizer.ggml.tokens", list))
         else:
             vocab = number("vocab_size", 1, 1 << 22)
         if head_dim % 2 or n_heads % n_kv or (p + "attention.key_length" not in gguf.metadata and dim % n_heads):

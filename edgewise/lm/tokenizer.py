@@ -115,11 +115,11 @@ class TextTokenizer:
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> "TextTokenizer":
         kind = gguf.require("tokenizer.ggml.model")
-        if kind not in ("gpt2", "llama"):
+        if not isinstance(kind, str) or kind not in ("gpt2", "llama"):
             raise EdgewiseError(
                 f"{gguf.path}: tokenizer type '{kind}' is not supported yet; edgewise reads byte-level BPE ('gpt2') and SentencePiece ('llama') tokenizers"
             )
-        tokens: list[str] = gguf.require("tokenizer.ggml.tokens")
+        tokens: list[str] = gguf.require("tokenizer.ggml.tokens", list)
         types = gguf.metadata.get("tokenizer.ggml.token_type") or [TOKEN_TYPE_NORMAL] * len(tokens)
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens) or not isinstance(types, list) or len(types) != len(tokens):
             raise EdgewiseError(f"{gguf.path}: metadata 'tokenizer.ggml.tokens' and 'tokenizer.ggml.token_type' must be lists of equal length (token strings, type ids)")
@@ -155,11 +155,11 @@ class TextTokenizer:
             tk = _sentencepiece_tokenizer(gguf, tokens, vocab, types)
         else:
             pre = gguf.metadata.get("tokenizer.ggml.pre", "default")
-            if pre not in PRE_TOKENIZERS:
+            if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
                 raise EdgewiseError(
                     f"{gguf.path}: pre-tokenizer '{pre}' is unknown to edgewise; known: {', '.join(sorted(PRE_TOKENIZERS))}"
                 )
-            merges = [tuple(m.split(" ", 1)) for m in gguf.require("tokenizer.ggml.merges")]
+            merges = [tuple(m.split(" ", 1)) for m in gguf.require("tokenizer.ggml.merges", list)]
             tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
             tk.pre_tokenizer = PRE_TOKENIZERS[pre]()
             if pre in NORMALIZERS:

@@ -10,8 +10,8 @@ and the four faults: "traceback", "signal" (killed by SIGSEGV, SIGABRT, ...), "h
 limit), "memory" (an allocation refused under the address-space limit: MemoryError or the
 allocator's own error).
 
-    python -m tests.fuzz --gguf 300 --npz 100 --scheme 100 --seed 0       (what `make test` runs)
-    make fuzz N=3000                                                         (more of each)
+    python -m tests.fuzz --seed 0     (what `make test` runs: 300 GGUFs, 100 of each other format)
+    make fuzz N=3000                  (more of each)
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 import random
 import resource
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -178,6 +179,15 @@ def make_cases(work: Path, seeds: dict[str, Path], counts: dict[str, int], seed:
         path = work / f"data-{i}.npz"
         path.write_bytes(data)
         cases.append(Case("npz", what, ["tiny", "train", "--data", str(path), "--train-samples", "2", "--val-samples", "2", "--resolution", "32"]))
+    for i in range(counts.get("images", 0)):
+        folder = work / f"images-{i}"
+        what = mutators.mutate_image_folder(seeds["images"], folder, rng)
+        cases.append(Case("image folder", what, ["tiny", "train", "--data", str(folder), "--train-samples", "2", "--val-samples", "2", "--resolution", "32"]))
+    for i in range(counts.get("flash", 0)):
+        store = work / f"store-{i}"
+        what = mutators.mutate_flash_store(seeds["flash"], store, rng)
+        cases.append(Case("flash store", what, ["generate", "--flash", str(store), "--model", str(seeds["gguf"]), "--dram-budget", "100%",
+                                                "--threads", "1", "--max-tokens", "2", "hi"]))
     for i in range(counts.get("scheme", 0)):
         data, what = mutators.mutate_scheme(scheme(), rng)
         path = work / f"scheme-{i}.json"
@@ -192,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gguf", type=int, default=300)
     p.add_argument("--npz", type=int, default=100)
     p.add_argument("--scheme", type=int, default=100)
+    p.add_argument("--images", type=int, default=100, help="damaged image folders (through `tiny train`)")
+    p.add_argument("--flash", type=int, default=100, help="damaged flash stores (through `generate --flash`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--json", type=Path, help="write every case and its outcome here")
@@ -201,14 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     import edgewise.cli  # noqa: F401 - imported once, before the forks
     import edgewise.lm.runtime  # noqa: F401
     import edgewise.tiny.transfer  # noqa: F401
-    from edgewise.models import default_model_path
-    from tests.fuzz.seeds import write_seeds
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ew-fuzz-") as d:
         work = Path(d)
-        seeds = write_seeds(work / "seeds", default_model_path())
-        cases = make_cases(work, seeds, {"gguf": args.gguf, "npz": args.npz, "scheme": args.scheme}, args.seed)
+        made = subprocess.run([sys.executable, "-m", "tests.fuzz.seeds", str(work / "seeds")], capture_output=True, text=True, check=True)
+        seeds = {k: Path(v) for k, v in json.loads(made.stdout.strip().splitlines()[-1]).items()}
+        counts = {"gguf": args.gguf, "npz": args.npz, "scheme": args.scheme, "images": args.images, "flash": args.flash}
+        cases = make_cases(work, seeds, counts, args.seed)
         report = run_cases(cases, jobs=args.jobs)
     print(report.table())
     for r in report.faults():

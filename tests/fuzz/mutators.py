@@ -12,8 +12,11 @@ from __future__ import annotations
 import io
 import json
 import random
+import shutil
 import struct
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -208,3 +211,108 @@ def _dump_deep(doc) -> str:  # json.dumps recurses; a deep list is written by ha
     head = json.dumps(rest)[:-1] + (", " if rest else "")
     return head + '"weights": ' + "[" * depth + "1" + "]" * depth + "}"
 
+
+
+def mutate_image_folder(seed: Path, out: Path, rng: random.Random) -> str:
+    """A copy of an image folder (ROOT/<class>/*.png) with damaged files or structure."""
+    shutil.copytree(seed, out)
+    files = sorted(out.rglob("*.png"))
+    victim = rng.choice(files)
+    kind = rng.choice(["bytes", "truncate", "empty file", "not an image", "bomb", "mode", "empty class", "one class", "nested", "no classes",
+                       "file as class", "symlink loop", "odd name", "huge file count"])
+    if kind == "bytes":
+        data = bytearray(victim.read_bytes())
+        for _ in range(rng.randint(1, 6)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        victim.write_bytes(bytes(data))
+    elif kind == "truncate":
+        victim.write_bytes(victim.read_bytes()[: rng.randrange(victim.stat().st_size)])
+    elif kind == "empty file":
+        victim.write_bytes(b"")
+    elif kind == "not an image":
+        victim.write_bytes(rng.choice([b"hello", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"\xff\xd8\xff", bytes(range(256))]))
+    elif kind == "bomb":  # a PNG header that claims 60000 x 60000 pixels
+        ihdr = b"IHDR" + struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
+        chunk = struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
+        victim.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk + b"\x00\x00\x00\x00IEND\xaeB`\x82")
+    elif kind == "mode":
+        from PIL import Image
+
+        mode = rng.choice(["RGBA", "I;16", "1", "CMYK", "F", "LA", "I"])
+        try:
+            Image.new(mode, rng.choice([(8, 8), (1, 1), (300, 2), (2, 300)])).save(victim.with_suffix(rng.choice([".png", ".bmp", ".jpg"])))
+        except (OSError, ValueError):  # a mode the format cannot hold: leave a file of the wrong kind instead
+            victim.write_bytes(b"\x00" * 64)
+    elif kind == "empty class":
+        for f in (out / victim.parent.name).iterdir():
+            f.unlink()
+    elif kind == "one class":
+        for d in sorted(out.iterdir())[1:]:
+            shutil.rmtree(d)
+    elif kind == "nested":
+        (victim.parent / "inner").mkdir()
+        victim.rename(victim.parent / "inner" / victim.name)
+    elif kind == "no classes":
+        for d in sorted(out.iterdir()):
+            shutil.rmtree(d)
+    elif kind == "file as class":
+        (out / "notes.png").write_bytes(victim.read_bytes())
+    elif kind == "symlink loop":
+        (victim.parent / "loop").symlink_to(victim.parent, target_is_directory=True)
+    elif kind == "odd name":
+        victim.rename(victim.parent / rng.choice(["..png", " .png", "\u00e9\u00e8.png", "a\nb.png", ".hidden.png", "x.PNG"]))
+    elif kind == "huge file count":
+        for i in range(200):
+            shutil.copy(victim, victim.parent / f"copy{i}.png")
+    return f"{kind} ({victim.relative_to(out)})"
+
+
+def mutate_flash_store(seed: Path, out: Path, rng: random.Random) -> str:
+    """A copy of a flash store with a damaged manifest, FFN file, resident tensors or metadata."""
+    shutil.copytree(seed, out)
+    target = rng.choice(["manifest.json", "manifest.json", "ffn.bin", "resident.safetensors", "metadata.json", "missing"])
+    if target == "missing":
+        name = rng.choice(["manifest.json", "ffn.bin", "resident.safetensors", "metadata.json"])
+        (out / name).unlink()
+        return f"{name} missing"
+    path = out / target
+    if target.endswith(".json") and rng.random() < 0.7:
+        doc = json.loads(path.read_text())
+        trail, node = [], doc
+        while isinstance(node, (dict, list)) and node and rng.random() < 0.8:  # walk down to a random field
+            key = rng.choice(list(node)) if isinstance(node, dict) else rng.randrange(len(node))
+            trail.append(key)
+            parent, node = node, node[key]
+        if not trail:
+            doc = _mutate_json_value(doc, rng)
+        elif rng.random() < 0.2:
+            del parent[trail[-1]]
+        else:
+            parent[trail[-1]] = _mutate_json_value(node, rng) if rng.random() < 0.6 else _nudge(node, rng)
+        path.write_text(json.dumps(doc, allow_nan=True))
+        return f"{target}: {'.'.join(map(str, trail)) or 'document'} changed"
+    data = bytearray(path.read_bytes())
+    how = rng.choice(["bitflip", "truncate", "extend", "header"])
+    if how == "bitflip":
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    elif how == "truncate":
+        data = data[: rng.randrange(len(data))]
+    elif how == "extend":
+        data += bytes(rng.randrange(256) for _ in range(rng.choice([1, 4096, 65536])))
+    else:  # the first 8 bytes: safetensors' header length, the start of JSON elsewhere
+        data[:8] = _hurtful(int.from_bytes(data[:8], "little"), 8, rng).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+    return f"{target}: {how}"
+
+
+def _nudge(value, rng: random.Random):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return rng.choice([value + 1, value - 1, value * 2, -value, value + 4096])
+    if isinstance(value, float):
+        return rng.choice([value * 2, -value, value + 1e-3, 0.0])
+    if isinstance(value, str):
+        return rng.choice([value + "x", value[:-1], value.upper(), "../" + value])
+    return value

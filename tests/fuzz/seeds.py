@@ -1,6 +1,6 @@
 """The well-formed inputs the mutators start from, small enough that a case that parses still runs in
-well under a second: a tiny llama GGUF with a 1024-token slice of SmolLM2's vocabulary, an npz
-dataset of 8x8 images, a sparse update scheme."""
+well under a second: a tiny llama GGUF with a 1024-token slice of SmolLM2's vocabulary, its flash
+store, an npz dataset and an image folder of 8x8 images, a sparse update scheme."""
 
 from __future__ import annotations
 
@@ -75,4 +75,38 @@ def scheme() -> dict:
 def write_seeds(folder: Path, source_gguf: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "scheme.json").write_text(json.dumps(scheme()))
-    return {"gguf": write_gguf(folder / "tiny.gguf", source_gguf), "npz": write_npz(folder / "data.npz"), "scheme": folder / "scheme.json"}
+    seeds = {"gguf": write_gguf(folder / "tiny.gguf", source_gguf), "npz": write_npz(folder / "data.npz"), "scheme": folder / "scheme.json"}
+    seeds["images"] = write_image_folder(folder / "images")
+    seeds["flash"] = write_flash_store(folder / "store", seeds["gguf"])
+    return seeds
+
+
+def write_image_folder(root: Path) -> Path:
+    """Three classes of four 8x8 PNGs (gray, RGB and palette images mixed, as folders in the wild are)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("cat", "dog", "fox")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(4):
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            image = Image.fromarray(pixels).convert(["RGB", "L", "P"][(c + i) % 3])
+            image.save(root / name / f"{i}.png")
+    return root
+
+
+def write_flash_store(store: Path, gguf: Path) -> Path:
+    """`edgewise flash convert` of the tiny GGUF, with as little calibration as it accepts."""
+    from edgewise.cli import main
+
+    if main(["flash", "convert", str(store), "--model", str(gguf), "--calibration-tokens", "256", "--eval-tokens", "128", "--rank", "4"]) != 0:
+        raise RuntimeError("flash convert of the fuzzing seed failed")
+    return store
+
+
+if __name__ == "__main__":  # the harness makes its seeds in a child, so that its own process never runs torch
+    import sys
+
+    from edgewise.models import default_model_path
+
+    print(json.dumps({k: str(v) for k, v in write_seeds(Path(sys.argv[1]), default_model_path()).items()}))
