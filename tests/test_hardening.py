@@ -137,30 +137,26 @@ def test_damaged_tensor_dimension_is_named(tiny_gguf, tmp_path, capsys):
     assert "has shape" in err and "but the metadata" in err and "implies" in err
 
 
-def test_absurd_context_length_is_refused_before_allocating(tiny_gguf, tmp_path, capsys):
-    """context_length 2^31 made the RoPE tables ask for 16 GB."""
+def _with_key_value(src, dst, key: str, value: int):
+    """A copy of GGUF `src` whose 32-bit metadata value `key` is `value`."""
     from tests.fuzz.mutators import gguf_fields
 
-    data = bytearray(tiny_gguf.read_bytes())
-    key = next(f for f in gguf_fields(bytes(data)) if f.kind == "key_bytes" and bytes(data[f.offset : f.offset + f.size]) == b"llama.context_length")
-    value_at = key.offset + key.size + 4  # after the value type
-    data[value_at : value_at + 4] = (1 << 31).to_bytes(4, "little")
-    bad = tmp_path / "ctx.gguf"
-    bad.write_bytes(bytes(data))
-    err = _cli_error(capsys, bad)
+    data = bytearray(src.read_bytes())
+    f = next(f for f in gguf_fields(bytes(data)) if f.kind == "key_bytes" and bytes(data[f.offset : f.offset + f.size]) == key.encode())
+    value_at = f.offset + f.size + 4  # after the value's type
+    data[value_at : value_at + 4] = value.to_bytes(4, "little")
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_absurd_context_length_is_refused_before_allocating(tiny_gguf, tmp_path, capsys):
+    """context_length 2^31 made the RoPE tables ask for 16 GB."""
+    err = _cli_error(capsys, _with_key_value(tiny_gguf, tmp_path / "ctx.gguf", "llama.context_length", 1 << 31))
     assert "metadata 'llama.context_length' is 2147483648; expected an integer in 1..1048576" in err
 
 
 def test_out_of_range_special_token_is_named(tiny_gguf, tmp_path, capsys):
-    from tests.fuzz.mutators import gguf_fields
-
-    data = bytearray(tiny_gguf.read_bytes())
-    key = next(f for f in gguf_fields(bytes(data)) if f.kind == "key_bytes" and bytes(data[f.offset : f.offset + f.size]) == b"tokenizer.ggml.eos_token_id")
-    value_at = key.offset + key.size + 4
-    data[value_at : value_at + 4] = (1 << 31).to_bytes(4, "little")
-    bad = tmp_path / "eos.gguf"
-    bad.write_bytes(bytes(data))
-    err = _cli_error(capsys, bad)
+    err = _cli_error(capsys, _with_key_value(tiny_gguf, tmp_path / "eos.gguf", "tokenizer.ggml.eos_token_id", 1 << 31))
     assert "metadata 'tokenizer.ggml.eos_token_id' is 2147483648, not a token id 0..1023" in err
 
 
