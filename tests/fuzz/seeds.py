@@ -107,6 +107,8 @@ def write_flash_store(store: Path, gguf: Path) -> Path:
 if __name__ == "__main__":  # the harness makes its seeds in a child, so that its own process never runs torch
     import sys
 
+    from edgewise.kernels import quant_matmul_ops
     from edgewise.models import default_model_path
 
+    quant_matmul_ops()  # built (once, cached) here: a first build inside a case would run into its time limit
     print(json.dumps({k: str(v) for k, v in write_seeds(Path(sys.argv[1]), default_model_path()).items()}))
