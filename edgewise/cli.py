@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import warnings
@@ -63,7 +64,7 @@ def _number(kind: type, low: float, low_open: bool = False, high: float | None =
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, got '{text}'") from None
-        if value != value or value < low or (low_open and value == low) or (high is not None and value > high):  # value != value: NaN
+        if not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
 
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         "where read; the fp32 graph gives every value its own fp32 buffer. The last line `peak_kb = X` is the SRAM "
         "of the step: arena plus trained parameters.",
     )
-    plan.add_argument("--width", type=positive_float, default=0.35, help="MobileNetV2 width multiplier (default 0.35)")
+    plan.add_argument("--width", type=_number(float, 0.0, low_open=True, high=4.0), default=0.35, help="MobileNetV2 width multiplier (default 0.35)")
     plan.add_argument("--resolution", type=_number(int, MIN_RESOLUTION), default=128, help="input images are RES x RES (default 128)")
     plan.add_argument("--classes", type=_number(int, 2), default=10, help="classifier outputs (default 10)")
     plan.add_argument("--scheme", metavar="FILE.json", help='sparse update scheme, e.g. {"bias_depth": 12, "weights": {"features.16.conv.0.0": 0.25}} (default: full update)')

@@ -83,7 +83,10 @@ class ArrayReader(GGUFReader):
         for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
             if start < end:  # a damaged offset or type: two tensors would read the same bytes
                 raise GGUFLayoutError(f"{second} starts at byte {start}, inside {first} (which ends at byte {end})")
-        super()._build_tensors(start_offs, fields)
+        try:
+            super()._build_tensors(start_offs, fields)
+        except Exception as exc:  # e.g. a duplicated tensor name
+            raise GGUFLayoutError(f"tensor table: {_plain(exc)}") from None
 
     def _get_str(self, offset: int):
         length, data = super()._get_str(offset)

@@ -25,6 +25,8 @@ from edgewise.cli import main
         (["tiny", "train", "--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
         (["tiny", "train", "--resolution", "16"], "argument --resolution: must be at least 32, got 16"),
         (["tiny", "plan", "--classes", "1"], "argument --classes: must be at least 2, got 1"),
+        (["tiny", "plan", "--width", "inf"], "argument --width: must be > 0.0 and at most 4.0, got inf"),
+        (["tiny", "train", "--lr", "inf"], "argument --lr: must be > 0.0, got inf"),
         (["tiny", "compile", "--budget", "0KB"], "argument --budget: must be at least 1 byte, got 0KB"),
         (["tiny", "firmware", "--sram", "lots"], "argument --sram: cannot read the budget 'lots'"),
     ],
@@ -152,7 +154,7 @@ def _with_key_value(src, dst, key: str, value: int):
 def test_absurd_context_length_is_refused_before_allocating(tiny_gguf, tmp_path, capsys):
     """context_length 2^31 made the RoPE tables ask for 16 GB."""
     err = _cli_error(capsys, _with_key_value(tiny_gguf, tmp_path / "ctx.gguf", "llama.context_length", 1 << 31))
-    assert "metadata 'llama.context_length' is 2147483648; expected an integer in 1..1048576" in err
+    assert "metadata 'llama.context_length' is 2147483648; expected an integer in 1..16777216" in err
 
 
 def test_out_of_range_special_token_is_named(tiny_gguf, tmp_path, capsys):
@@ -210,3 +212,13 @@ def test_damaged_flash_manifest_names_the_field(tiny_gguf, tmp_path, capsys, dam
     assert main(["generate", "--flash", str(store), "--model", str(tiny_gguf), "--dram-budget", "100%", "--max-tokens", "2", "hi"]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_flash_convert_never_replaces_a_folder_that_is_not_a_store(tmp_path, capsys):
+    """Convert swaps the store folder whole (files.atomic_dir): a folder of other files is refused
+    before any work, and so is `.` (the review of issue 13's change)."""
+    folder = tmp_path / "my-project"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    assert main(["flash", "convert", str(folder)]) == 1
+    assert "not a flash store and not empty" in capsys.readouterr().err and (folder / "notes.txt").read_text() == "keep me"

@@ -106,7 +106,7 @@ def test_rows_dequantize_exactly(qtype):
 
 @pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K])
 @pytest.mark.parametrize("act_bits", [8, 16])
-@pytest.mark.parametrize("rows", [1, 3, 4, 9])  # decode, prefill tiles of 4 and their remainders
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 9])  # decode, prefill tiles of 4 and remainders of 1-3 rows
 @pytest.mark.parametrize("n, k", [(7, 256), (13, 768), (5, 8960)])  # one super-block, an odd count, a long row (35)
 def test_kernel_matches_numpy_model(qtype, act_bits, rows, n, k):
     raw = random_rows(qtype, n, k, seed=n * k + rows)

@@ -84,10 +84,14 @@ def _windows(ids: list[int], ctx: int) -> list[list[int]]:
 def convert(store_dir: str | os.PathLike, model_path: str | os.PathLike | None = None, options: ConvertOptions | None = None, progress: Progress = _no_progress) -> Path:
     opts = options or ConvertOptions()
     t_start = time.perf_counter()
-    store = Path(store_dir)
+    store = Path(store_dir).resolve()
     if store.exists() and not store.is_dir():
         raise EdgewiseError(f"{store}: exists and is not a directory; give a directory for the flash store")
+    if store.is_dir() and any(store.iterdir()) and not (store / "manifest.json").is_file():
+        raise EdgewiseError(f"{store}: a folder that is not a flash store and not empty; the new store replaces the folder whole, so give a new or empty one")
     path = resolve_model(model_path)
+    if store in Path(path).resolve().parents:
+        raise EdgewiseError(f"{path}: the model lies inside the store {store}, which convert replaces whole; move it out first")
     gguf = read_gguf(path)
     cfg = ModelConfig.from_gguf(gguf)
     check_ffn_tensors(gguf, cfg.n_layers)

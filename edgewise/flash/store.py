@@ -32,6 +32,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.constants import GGML_QUANT_SIZES
 
 from edgewise.errors import EdgewiseError
+from edgewise.files import recover_dir
 from edgewise.gguf_io import GGUFFile, GGUFTensor
 
 FORMAT = "edgewise-flash-store"
@@ -217,6 +218,8 @@ class FlashStore:
     @classmethod
     def open(cls, path: str | os.PathLike, verify: bool = True, model: str | os.PathLike | None = None) -> "FlashStore":
         path = Path(path)
+        if not path.exists():
+            recover_dir(path)  # a convert killed between its two renames leaves the previous store beside it
         if not path.exists():
             raise EdgewiseError(f"{path}: no such flash store directory; create it with `edgewise flash convert {path}`")
         if not path.is_dir():

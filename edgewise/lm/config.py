@@ -8,6 +8,7 @@ this family is one row here (plus its tensor names, if they differ from llama.cp
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -47,7 +48,7 @@ ARCHITECTURES: dict[str, ArchTraits] = {
     "gemma3": ArchTraits(qk_norm=True, ffn_activation="gelu_tanh", post_norms=True, scale_embedding=True, sliding_window_pattern=6, rope_theta_local=10_000.0, act_bits=ALL_INT8),
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
-MAX_CONTEXT = 1 << 20  # tokens: above every real model's (Qwen2.5-1M: 1010000); RoPE tables are built for all of it
+MAX_CONTEXT = 1 << 20  # tokens edgewise serves (RoPE tables are built for all of them); a longer stated context (up to 2^24) is cut to it
 
 
 @dataclass(frozen=True)
@@ -127,12 +128,18 @@ class ModelConfig:
             n_kv_heads=n_kv,
             head_dim=head_dim,
             ffn_dim=number("feed_forward_length", 1, 1 << 20),
-            context_length=number("context_length", 1, MAX_CONTEXT),
+            context_length=served_context(number("context_length", 1, 1 << 24), gguf),
             rope_theta=number("rope.freq_base", 1.0, 1e12, default=10000.0, kind=float),
             norm_eps=number("attention.layer_norm_rms_epsilon", 0.0, 1.0, default=1e-5, kind=float),
             tied_embeddings="output.weight" not in gguf.tensors,
             sliding_window=number("attention.sliding_window", 0, MAX_CONTEXT, default=0) if ARCHITECTURES[arch].sliding_window_pattern else 0,
         )
+
+
+def served_context(stated: int, gguf: GGUFFile) -> int:
+    if stated > MAX_CONTEXT:
+        warnings.warn(f"{gguf.path.name}: states a context of {stated} tokens; edgewise serves the first {MAX_CONTEXT}", stacklevel=3)
+    return min(stated, MAX_CONTEXT)
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

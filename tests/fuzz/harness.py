@@ -84,7 +84,7 @@ def _child(argv: list[str], err_path: str, limit: int) -> None:
 
         code = main(argv) or 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+        code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
     except MemoryError:
         code = MEMORY_EXIT
     except BaseException:  # noqa: BLE001 - what the harness exists to catch
@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(d)
         made = subprocess.run([sys.executable, "-m", "tests.fuzz.seeds", str(work / "seeds")], capture_output=True, text=True, check=True)
         seeds = {k: Path(v) for k, v in json.loads(made.stdout.strip().splitlines()[-1]).items()}
+        from edgewise.kernels import quant_matmul_ops
+
+        quant_matmul_ops()  # loads the library the seeds' child built (no threads start): no child builds or locks it
         counts = {"gguf": args.gguf, "npz": args.npz, "scheme": args.scheme, "images": args.images, "flash": args.flash}
         cases = make_cases(work, seeds, counts, args.seed)
         report = run_cases(cases, jobs=args.jobs)
