@@ -18,6 +18,13 @@ from gguf.constants import GGML_QUANT_SIZES
 from edgewise.errors import EdgewiseError
 
 
+def tensor_nbytes(qtype: GGMLQuantizationType, shape) -> int | None:
+    """The bytes a tensor of `shape` (any order) takes in `qtype`, or None if it is not whole blocks."""
+    block, type_bytes = GGML_QUANT_SIZES[qtype]
+    n = int(np.prod([int(d) for d in shape], dtype=object))
+    return None if n % block else n // block * type_bytes
+
+
 class GGUFLayoutError(ValueError):
     """A part of the file that contradicts the GGUF layout, said in the layout's own terms."""
 
@@ -42,9 +49,12 @@ class ArrayReader(GGUFReader):
         except GGUFLayoutError:
             raise
         except Exception as exc:
-            n = len(self.fields) - 3  # the header's version and two counts are fields too
+            n = self._kv_read()
             key = f" '{self._key}'" if n == self._key_index else ""
             raise GGUFLayoutError(f"metadata key/value #{n + 1} of {int(count)}{key} (its value at byte {self._value_offs}) is unreadable ({_plain(exc)})") from None
+
+    def _kv_read(self) -> int:
+        return len(self.fields) - 3  # key/values parsed so far: the header's version and two counts are fields too
 
     def _build_tensor_info(self, offs: int, count: int):
         fields: list = []
@@ -68,12 +78,12 @@ class ArrayReader(GGUFReader):
                 qtype = GGMLQuantizationType(int(raw_dtype[0]))
             except ValueError:
                 raise GGUFLayoutError(f"{where} has type id {int(raw_dtype[0])}, which is no ggml type") from None
-            block, type_bytes = GGML_QUANT_SIZES[qtype]
+            block = GGML_QUANT_SIZES[qtype][0]
             shape = [int(d) for d in dims]
-            n = int(np.prod(shape, dtype=object))
-            if not shape or min(shape) < 1 or n % block or shape[0] % block:
+            n_bytes = tensor_nbytes(qtype, shape)
+            if not shape or min(shape) < 1 or n_bytes is None or shape[0] % block:
                 raise GGUFLayoutError(f"{where} has shape {shape[::-1]}, not whole {qtype.name} blocks of {block}")
-            start, n_bytes = start_offs + int(offset[0]), n // block * type_bytes
+            start = start_offs + int(offset[0])
             if start + n_bytes > size:
                 raise GGUFLayoutError(
                     f"{where} ({qtype.name} {shape[::-1]}) needs bytes {start}..{start + n_bytes} but the file ends at {size}"
@@ -94,8 +104,8 @@ class ArrayReader(GGUFReader):
         return length, data
 
     def _get_field_parts(self, orig_offs: int, raw_type: int):
-        if getattr(self, "_key_index", None) is not None and len(self.fields) - 3 != self._key_index:  # a new key/value: its key was the last string read
-            self._key, self._key_index = self._last_str, len(self.fields) - 3
+        if getattr(self, "_key_index", None) is not None and self._kv_read() != self._key_index:  # a new key/value: its key was the last string read
+            self._key, self._key_index = self._last_str, self._kv_read()
         self._value_offs = orig_offs
         if raw_type != GGUFValueType.ARRAY:
             return super()._get_field_parts(orig_offs, raw_type)

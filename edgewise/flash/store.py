@@ -29,11 +29,10 @@ from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from gguf.constants import GGML_QUANT_SIZES
 
 from edgewise.errors import EdgewiseError
 from edgewise.files import recover_dir
-from edgewise.gguf_io import GGUFFile, GGUFTensor
+from edgewise.gguf_io import GGUFFile, GGUFTensor, tensor_nbytes
 
 FORMAT = "edgewise-flash-store"
 VERSION = 1
@@ -195,9 +194,10 @@ class FlashStore:
 
 
     @staticmethod
-    def check_manifest(manifest: Any, where: Path) -> None:
-        if not isinstance(manifest, dict):
-            raise EdgewiseError(f"{where}: a manifest is a JSON object, got {type(manifest).__name__}")
+    def check_manifest(manifest: dict, where: Path) -> None:
+        def positive_ints(values) -> bool:
+            return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+
         for dotted, kind in MANIFEST_SCHEMA.items():
             node: Any = manifest
             for key in dotted.split("."):
@@ -209,10 +209,9 @@ class FlashStore:
                 raise EdgewiseError(f"{where}: field 'ffn_file.layers[{i}]' is {layer!r}, expected {{offset, bytes, sha256}}")
         for name, spec in manifest["resident_tensors"].items():
             shape = spec.get("shape") if isinstance(spec, dict) else None
-            if not (isinstance(spec, dict) and isinstance(spec.get("qtype"), str) and spec["qtype"] in QT.__members__ and isinstance(shape, list) and shape
-                    and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+            if not (isinstance(spec, dict) and isinstance(spec.get("qtype"), str) and spec["qtype"] in QT.__members__ and isinstance(shape, list) and shape and positive_ints(shape)):
                 raise EdgewiseError(f"{where}: field 'resident_tensors.{name}' is {spec!r}, expected {{qtype: a ggml type name, shape: [positive ints]}}")
-        if not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in manifest["predictor"]["k_units"]):
+        if not positive_ints(manifest["predictor"]["k_units"]):
             raise EdgewiseError(f"{where}: field 'predictor.k_units' must list positive integers, got {manifest['predictor']['k_units']!r}")
 
     @classmethod
@@ -311,9 +310,7 @@ class FlashStore:
             if name not in resident:
                 raise EdgewiseError(f"{self.path / 'resident.safetensors'}: tensor {name} listed in the manifest is missing")
             qtype, shape = QT[spec["qtype"]], tuple(spec["shape"])
-            block, type_bytes = GGML_QUANT_SIZES[qtype]
-            n = int(np.prod(shape, dtype=object))
-            if n % block or resident[name].nbytes != n // block * type_bytes:
+            if resident[name].nbytes != tensor_nbytes(qtype, shape):
                 raise EdgewiseError(f"{self.path / 'resident.safetensors'}: tensor {name} holds {resident[name].nbytes} bytes, but the manifest says {qtype.name} {list(shape)}")
             tensors[name] = GGUFTensor(name, qtype, shape, resident[name])
         return GGUFFile(self.path, metadata, tensors)

@@ -162,7 +162,7 @@ struct Q5K {
 #endif
   };
 #ifdef EW_AVX512
-  static constexpr int kPairs[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
+  static constexpr auto& kPairs = Q4K::kPairs;  // the same nibble layout
 #endif
 };
 
