@@ -117,6 +117,8 @@ def test_predictor_fit_recovers_a_low_rank_map():
     target = x @ true.T @ mix.T + 3.0  # an exactly rank-8 affine map: reduced-rank regression recovers it
     pred = fit_predictor(x, target, 8, ridge=0.0)
     torch.testing.assert_close(pred.scores(x), target, rtol=1e-3, atol=1e-3)
+    whole = fit_predictor(x, target, 8, ridge=0.0, chunk=len(x))  # the moments summed in one piece: the same fit
+    torch.testing.assert_close(whole.scores(x), pred.scores(x), rtol=1e-5, atol=1e-5)
     order = order_neurons(target.abs(), 4)
     assert sorted(order[order >= 0].tolist()) == list(range(256))
 

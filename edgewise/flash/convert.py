@@ -1,11 +1,17 @@
 """`edgewise flash convert`: GGUF -> flash store (see `edgewise.flash.store` for the format).
 
-1. Run the dense model (fp32) over calibration text, recording each FFN's input x and |h|.
-2. Per layer: fit the low-rank predictor, group and order the neurons for I/O.
-3. Choose the operating point (fraction of units computed) from perplexity on held-out
-   calibration text, and report the predictors' recall and precision there.
-4. Write ffn.bin, resident.safetensors, metadata.json and the manifest into a new folder that
+1. One pass over the layers, one block in memory at a time (`edgewise.lm.layerwise.LayerWalk`): the
+   dense model (fp32) runs calibration text through layer i, whose FFN inputs x and |h| fit its
+   low-rank predictor and neuron order; then held-out text goes through layer i, dense and at each
+   candidate fraction of units.
+2. The operating point (fraction of units computed) is the smallest fraction whose held-out
+   perplexity stays within the tolerance; the predictors' recall and precision there are reported.
+3. Write ffn.bin, resident.safetensors, metadata.json and the manifest into a new folder that
    replaces the store whole (`edgewise.files.atomic_dir`).
+
+Memory is bounded by one layer's work, not the model: the calibration and held-out residual streams
+(4 bytes x tokens x d_model each), one block's fp32 weights, and one layer's x and |h| with the
+fit's float64 copies. `benchmarks/flash_convert.py` measures the peak.
 """
 
 from __future__ import annotations
@@ -28,8 +34,7 @@ from edgewise.errors import EdgewiseError
 from edgewise.files import atomic_dir
 from edgewise.flash.predictor import (
     SelectedFFN,
-    capture,
-    run_window,
+    capture_block,
     fit_predictor,
     neuron_unit_index,
     order_neurons,
@@ -50,9 +55,8 @@ from edgewise.flash.store import (
 )
 from edgewise.gguf_io import read_gguf
 from edgewise.lm.config import ModelConfig
-from edgewise.lm.model import Llama
+from edgewise.lm.layerwise import LayerWalk
 from edgewise.lm.tokenizer import TextTokenizer
-from edgewise.metrics.perplexity import perplexity
 from edgewise.models import resolve_model
 
 DEFAULT_FRACTIONS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -109,62 +113,56 @@ def convert(store_dir: str | os.PathLike, model_path: str | os.PathLike | None =
     if not train_windows or len(eval_ids) < ctx:
         raise EdgewiseError(f"--calibration-tokens and --eval-tokens must each be at least the calibration window of {ctx} tokens")
     torch.manual_seed(opts.seed)
-    model = Llama.from_gguf(gguf, "fp32", progress=progress("loading model"))
-    calib = capture(model, train_windows, progress("calibration"))
-    held_out = capture(model, _windows(eval_ids, ctx))
-
-    # 2. predictors and neuron order
-    bar = progress("predictors")
-    orders, unit_preds, predictors = [], [], []
-    for i in range(cfg.n_layers):
-        pred = fit_predictor(calib.x[i], calib.h_abs[i], opts.rank)
-        order = order_neurons(calib.h_abs[i], layout.bundles_per_unit)
-        predictors.append(pred)
-        orders.append(order)
-        unit_preds.append(unit_predictor(pred, order, layout.bundles_per_unit))
-        bar(i + 1, cfg.n_layers)
-    del calib
-
-    # 3. operating point
-    def ppl_of(k_units: int | None) -> float:
-        originals = [b.ffn for b in model.blocks]
-        if k_units is not None:
-            for b, (a, bu, cu), order in zip(model.blocks, unit_preds, orders):
-                b.ffn = SelectedFFN(b.ffn, a, bu, cu, neuron_unit_index(order, layout.bundles_per_unit, cfg.ffn_dim), k_units)
-        try:
-            with torch.no_grad():
-                return perplexity(lambda w: run_window(model, w), eval_ids, ctx).ppl
-        finally:
-            for b, ffn in zip(model.blocks, originals):
-                b.ffn = ffn
-
-    bar = progress("operating point")
-    dense_ppl = ppl_of(None)
-    sweep = []
     fractions = sorted(set(opts.fractions) | {1.0})
-    for j, fraction in enumerate(fractions):
-        k_units = max(1, math.ceil(fraction * layout.n_units))
-        sweep.append({"fraction": fraction, "k_units": k_units, "ppl": ppl_of(k_units) if fraction < 1.0 else dense_ppl})
-        bar(j + 1, len(fractions))
-    limit = dense_ppl * (1 + opts.tolerance)
-    chosen = next(s for s in sweep if s["ppl"] <= limit)
+    k_of = {f: max(1, math.ceil(f * layout.n_units)) for f in fractions}
+
+    # 2. one pass over the layers, each built from the GGUF when reached (`LayerWalk`): the dense calibration
+    # stream gives layer i's x and |h|, from which its predictor and neuron order are fitted; then the held-out
+    # stream goes through layer i dense, and once more per candidate fraction with the fitted predictor selecting
+    # units (`SelectedFFN`), so every fraction's perplexity comes out of the same pass
+    walk = LayerWalk(gguf)
+    calib_h = walk.embed(torch.tensor(train_windows))
+    eval_windows = torch.tensor(_windows(eval_ids, ctx))
+    dense_h = walk.embed(eval_windows)
+    sparse_h = {f: dense_h.clone() for f in fractions if f < 1.0}
+    orders, unit_preds = [], []
+    quality: dict[float, list[dict]] = {f: [] for f in fractions}  # per fraction, per layer: held-out recall and precision
+    bar = progress("calibrating layers")
+    for i in range(cfg.n_layers):
+        block = walk.block(i)
+        calib_h, x, h_abs = capture_block(walk, block, calib_h)
+        pred = fit_predictor(x, h_abs, opts.rank)
+        order = order_neurons(h_abs, layout.bundles_per_unit)
+        del x, h_abs
+        a, b_units, c_units = unit_predictor(pred, order, layout.bundles_per_unit)
+        neuron_unit = neuron_unit_index(order, layout.bundles_per_unit, cfg.ffn_dim)
+        orders.append(order)
+        unit_preds.append((a, b_units, c_units))
+        dense_h, x, h_abs = capture_block(walk, block, dense_h)
+        scores = (x @ a.T) @ b_units.T + c_units
+        for f in fractions:
+            r, p = recall_precision(scores, h_abs, neuron_unit, k_of[f], layout.bundles_per_unit)
+            quality[f].append({"layer": i, "recall": round(r, 4), "precision": round(p, 4)})
+        del x, h_abs, scores
+        dense_ffn = block.ffn
+        for f in sparse_h:
+            block.ffn = SelectedFFN(dense_ffn, a, b_units, c_units, neuron_unit, k_of[f])
+            sparse_h[f] = walk.run_block(block, sparse_h[f])
+        del block, dense_ffn
+        bar(i + 1, cfg.n_layers)
+    del calib_h
+
+    # 3. the operating point: the smallest fraction within the tolerance of the dense perplexity
+    nll = dict(zip([1.0, *sparse_h], walk.nll([dense_h, *sparse_h.values()], eval_windows)))
+    ppl = {f: math.exp(total / count) for f, (total, count) in nll.items()}
+    dense_ppl = ppl[1.0]
+    sweep = [{"fraction": f, "k_units": k_of[f], "ppl": ppl[f]} for f in fractions]
+    chosen = next(s for s in sweep if s["ppl"] <= dense_ppl * (1 + opts.tolerance))
     k_units = chosen["k_units"]
-
-    def layer_quality(k: int) -> list[dict]:
-        """Per layer, recall and precision of the predicted units against the true top-|h| neurons, held out."""
-        out = []
-        for i in range(cfg.n_layers):
-            a, bu, cu = unit_preds[i]
-            scores = (held_out.x[i] @ a.T) @ bu.T + cu
-            r, p = recall_precision(scores, held_out.h_abs[i], neuron_unit_index(orders[i], layout.bundles_per_unit, cfg.ffn_dim), k, layout.bundles_per_unit)
-            out.append({"layer": i, "recall": round(r, 4), "precision": round(p, 4)})
-        return out
-
     for entry in sweep:
-        q = layer_quality(entry["k_units"])
-        entry["recall"] = round(float(np.mean([x["recall"] for x in q])), 4)
-        entry["precision"] = round(float(np.mean([x["precision"] for x in q])), 4)
-    quality = layer_quality(k_units)
+        entry["recall"] = round(float(np.mean([q["recall"] for q in quality[entry["fraction"]]])), 4)
+        entry["precision"] = round(float(np.mean([q["precision"] for q in quality[entry["fraction"]]])), 4)
+    quality = quality[chosen["fraction"]]
     opts.log(
         f"operating point: {chosen['fraction']:.0%} of units ({k_units}/{layout.n_units} per layer), ppl {chosen['ppl']:.3f} vs dense {dense_ppl:.3f}"
         f" (limit +{opts.tolerance:.0%}); predictor recall {np.mean([q['recall'] for q in quality]):.3f}, precision {np.mean([q['precision'] for q in quality]):.3f}"

@@ -16,7 +16,6 @@ predicting "the neurons that matter" replaces the paper's ReLU "neurons that fir
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,15 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgewise.lm.model import Llama, causal_mask
-
-
-@dataclass
-class Calibration:
-    """Per layer, the FFN inputs x [T, D] (fp32) and hidden activations |h| [T, F] (fp16) on calibration text."""
-
-    x: list[torch.Tensor]
-    h_abs: list[torch.Tensor]
+from edgewise.lm.layerwise import LayerWalk
+from edgewise.lm.model import Block
 
 
 class _Capture(nn.Module):
@@ -48,29 +40,18 @@ class _Capture(nn.Module):
         return self.ffn.down(h.to(x.dtype))
 
 
-def run_window(model: Llama, ids: list[int], last_only: bool = False) -> torch.Tensor:
-    """One window of token ids through the model from an empty KV cache; fp32 logits."""
-    cache = model.new_cache(len(ids))
-    return model(torch.tensor(ids), torch.arange(len(ids)), causal_mask(0, len(ids)), cache.keys, cache.values, last_only=last_only)
-
-
-@torch.no_grad()
-def capture(model: Llama, windows: list[list[int]], progress: Callable[[int, int], None] | None = None) -> Calibration:
-    """Run the dense model over `windows` of token ids (each from an empty cache), recording every FFN's x and |h|."""
-    xs: list[list] = [[] for _ in model.blocks]
-    hs: list[list] = [[] for _ in model.blocks]
-    originals = [block.ffn for block in model.blocks]
+def capture_block(walk: LayerWalk, block: Block, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every window of the stream h [W, T, D] through the dense `block`, recording its FFN's inputs x [W T, D] (fp32)
+    and hidden activations |h| [W T, F] (fp16); returns (the next stream, x, |h|)."""
+    xs: list[torch.Tensor] = []
+    hs: list[torch.Tensor] = []
+    ffn = block.ffn
+    block.ffn = _Capture(ffn, xs, hs)
     try:
-        for block, x_list, h_list in zip(model.blocks, xs, hs):
-            block.ffn = _Capture(block.ffn, x_list, h_list)
-        for w, ids in enumerate(windows):
-            run_window(model, ids, last_only=True)
-            if progress is not None:
-                progress(w + 1, len(windows))
+        h = walk.run_block(block, h)
     finally:
-        for block, ffn in zip(model.blocks, originals):
-            block.ffn = ffn
-    return Calibration([torch.cat(x) for x in xs], [torch.cat(h) for h in hs])
+        block.ffn = ffn
+    return h, torch.cat(xs), torch.cat(hs)
 
 
 @dataclass
@@ -89,14 +70,20 @@ class Predictor:
         return (x.float() @ self.a.float().T) @ self.b.float().T + self.c.float()
 
 
-def fit_predictor(x: torch.Tensor, h_abs: torch.Tensor, rank: int, ridge: float = 1e-3) -> Predictor:
-    """Reduced-rank least squares of |h| on x (with an intercept), in float64."""
-    x64 = x.double()
-    y = h_abs.double()
-    x_mean, y_mean = x64.mean(0), y.mean(0)
-    xc, yc = x64 - x_mean, y - y_mean
-    gram = xc.T @ xc
-    w = torch.linalg.solve(gram + ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype), xc.T @ yc)  # [D, F], OLS
+def fit_predictor(x: torch.Tensor, h_abs: torch.Tensor, rank: int, ridge: float = 1e-3, chunk: int = 1024) -> Predictor:
+    """Reduced-rank least squares of |h| on x (with an intercept), in float64.
+
+    Only the moments enter the fit (the centred Gram matrix of x and its cross-product with |h|), so they are
+    summed over `chunk` rows at a time: float64 copies of the whole x [T, D] and |h| [T, F] would be the
+    largest allocation of a flash convert (300 MB for SmolLM2's 8192 calibration tokens)."""
+    x_mean, y_mean = x.double().mean(0), h_abs.double().mean(0)
+    gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    cross = torch.zeros(x.shape[1], h_abs.shape[1], dtype=torch.float64)
+    for start in range(0, x.shape[0], chunk):
+        xc = x[start : start + chunk].double() - x_mean
+        gram += xc.T @ xc
+        cross += xc.T @ (h_abs[start : start + chunk].double() - y_mean)
+    w = torch.linalg.solve(gram + ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype), cross)  # [D, F], OLS
     _, vectors = torch.linalg.eigh(w.T @ gram @ w)  # the fitted values' covariance, [F, F]
     v = vectors[:, -rank:].flip(1)  # [F, r]: their top principal directions
     a = (w @ v).T  # [r, D]

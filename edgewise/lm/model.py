@@ -186,10 +186,7 @@ class Llama(nn.Module):
         rope = (self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions))
         if self.has_local:
             rope_local = (self.rope_cos_local.index_select(0, positions), self.rope_sin_local.index_select(0, positions))
-            # slots at least `sliding_window` positions back are out of a local layer's window
-            slots = torch.arange(mask.shape[-1], device=mask.device)
-            too_old = positions[:, None] - slots[None, :] >= self.cfg.sliding_window
-            mask_local = mask.masked_fill(too_old, float("-inf"))
+            mask_local = sliding_window_mask(mask, positions, self.cfg.sliding_window)
         for block, k_cache, v_cache in zip(self.blocks, k_caches, v_caches):
             if block.local:
                 h = block(h, *rope_local, positions, mask_local, k_cache, v_cache, self.act_dtype)
@@ -212,40 +209,57 @@ class Llama(nn.Module):
         cfg = ModelConfig.from_gguf(gguf)
         check_tensor_types(gguf)
         check_tensor_shapes(gguf, cfg)
-        traits = cfg.traits
-        bits = {**ACT_BITS, **dict(traits.act_bits), **(act_bits or {})}
-        q_order = rope_row_order(cfg.n_heads, cfg.head_dim) if traits.rope_permuted else None
-        k_order = rope_row_order(cfg.n_kv_heads, cfg.head_dim) if traits.rope_permuted else None
-
-        def norm(name: str) -> RMSNorm:
-            return RMSNorm(dequantize(gguf.tensor(name)), cfg.norm_eps)
-
+        bits = layer_act_bits(cfg, act_bits)
         embedding = load_embedding(gguf.tensor("token_embd.weight"), precision, tied=cfg.tied_embeddings, act_bits=bits["output"])
         output = embedding if cfg.tied_embeddings else load_linear(gguf.tensor("output.weight"), precision, act_bits=bits["output"])
         blocks = []
         for i in range(cfg.n_layers):
-            t = lambda name, kind="weight": gguf.tensor(f"blk.{i}.{name}.{kind}")  # noqa: E731
-            bias = None
-            if traits.qkv_bias:
-                bias = torch.cat([dequantize(t(name, "bias"))[order] if order is not None else dequantize(t(name, "bias")) for name, order in (("attn_q", q_order), ("attn_k", k_order), ("attn_v", None))])
-            attn = Attention(
-                load_fused_linear([t("attn_q"), t("attn_k"), t("attn_v")], precision, [q_order, k_order, None], bits["attn_qkv"]),
-                load_linear(t("attn_output"), precision, act_bits=bits["attn_output"]),
-                cfg,
-                qkv_bias=bias,
-                q_norm=norm(f"blk.{i}.attn_q_norm.weight") if traits.qk_norm else None,
-                k_norm=norm(f"blk.{i}.attn_k_norm.weight") if traits.qk_norm else None,
-            )
-            ffn = ffn_of_layer(i) if ffn_of_layer is not None else FeedForward(
-                load_fused_linear([t("ffn_gate"), t("ffn_up")], precision, [None, None], bits["ffn_gate_up"]),
-                load_linear(t("ffn_down"), precision, act_bits=bits["ffn_down"]),
-                traits.ffn_activation,
-            )
-            post = (norm(f"blk.{i}.post_attention_norm.weight"), norm(f"blk.{i}.post_ffw_norm.weight")) if traits.post_norms else (None, None)
-            blocks.append(Block(norm(f"blk.{i}.attn_norm.weight"), attn, norm(f"blk.{i}.ffn_norm.weight"), ffn, *post, local=cfg.is_local(i)))
+            blocks.append(load_block(gguf, cfg, i, precision, bits, ffn_of_layer(i) if ffn_of_layer is not None else None))
             if progress is not None:
                 progress(i + 1, cfg.n_layers)
-        return cls(cfg, precision, embedding, blocks, norm("output_norm.weight"), output).eval()
+        return cls(cfg, precision, embedding, blocks, load_norm(gguf, cfg, "output_norm.weight"), output).eval()
+
+
+def layer_act_bits(cfg: ModelConfig, overrides: dict[str, int] | None = None) -> dict[str, int]:
+    """The native kernels' input rounding per layer role: `ACT_BITS`, then the architecture's, then `overrides`."""
+    return {**ACT_BITS, **dict(cfg.traits.act_bits), **(overrides or {})}
+
+
+def load_norm(gguf: GGUFFile, cfg: ModelConfig, name: str) -> RMSNorm:
+    return RMSNorm(dequantize(gguf.tensor(name)), cfg.norm_eps)
+
+
+def load_block(gguf: GGUFFile, cfg: ModelConfig, i: int, precision: Precision, bits: dict[str, int], ffn: nn.Module | None = None) -> Block:
+    """Block i from the GGUF; `ffn` replaces its FFN (then the FFN tensors are not read)."""
+    traits = cfg.traits
+    q_order = rope_row_order(cfg.n_heads, cfg.head_dim) if traits.rope_permuted else None
+    k_order = rope_row_order(cfg.n_kv_heads, cfg.head_dim) if traits.rope_permuted else None
+    t = lambda name, kind="weight": gguf.tensor(f"blk.{i}.{name}.{kind}")  # noqa: E731
+    bias = None
+    if traits.qkv_bias:
+        bias = torch.cat([dequantize(t(name, "bias"))[order] if order is not None else dequantize(t(name, "bias")) for name, order in (("attn_q", q_order), ("attn_k", k_order), ("attn_v", None))])
+    attn = Attention(
+        load_fused_linear([t("attn_q"), t("attn_k"), t("attn_v")], precision, [q_order, k_order, None], bits["attn_qkv"]),
+        load_linear(t("attn_output"), precision, act_bits=bits["attn_output"]),
+        cfg,
+        qkv_bias=bias,
+        q_norm=load_norm(gguf, cfg, f"blk.{i}.attn_q_norm.weight") if traits.qk_norm else None,
+        k_norm=load_norm(gguf, cfg, f"blk.{i}.attn_k_norm.weight") if traits.qk_norm else None,
+    )
+    if ffn is None:
+        ffn = FeedForward(
+            load_fused_linear([t("ffn_gate"), t("ffn_up")], precision, [None, None], bits["ffn_gate_up"]),
+            load_linear(t("ffn_down"), precision, act_bits=bits["ffn_down"]),
+            traits.ffn_activation,
+        )
+    post = (load_norm(gguf, cfg, f"blk.{i}.post_attention_norm.weight"), load_norm(gguf, cfg, f"blk.{i}.post_ffw_norm.weight")) if traits.post_norms else (None, None)
+    return Block(load_norm(gguf, cfg, f"blk.{i}.attn_norm.weight"), attn, load_norm(gguf, cfg, f"blk.{i}.ffn_norm.weight"), ffn, *post, local=cfg.is_local(i))
+
+
+def sliding_window_mask(mask: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
+    """`mask` with the cache slots at least `window` positions before each token masked (a sliding-window layer's)."""
+    slots = torch.arange(mask.shape[-1], device=mask.device)
+    return mask.masked_fill(positions[:, None] - slots[None, :] >= window, float("-inf"))
 
 
 def causal_mask(start: int, n_tokens: int, width: int | None = None) -> torch.Tensor:
