@@ -85,7 +85,6 @@ def test_killed_flash_convert_never_leaves_a_partial_store_nor_loses_the_complet
         return opened.manifest["predictor"]["calibration_tokens"] - 256
 
     counts = _kill_runs(command, store, state, runs=9, seed=0)
-    print(counts)
     assert counts["killed"] >= 4 and counts["killed in the write"] >= 2, counts
 
 
@@ -108,7 +107,6 @@ def test_killed_tiny_codegen_never_leaves_a_partial_project_nor_loses_the_comple
         return manifest["seed"]
 
     counts = _kill_runs(command, out, state, runs=7, seed=1)
-    print(counts)
     assert counts["killed"] >= 3, counts
 
 

@@ -56,6 +56,7 @@ from edgewise.flash.store import (
 from edgewise.gguf_io import read_gguf
 from edgewise.lm.config import ModelConfig
 from edgewise.lm.layerwise import LayerWalk
+from edgewise.lm.threads import ThreadGovernor
 from edgewise.lm.tokenizer import TextTokenizer
 from edgewise.models import resolve_model
 
@@ -85,44 +86,25 @@ def _windows(ids: list[int], ctx: int) -> list[list[int]]:
     return [ids[i : i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)]
 
 
-def convert(store_dir: str | os.PathLike, model_path: str | os.PathLike | None = None, options: ConvertOptions | None = None, progress: Progress = _no_progress) -> Path:
-    opts = options or ConvertOptions()
-    t_start = time.perf_counter()
-    store = Path(store_dir).resolve()
-    if store.exists() and not store.is_dir():
-        raise EdgewiseError(f"{store}: exists and is not a directory; give a directory for the flash store")
-    if store.is_dir() and any(store.iterdir()) and not (store / "manifest.json").is_file():
-        raise EdgewiseError(f"{store}: a folder that is not a flash store and not empty; the new store replaces the folder whole, so give a new or empty one")
-    path = resolve_model(model_path)
-    if store in Path(path).resolve().parents:
-        raise EdgewiseError(f"{path}: the model lies inside the store {store}, which convert replaces whole; move it out first")
-    gguf = read_gguf(path)
-    cfg = ModelConfig.from_gguf(gguf)
-    check_ffn_tensors(gguf, cfg.n_layers)
-    layout = BundleLayout.for_dims(cfg.dim, cfg.ffn_dim)
-    tokenizer = TextTokenizer.from_gguf(gguf)
+@dataclass
+class Calibrated:
+    """What the pass over the layers found: per layer the neuron order and unit predictor (A, B_u, c_u); the
+    sweep over fractions (perplexity, recall, precision); per layer quality at the chosen fraction."""
 
-    # 1. calibration, in windows no longer than the model's context
-    ctx = min(opts.ctx, cfg.context_length)
-    ids = tokenizer.encode(load_text(opts.corpus)[: 12 * (opts.calibration_tokens + opts.eval_tokens)])
-    need = opts.calibration_tokens + opts.eval_tokens
-    if len(ids) < need:
-        raise EdgewiseError(f"corpus {opts.corpus!r} gives {len(ids)} tokens; calibration needs {need} (--calibration-tokens + --eval-tokens)")
-    train_windows = _windows(ids[: opts.calibration_tokens], ctx)
-    eval_ids = ids[opts.calibration_tokens : need]
-    if not train_windows or len(eval_ids) < ctx:
-        raise EdgewiseError(f"--calibration-tokens and --eval-tokens must each be at least the calibration window of {ctx} tokens")
-    torch.manual_seed(opts.seed)
+    orders: list[np.ndarray]
+    unit_preds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    sweep: list[dict]
+    quality: list[dict]
+    dense_ppl: float
+    chosen: dict
+
+
+def _calibrate(walk: LayerWalk, layout: BundleLayout, opts: ConvertOptions, train_windows: list[list[int]], eval_windows: torch.Tensor, progress: Progress) -> Calibrated:
+    """Steps 1 and 2 of the module docstring: the pass over the layers, then the operating point."""
     fractions = sorted(set(opts.fractions) | {1.0})
     k_of = {f: max(1, math.ceil(f * layout.n_units)) for f in fractions}
-
-    # 2. one pass over the layers, each built from the GGUF when reached (`LayerWalk`): the dense calibration
-    # stream gives layer i's x and |h|, from which its predictor and neuron order are fitted; then the held-out
-    # stream goes through layer i dense, and once more per candidate fraction with the fitted predictor selecting
-    # units (`SelectedFFN`), so every fraction's perplexity comes out of the same pass
-    walk = LayerWalk(gguf)
+    cfg = walk.cfg
     calib_h = walk.embed(torch.tensor(train_windows))
-    eval_windows = torch.tensor(_windows(eval_ids, ctx))
     dense_h = walk.embed(eval_windows)
     sparse_h = {f: dense_h.clone() for f in fractions if f < 1.0}
     orders, unit_preds = [], []
@@ -152,23 +134,66 @@ def convert(store_dir: str | os.PathLike, model_path: str | os.PathLike | None =
         bar(i + 1, cfg.n_layers)
     del calib_h
 
-    # 3. the operating point: the smallest fraction within the tolerance of the dense perplexity
+    # the operating point: the smallest fraction within the tolerance of the dense perplexity
     nll = dict(zip([1.0, *sparse_h], walk.nll([dense_h, *sparse_h.values()], eval_windows)))
     ppl = {f: math.exp(total / count) for f, (total, count) in nll.items()}
     dense_ppl = ppl[1.0]
     sweep = [{"fraction": f, "k_units": k_of[f], "ppl": ppl[f]} for f in fractions]
     chosen = next(s for s in sweep if s["ppl"] <= dense_ppl * (1 + opts.tolerance))
-    k_units = chosen["k_units"]
     for entry in sweep:
         entry["recall"] = round(float(np.mean([q["recall"] for q in quality[entry["fraction"]]])), 4)
         entry["precision"] = round(float(np.mean([q["precision"] for q in quality[entry["fraction"]]])), 4)
     quality = quality[chosen["fraction"]]
     opts.log(
-        f"operating point: {chosen['fraction']:.0%} of units ({k_units}/{layout.n_units} per layer), ppl {chosen['ppl']:.3f} vs dense {dense_ppl:.3f}"
+        f"operating point: {chosen['fraction']:.0%} of units ({chosen['k_units']}/{layout.n_units} per layer), ppl {chosen['ppl']:.3f} vs dense {dense_ppl:.3f}"
         f" (limit +{opts.tolerance:.0%}); predictor recall {np.mean([q['recall'] for q in quality]):.3f}, precision {np.mean([q['precision'] for q in quality]):.3f}"
     )
 
-    # 4. files, into a new folder swapped in whole: a killed convert never leaves a partial store, nor
+    return Calibrated(orders, unit_preds, sweep, quality, dense_ppl, chosen)
+
+
+def convert(store_dir: str | os.PathLike, model_path: str | os.PathLike | None = None, options: ConvertOptions | None = None, progress: Progress = _no_progress) -> Path:
+    opts = options or ConvertOptions()
+    t_start = time.perf_counter()
+    store = Path(store_dir).resolve()
+    if store.exists() and not store.is_dir():
+        raise EdgewiseError(f"{store}: exists and is not a directory; give a directory for the flash store")
+    if store.is_dir() and any(store.iterdir()) and not (store / "manifest.json").is_file():
+        raise EdgewiseError(f"{store}: a folder that is not a flash store and not empty; the new store replaces the folder whole, so give a new or empty one")
+    path = resolve_model(model_path)
+    if store in Path(path).resolve().parents:
+        raise EdgewiseError(f"{path}: the model lies inside the store {store}, which convert replaces whole; move it out first")
+    gguf = read_gguf(path)
+    cfg = ModelConfig.from_gguf(gguf)
+    check_ffn_tensors(gguf, cfg.n_layers)
+    layout = BundleLayout.for_dims(cfg.dim, cfg.ffn_dim)
+    tokenizer = TextTokenizer.from_gguf(gguf)
+
+    # the calibration text, in windows no longer than the model's context
+    ctx = min(opts.ctx, cfg.context_length)
+    ids = tokenizer.encode(load_text(opts.corpus)[: 12 * (opts.calibration_tokens + opts.eval_tokens)])
+    need = opts.calibration_tokens + opts.eval_tokens
+    if len(ids) < need:
+        raise EdgewiseError(f"corpus {opts.corpus!r} gives {len(ids)} tokens; calibration needs {need} (--calibration-tokens + --eval-tokens)")
+    train_windows = _windows(ids[: opts.calibration_tokens], ctx)
+    eval_ids = ids[opts.calibration_tokens : need]
+    if not train_windows or len(eval_ids) < ctx:
+        raise EdgewiseError(f"--calibration-tokens and --eval-tokens must each be at least the calibration window of {ctx} tokens")
+    torch.manual_seed(opts.seed)
+
+    # steps 1 and 2 of the module docstring: one pass over the layers, each built from the GGUF when reached
+    # (`LayerWalk`). The dense calibration stream gives layer i's x and |h|, which fit its predictor and neuron
+    # order; then the held-out stream goes through layer i dense, and once more per candidate fraction with the
+    # fitted predictor selecting units (`SelectedFFN`), so every fraction's perplexity comes out of the same pass
+    governor = ThreadGovernor()  # the thread count follows the free CPUs: OpenMP workers spinning beside a busy process slow every layer
+    governor.start()
+    try:
+        fit = _calibrate(LayerWalk(gguf, tick=governor.tick), layout, opts, train_windows, torch.tensor(_windows(eval_ids, ctx)), progress)
+    finally:
+        governor.stop()
+    orders, unit_preds, k_units = fit.orders, fit.unit_preds, fit.chosen["k_units"]
+
+    # 3. files, into a new folder swapped in whole: a killed convert never leaves a partial store, nor
     # loses the previous one (a probe measured for the old store is carried over)
     with atomic_dir(store, keep=(PROBE_FILE,)) as out:
         layers, down_scales = [], []
@@ -227,11 +252,11 @@ def convert(store_dir: str | os.PathLike, model_path: str | os.PathLike | None =
                 "eval_tokens": opts.eval_tokens,
                 "ctx": ctx,
                 "tolerance": opts.tolerance,
-                "dense_ppl": dense_ppl,
-                "sweep": sweep,
-                "active_fraction": chosen["fraction"],
+                "dense_ppl": fit.dense_ppl,
+                "sweep": fit.sweep,
+                "active_fraction": fit.chosen["fraction"],
                 "k_units": [k_units] * cfg.n_layers,
-                "quality": quality,
+                "quality": fit.quality,
             },
             "convert_seconds": round(time.perf_counter() - t_start, 1),
         }

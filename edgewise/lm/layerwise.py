@@ -16,6 +16,8 @@ whatever the caller keeps per layer. Each window starts from an empty cache, as
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -35,8 +37,10 @@ class LayerWalk:
     nll_sum, count = walk.nll([h], windows)[0]
     """
 
-    def __init__(self, gguf: GGUFFile, precision: Precision = "fp32"):
-        self.gguf, self.cfg, self.precision = gguf, ModelConfig.from_gguf(gguf), precision
+    def __init__(self, gguf: GGUFFile, precision: Precision = "fp32", tick: Callable[[], object] | None = None):
+        """`tick` is called after every window a block runs (e.g. `ThreadGovernor.tick`, so that the thread count
+        follows the free CPUs through a long walk)."""
+        self.gguf, self.cfg, self.precision, self.tick = gguf, ModelConfig.from_gguf(gguf), precision, tick
         check_tensor_types(gguf)
         check_tensor_shapes(gguf, self.cfg)
         self.bits = layer_act_bits(self.cfg)
@@ -83,6 +87,8 @@ class LayerWalk:
         out = torch.empty_like(h)
         for w in range(n_windows):  # every slot is rewritten by the window's own tokens before it is read
             out[w] = block(h[w], *arguments, k_cache, v_cache, self.act_dtype)
+            if self.tick is not None:
+                self.tick()
         return out
 
     def _output_rows(self) -> tuple:
