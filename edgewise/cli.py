@@ -81,9 +81,11 @@ MIN_RESOLUTION = 32  # MobileNetV2 halves the image five times
 
 
 def size_in_bytes(text: str) -> int:
-    """An argparse type over `parse_bytes`: a size such as 256KB, at least one byte."""
+    """An argparse type over `edgewise.sizes.parse_size`: a size such as 256KB (1024-based), at least one byte."""
+    from edgewise.sizes import parse_size
+
     try:
-        n = parse_bytes(text)
+        n = parse_size(text)
     except EdgewiseError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     if n < 1:
@@ -126,7 +128,7 @@ def _add_model_args(p: argparse.ArgumentParser, compile_default: bool = True) ->
 def _add_flash_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("flash inference (FFN weights read from a flash store under a DRAM budget)")
     g.add_argument("--flash", metavar="STORE", help="run from this store (made by `edgewise flash convert`); --model, if given, must be its source GGUF")
-    g.add_argument("--dram-budget", default="50%", help="DRAM for FFN weights: a size (40MB, 64MiB) or a share of them (50%%; default)")
+    g.add_argument("--dram-budget", default="50%", help="DRAM for FFN weights: a size (40MB, 64MiB; 1024-based) or a share of them (50%%; default)")
     g.add_argument("--window", type=non_negative_int, default=4, help="keep the units used by the last K tokens cached (default 4)")
     g.add_argument("--active-fraction", type=unit_fraction, default=None, help="fraction of FFN units each token computes (default: the store's operating point)")
     g.add_argument(
@@ -625,17 +627,6 @@ def cmd_tiny_train(args) -> int:
     history = fit(trainer, data, args.epochs, args.seed, on_epoch=lambda e, loss, acc: print(f"epoch {e}: loss {loss:.4f} val_acc {acc:.4f}", flush=True))
     print(f"val_acc = {history[-1][2]:.4f} peak_kb = {trainer.plan.peak_kb:.1f}")
     return 0
-
-
-def parse_bytes(text: str) -> int:
-    """'256KB', '200K', '0.25MB', '262144' -> bytes (KB = 1024 bytes, as the planner counts)."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KkMm]i?[Bb]?|[Bb])?\s*", text)
-    if not m:
-        raise EdgewiseError(f"cannot read the budget '{text}': expected e.g. 256KB, 200K, 0.25MB or a number of bytes")
-    unit = (m.group(2) or "b")[0].lower()
-    return int(float(m.group(1)) * {"b": 1, "k": 1024, "m": 1024**2}[unit])
 
 
 def cmd_tiny_compile(args) -> int:

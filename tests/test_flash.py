@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from edgewise.errors import EdgewiseError
 from edgewise.flash.cache import UnitCache
 from edgewise.flash.convert import ConvertOptions, convert
-from edgewise.flash.engine import ffn_over_units, ffn_over_units_reference, parse_budget
+from edgewise.flash.engine import ffn_over_units, ffn_over_units_reference
 from edgewise.flash.predictor import fit_predictor, order_neurons
 from edgewise.flash.runtime import FlashLanguageModel
 from edgewise.flash.store import BundleLayout, FlashStore, join_down, pack_layer, split_down, unpack_layer
@@ -121,14 +121,6 @@ def test_predictor_fit_recovers_a_low_rank_map():
     torch.testing.assert_close(whole.scores(x), pred.scores(x), rtol=1e-5, atol=1e-5)
     order = order_neurons(target.abs(), 4)
     assert sorted(order[order >= 0].tolist()) == list(range(256))
-
-
-def test_parse_budget():
-    assert parse_budget("40MB", 100) == 40_000_000
-    assert parse_budget("1MiB", 100) == 1 << 20
-    assert parse_budget("50%", 1000) == 500
-    with pytest.raises(EdgewiseError, match="expected a size"):
-        parse_budget("lots", 100)
 
 
 # -- a real (small-calibration) store of the default model ----------------------------------------

@@ -28,7 +28,7 @@ from edgewise.cli import main
         (["tiny", "plan", "--width", "inf"], "argument --width: must be > 0.0 and at most 4.0, got inf"),
         (["tiny", "train", "--lr", "inf"], "argument --lr: must be > 0.0, got inf"),
         (["tiny", "compile", "--budget", "0KB"], "argument --budget: must be at least 1 byte, got 0KB"),
-        (["tiny", "firmware", "--sram", "lots"], "argument --sram: cannot read the budget 'lots'"),
+        (["tiny", "firmware", "--sram", "lots"], "argument --sram: size 'lots': expected a size like 256KB"),
     ],
 )
 def test_bad_arguments_are_refused_while_parsing(capsys, argv, message):

@@ -131,16 +131,6 @@ def test_tiny_compile_search_under_budget_and_infeasible_budget(tmp_path, capsys
     assert "smallest feasible" in err and "classifier only" in err and "raise --budget" in err
 
 
-@pytest.mark.parametrize("text, expected", [("256KB", 262144), ("200K", 204800), ("0.25MB", 262144), ("1000", 1000)])
-def test_budget_parsing(text, expected):
-    assert cli.parse_bytes(text) == expected
-
-
-def test_bad_budget_is_named():
-    with pytest.raises(Exception, match="cannot read the budget '12 parsecs'"):
-        cli.parse_bytes("12 parsecs")
-
-
 def test_sram_counts_trained_parameters_and_master_copies():
     model = mobilenet_v2(0.35, n_classes=10)
     plans = {rule: training_plan(model, (1, 3, 64, 64), SCHEMES[1], precision="int8", update_rule=rule) for rule in ("stochastic", "master16", "master32")}

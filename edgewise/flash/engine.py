@@ -16,7 +16,6 @@ Counters per token: bytes read, reads issued, unit hits and misses, predicted an
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,6 +31,7 @@ from edgewise.errors import EdgewiseError
 from edgewise.flash.cache import UnitCache
 from edgewise.flash.io import CostModel, DirectReader, ProbeResult
 from edgewise.flash.store import PROBE_FILE, Q4_1_BLOCK, QK, FlashStore, nibbles_to_codes
+from edgewise.sizes import parse_size
 
 Mode = Literal["flash", "naive"]
 Reads = Literal["unit", "adjacent", "cost"]
@@ -42,21 +42,6 @@ def default_probe_path() -> Path:
     from edgewise.models import cache_root
 
     return cache_root() / "flash_probe.json"
-
-
-def parse_budget(text: str | int, ffn_bytes: int) -> int:
-    """'40MB', '1.5GiB', '50%' (of `ffn_bytes`), or a byte count -> bytes."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip()
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(%|[kmg]i?b|b)?", s, flags=re.IGNORECASE)
-    if m is None:
-        raise EdgewiseError(f"--dram-budget {text!r}: expected a size like 40MB, 64MiB or a share of the FFN weights like 50%")
-    value, unit = float(m.group(1)), (m.group(2) or "").lower()
-    if unit == "%":
-        return int(value / 100 * ffn_bytes)
-    return int(value * units[unit])
 
 
 @dataclass
@@ -123,7 +108,7 @@ class FlashEngine:
         # What "100%" means: every unit of every layer cached, plus the down scales (the GGUF's FFN
         # bytes plus the units' 1.6% alignment padding).
         self.ffn_bytes = n_layers * layout.layer_bytes + self.down_scale_bytes
-        self.budget_bytes = parse_budget(dram_budget, self.ffn_bytes)
+        self.budget_bytes = parse_size(dram_budget, of=self.ffn_bytes, what="--dram-budget")
         predictor = store.manifest["predictor"]
         if active_fraction is not None and not 0 < active_fraction <= 1:
             raise EdgewiseError(f"--active-fraction must be in (0, 1] (got {active_fraction})")
