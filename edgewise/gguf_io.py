@@ -138,6 +138,7 @@ class GGUFTensor:
     qtype: GGMLQuantizationType
     shape: tuple[int, ...]
     raw: np.ndarray
+    offset: int | None = None  # where its bytes start in the file (None for a tensor made in memory)
 
     @property
     def nbytes(self) -> int:
@@ -195,5 +196,5 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         qtype = GGMLQuantizationType(t.tensor_type)
         # GGUF lists dims fastest-first; PyTorch order is the reverse.
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        tensors[t.name] = GGUFTensor(t.name, qtype, shape, t.data)
+        tensors[t.name] = GGUFTensor(t.name, qtype, shape, t.data, int(t.data_offset))
     return GGUFFile(path, metadata, tensors)

@@ -63,3 +63,60 @@ class FlashLanguageModel(LanguageModel):
             yield from super().generate(ids, max_new_tokens, sampler, stop_at_eot)
         finally:
             self.flash_stats = FlashStats(self.engine.stats.tokens[prompt_tokens:])
+
+
+class StreamingLanguageModel(LanguageModel):
+    """The runtime's `LanguageModel` over a GGUF whose FFN weights do not all fit the DRAM budget: a residency
+    plan keeps what fits (`edgewise.flash.residency`), the rest streams through the prefetch ring
+    (`edgewise.flash.stream`). Dense: every token reads every streamed byte, so the output equals the
+    dense model's, token for token. Decoding is eager (the ring's waits are Python between kernels).
+
+        lm = StreamingLanguageModel.open("qwen2.5-coder-1.5b", budget="600MB")
+    """
+
+    def __init__(self, *args, plan, ring, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plan, self.ring = plan, ring
+
+    @classmethod
+    def open(cls, model: str | os.PathLike | None = None, budget: str | int = "50%", ring_depth: int = 2, threads: int | None = None,
+             read_threads: int = 8, record: bool = False, progress: Callable[[int, int], None] | None = None) -> "StreamingLanguageModel":
+        """`budget`: DRAM for weights and the ring (a size, or a share of the GGUF's weight bytes)."""
+        import warnings
+
+        import torch
+
+        from edgewise.flash.io import DirectReader
+        from edgewise.flash.residency import model_parts, plan_residency
+        from edgewise.flash.stream import PrefetchRing, StreamedFFN, layer_reads
+        from edgewise.gguf_io import read_gguf
+        from edgewise.lm.config import ModelConfig
+        from edgewise.lm.model import layer_act_bits
+        from edgewise.lm.threads import ThreadGovernor
+        from edgewise.lm.weights import KQUANT_TYPES, KQuantLinear
+        from edgewise.models import resolve_model
+        from edgewise.sizes import parse_size
+
+        governor = ThreadGovernor(requested=threads)
+        _check_omp_wait_policy()
+        path = resolve_model(model)
+        gguf = read_gguf(path)
+        cfg = ModelConfig.from_gguf(gguf)
+        parts = model_parts(gguf)
+        plan = plan_residency(parts, parse_size(budget, of=sum(p.nbytes for p in parts), what="--budget"), ring_depth)
+        reads = layer_reads(gguf, plan)
+        ring = PrefetchRing(DirectReader(path, threads=read_threads), reads, ring_depth, record=record) if reads else None
+        bits = layer_act_bits(cfg)
+        embedding = None
+        table = gguf.tensor("token_embd.weight")
+        if not cfg.tied_embeddings and table.qtype in KQUANT_TYPES:  # rows read from the mapped file, a few KB a token
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # a read-only mapping: the kernels only read it
+                embedding = KQuantLinear(torch.from_numpy(table.raw), table.qtype, table.shape[1], bits["output"])
+        decoder = Llama.from_gguf(
+            gguf, "quant", progress=progress, embedding=embedding,
+            ffn_of_layer=lambda i: StreamedFFN(gguf, i, ring, reads[i].tensors if i in reads else {}, cfg.traits.ffn_activation, bits),
+        )
+        lm = cls.assemble(path, gguf, decoder, plan=plan, ring=ring)
+        lm.governor = governor
+        return lm

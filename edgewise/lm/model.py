@@ -201,16 +201,20 @@ class Llama(nn.Module):
 
     @classmethod
     def from_gguf(
-        cls, gguf: GGUFFile, precision: Precision = "quant", progress=None, act_bits: dict[str, int] | None = None, ffn_of_layer: Callable[[int], nn.Module] | None = None
+        cls, gguf: GGUFFile, precision: Precision = "quant", progress=None, act_bits: dict[str, int] | None = None, ffn_of_layer: Callable[[int], nn.Module] | None = None,
+        embedding: nn.Module | None = None,
     ) -> "Llama":
         """Build the decoder from a GGUF; `act_bits` overrides `ACT_BITS` and the architecture's own (the native
         kernels' input rounding per role).
-        `ffn_of_layer(i)` supplies layer i's FFN instead of loading it (the flash engine, whose GGUF has no FFN tensors)."""
+        `ffn_of_layer(i)` supplies layer i's FFN instead of loading it (the flash engine, whose GGUF has no FFN tensors);
+        `embedding` the token embedding of an untied model (the streaming engine keeps it memory-mapped)."""
         cfg = ModelConfig.from_gguf(gguf)
         check_tensor_types(gguf)
         check_tensor_shapes(gguf, cfg)
         bits = layer_act_bits(cfg, act_bits)
-        embedding = load_embedding(gguf.tensor("token_embd.weight"), precision, tied=cfg.tied_embeddings, act_bits=bits["output"])
+        if embedding is not None and cfg.tied_embeddings:
+            raise ValueError("a tied embedding is the output layer too: it cannot be supplied")
+        embedding = embedding or load_embedding(gguf.tensor("token_embd.weight"), precision, tied=cfg.tied_embeddings, act_bits=bits["output"])
         output = embedding if cfg.tied_embeddings else load_linear(gguf.tensor("output.weight"), precision, act_bits=bits["output"])
         blocks = []
         for i in range(cfg.n_layers):

@@ -1,0 +1,222 @@
+"""Dense streaming: the FFN weights a residency plan leaves on flash are read for every token, in layer
+order, through a prefetch ring, while the compute runs the layers before them.
+
+The weights stream straight from the GGUF: a layer's FFN tensors lie side by side there (llama.cpp
+writes down, gate, up together), so a layer's streamed bytes are one or a few byte ranges, read as
+large page-aligned O_DIRECT runs (`DirectReader`: parallel `pread`s in C++ threads, no GIL, no page
+cache). The kernels then run on the bytes as they arrived: K-quant rows need no re-layout.
+
+`PrefetchRing`: `depth` page-aligned buffers and one reader thread. The order of use is known (the
+streamed layers, in order, once per forward pass), so the reader fills buffer k % depth with the k-th
+layer of that cycle as soon as the compute has released it: while layer i computes, the reads of the
+next depth - 1 streamed layers are in flight. `acquire(layer)` waits until that layer's read has
+completed (the wait is the I/O the compute could not hide, and is counted); `release(layer)` hands
+the buffer back. A pass that ends early (an error mid-forward) is noticed at the next `acquire` of a
+layer out of turn: the ring drains and restarts at that layer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgewise.errors import EdgewiseError
+from edgewise.flash.io import PAGE, DirectReader, aligned_buffer
+from edgewise.flash.residency import ResidencyPlan
+from edgewise.gguf_io import GGUFFile, GGUFTensor
+from edgewise.lm.weights import KQUANT_TYPES, KQuantLinear, load_linear
+
+MAX_READ = 1 << 20  # bytes per pread: large reads are what flash is fast at (the probe's curve flattens by 1 MiB)
+MERGE_GAP = 64 << 10  # tensors closer than this in the file are read as one range, gap included
+
+
+@dataclass(frozen=True)
+class LayerReads:
+    """One layer's streamed tensors: where each lands in the ring buffer, and the runs that put it there."""
+
+    layer: int
+    tensors: dict[str, tuple[GGUFTensor, int]]  # FFN role (ffn_gate, ...) -> (tensor, byte offset in the buffer)
+    runs: np.ndarray  # [n, 3] int64: (file offset, length, buffer offset), all multiples of PAGE
+    nbytes: int  # buffer bytes the layer needs
+
+
+def layer_reads(gguf: GGUFFile, plan: ResidencyPlan, max_read: int = MAX_READ) -> dict[int, LayerReads]:
+    """The streamed FFN tensors of `plan`, per layer, as page-aligned runs of at most `max_read` bytes."""
+    by_layer: dict[int, list[GGUFTensor]] = {}
+    for part in plan.streamed:
+        if part.layer >= 0:
+            t = gguf.tensor(part.name)
+            if t.offset is None:
+                raise EdgewiseError(f"{gguf.path}: tensor '{t.name}' has no file offset to stream it from")
+            by_layer.setdefault(part.layer, []).append(t)
+    out = {}
+    for layer, tensors in sorted(by_layer.items()):
+        tensors.sort(key=lambda t: t.offset)
+        ranges: list[list[int]] = []  # [start, end) in the file, merged across small gaps
+        for t in tensors:
+            if ranges and t.offset - ranges[-1][1] <= MERGE_GAP:
+                ranges[-1][1] = max(ranges[-1][1], t.offset + t.nbytes)
+            else:
+                ranges.append([t.offset, t.offset + t.nbytes])
+        runs, placed, at = [], {}, 0
+        for start, end in ranges:
+            first, last = start // PAGE * PAGE, -(-end // PAGE) * PAGE
+            for t in tensors:
+                if start <= t.offset < end:
+                    placed[t.name.split(".")[2]] = (t, at + t.offset - first)
+            for off in range(first, last, max_read):
+                n = min(max_read, last - off)
+                runs.append((off, n, at + off - first))
+            at += last - first
+        out[layer] = LayerReads(layer, placed, np.array(runs, dtype=np.int64).reshape(-1, 3), at)
+    return out
+
+
+@dataclass
+class RingStats:
+    reads: int = 0  # layer reads completed
+    bytes_read: int = 0
+    read_s: float = 0.0  # the reader's time in reads
+    wait_s: float = 0.0  # the compute's time waiting for a read (I/O it could not hide)
+    waits: int = 0  # acquires that found their read still in flight
+    restarts: int = 0
+    events: list[tuple[int, int, float, float]] = field(default_factory=list)  # (layer, slot, read done, handed out), when recorded
+
+
+class PrefetchRing:
+    """See the module docstring. `record=True` keeps one event per acquire (for tests and the report)."""
+
+    def __init__(self, reader: DirectReader, reads: dict[int, LayerReads], depth: int = 2, record: bool = False):
+        if depth < 1:
+            raise EdgewiseError(f"the prefetch ring needs at least 1 buffer, got {depth}")
+        if not reads:
+            raise EdgewiseError("nothing to stream: every FFN weight is resident (use the dense runtime)")
+        self.reader, self.reads, self.depth, self.record = reader, reads, depth, record
+        self.order = sorted(reads)
+        slot_bytes = max(r.nbytes for r in reads.values())
+        self.buffers = [aligned_buffer(slot_bytes) for _ in range(depth)]
+        self.tensors = [torch.frombuffer(b, dtype=torch.uint8) for b in self.buffers]
+        self.stats = RingStats()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._start_seq = 0
+
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(len(b) for b in self.buffers)
+
+    # -- the reader thread ---------------------------------------------------------------------------
+    def _start(self, seq: int) -> None:
+        self._next_read = self._next_use = seq  # sequence numbers: seq -> layer order[seq % n], slot seq % depth
+        self._done_at: dict[int, float] = {}  # seq -> when its read completed
+        self._stop = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._read_loop, name="edgewise-prefetch", daemon=True)
+        self._thread.start()
+
+    def _read_loop(self) -> None:
+        n = len(self.order)
+        try:
+            while True:
+                with self._cv:
+                    while not self._stop and self._next_read >= self._next_use + self.depth:  # every buffer holds an unused read
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                    seq = self._next_read
+                layer = self.order[seq % n]
+                start = time.perf_counter()
+                self.reader.read(self.reads[layer].runs, self.buffers[seq % self.depth])
+                done = time.perf_counter()
+                with self._cv:
+                    self.stats.reads += 1
+                    self.stats.bytes_read += int(self.reads[layer].runs[:, 1].sum())
+                    self.stats.read_s += done - start
+                    self._done_at[seq] = done
+                    self._next_read = seq + 1
+                    self._cv.notify_all()
+        except BaseException as exc:  # handed to the compute thread at its next acquire
+            with self._cv:
+                self._error = exc
+                self._cv.notify_all()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            with self._cv:
+                self._stop = True
+                self._cv.notify_all()
+            self._thread.join()
+            self._thread = None
+
+    # -- the compute side ----------------------------------------------------------------------------
+    def acquire(self, layer: int) -> torch.Tensor:
+        """The buffer holding `layer`'s streamed bytes, once their read has completed."""
+        n = len(self.order)
+        if self._thread is None or self.order[self._next_use % n] != layer:
+            if layer not in self.reads:
+                raise EdgewiseError(f"layer {layer} streams nothing")
+            if self._thread is not None:  # a pass ended early: drain and restart at this layer
+                self.stats.restarts += 1
+                self.close()
+            self._start(self.order.index(layer))
+        seq = self._next_use
+        start = time.perf_counter()
+        with self._cv:
+            if seq not in self._done_at and self._error is None:
+                self.stats.waits += 1
+            while seq not in self._done_at and self._error is None:
+                self._cv.wait()
+            if self._error is not None:
+                error, self._error = self._error, None
+                self._thread = None
+                raise EdgewiseError(f"reading layer {self.order[seq % n]}'s weights failed: {error}") from error
+            handed_out = time.perf_counter()
+            self.stats.wait_s += handed_out - start
+            if self.record:
+                self.stats.events.append((layer, seq % self.depth, self._done_at[seq], handed_out))
+        return self.tensors[seq % self.depth]
+
+    def release(self, layer: int) -> None:
+        with self._cv:
+            self._done_at.pop(self._next_use, None)
+            self._next_use += 1
+            self._cv.notify_all()
+
+
+class StreamedFFN(nn.Module):
+    """Layer `layer`'s gated FFN with its resident tensors held here and its streamed ones read through the
+    ring: down(act(gate x) * (up x)), the same kernels and bytes as the dense model's."""
+
+    def __init__(self, gguf: GGUFFile, layer: int, ring: PrefetchRing | None, streamed: dict[str, tuple[GGUFTensor, int]], activation: str, bits: dict[str, int]):
+        super().__init__()
+        self.layer, self.ring, self.streamed, self.gelu = layer, ring, streamed, activation == "gelu_tanh"
+        self.bits = {"ffn_gate": bits["ffn_gate_up"], "ffn_up": bits["ffn_gate_up"], "ffn_down": bits["ffn_down"]}
+        self.resident = nn.ModuleDict(
+            {role: load_linear(gguf.tensor(f"blk.{layer}.{role}.weight"), "quant", act_bits=self.bits[role]) for role in self.bits if role not in streamed}
+        )
+
+    def _linear(self, role: str, buffer: torch.Tensor | None) -> nn.Module:
+        if role in self.resident:
+            return self.resident[role]
+        t, at = self.streamed[role]
+        raw = buffer[at : at + t.nbytes]
+        if t.qtype in KQUANT_TYPES:  # the kernel reads the bytes where they landed
+            return KQuantLinear(raw.view(t.shape[0], -1), t.qtype, t.shape[1], self.bits[role])
+        return load_linear(GGUFTensor(t.name, t.qtype, t.shape, raw.numpy().reshape(t.shape[0], -1)), "quant", act_bits=self.bits[role])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        buffer = self.ring.acquire(self.layer) if self.streamed else None
+        try:
+            gate = self._linear("ffn_gate", buffer)(x).float()
+            up = self._linear("ffn_up", buffer)(x).float()
+            h = (F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up
+            return self._linear("ffn_down", buffer)(h.to(x.dtype))
+        finally:
+            if self.streamed:
+                self.ring.release(self.layer)

@@ -1,0 +1,93 @@
+"""Dense streaming (`edgewise.flash.stream`, `StreamingLanguageModel`): token for token the dense model's output;
+the prefetch ring never hands out a buffer before its read completed, and what it hands out are the file's
+bytes; a pass that ends early restarts the ring; runs are page-aligned and cover every streamed tensor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgewise.errors import EdgewiseError
+from edgewise.flash.io import PAGE, DirectReader
+from edgewise.flash.residency import model_parts, plan_residency
+from edgewise.flash.runtime import StreamingLanguageModel
+from edgewise.flash.stream import PrefetchRing, layer_reads
+from edgewise.gguf_io import read_gguf
+from edgewise.lm.runtime import LanguageModel
+from edgewise.models import resolve_model
+
+PROMPT = "Once upon a time, in a village by the sea,"
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    return read_gguf(resolve_model(None))
+
+
+def _plan(gguf, share: float):
+    parts = model_parts(gguf)
+    return plan_residency(parts, int(share * sum(p.nbytes for p in parts)))
+
+
+def test_runs_are_aligned_and_cover_every_streamed_tensor(gguf):
+    plan = _plan(gguf, 0.6)
+    reads = layer_reads(gguf, plan, max_read=256 << 10)
+    streamed = {p.name for p in plan.streamed if p.layer >= 0}
+    assert streamed and {t.name for r in reads.values() for t, _ in r.tensors.values()} == streamed
+    for r in reads.values():
+        assert (r.runs % PAGE == 0).all() and (r.runs[:, 1] <= 256 << 10).all()
+        covered = np.zeros(r.nbytes, dtype=bool)
+        for _, n, at in r.runs:
+            covered[at : at + n] = True
+        assert all(covered[at : at + t.nbytes].all() for t, at in r.tensors.values())  # the bytes themselves: the ring test
+
+
+def test_the_ring_hands_out_only_completed_reads_of_the_right_bytes(gguf):
+    reads = layer_reads(gguf, _plan(gguf, 0.55))
+    with DirectReader(gguf.path, threads=4) as reader:
+        ring = PrefetchRing(reader, reads, depth=3, record=True)
+        try:
+            for _ in range(3):  # three forward passes over the streamed layers
+                for layer in ring.order:
+                    buffer = ring.acquire(layer)
+                    for t, at in reads[layer].tensors.values():
+                        assert np.array_equal(buffer[at : at + t.nbytes].numpy(), np.asarray(t.raw).reshape(-1)), t.name
+                    ring.release(layer)
+            ring.acquire(ring.order[2])  # a pass cut short: the ring restarts where the compute now is
+            ring.release(ring.order[2])
+            buffer = ring.acquire(ring.order[3])
+            t, at = next(iter(reads[ring.order[3]].tensors.values()))
+            assert np.array_equal(buffer[at : at + t.nbytes].numpy(), np.asarray(t.raw).reshape(-1))
+            ring.release(ring.order[3])
+        finally:
+            ring.close()
+    events = ring.stats.events
+    assert len(events) == 3 * len(ring.order) + 2 and all(handed_out >= done for _, _, done, handed_out in events)
+    assert ring.stats.restarts == 1 and ring.stats.reads >= len(events)
+    with pytest.raises(EdgewiseError, match="streams nothing"):
+        ring.acquire(10_000)
+
+
+def test_streaming_equals_the_dense_model_token_for_token():
+    dense = LanguageModel.load(compile=False)
+    ids = dense.tokenizer.encode(PROMPT)
+    want = list(dense.generate(ids, 12, stop_at_eot=False))
+    lm = StreamingLanguageModel.open(budget="60%", record=True)
+    assert lm.plan.streamed and lm.plan.dram_bytes <= lm.plan.budget_bytes
+    assert list(lm.generate(ids, 12, stop_at_eot=False)) == want
+    assert lm.ring.stats.bytes_read >= 12 * lm.plan.bytes_per_token * 0.99  # every streamed byte, every token
+    with pytest.raises(EdgewiseError, match="below this model's resident minimum"):
+        StreamingLanguageModel.open(budget="1MB")
+
+
+@pytest.mark.slow
+def test_streaming_the_1_5b_model_equals_its_dense_self():
+    model = "qwen2.5-coder-1.5b"
+    dense = LanguageModel.load(model, compile=False)
+    ids = dense.tokenizer.encode("def fibonacci(n):\n")
+    want = list(dense.generate(ids, 16, stop_at_eot=False))
+    del dense
+    lm = StreamingLanguageModel.open(model, budget="600MB")
+    assert list(lm.generate(ids, 16, stop_at_eot=False)) == want
+    assert torch.get_num_threads() >= 1
