@@ -24,7 +24,7 @@ import torch
 from edgewise.gguf_io import GGUFFile
 from edgewise.lm.config import ModelConfig, check_tensor_shapes
 from edgewise.lm.model import Block, causal_mask, layer_act_bits, load_block, load_norm, rope_tables, sliding_window_mask
-from edgewise.lm.weights import Precision, activation_dtype, check_tensor_types, dequantize
+from edgewise.lm.weights import Precision, activation_dtype, cache_dtype, check_tensor_types, dequantize
 
 LOGITS_BYTES = 64 << 20  # fp32 logits held at once by `nll`
 
@@ -81,9 +81,9 @@ class LayerWalk:
         arguments, local = self._positional(n_tokens)
         if block.local:
             arguments = local
-        cache_dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
         shape = (self.cfg.n_kv_heads, n_tokens, self.cfg.head_dim)
-        k_cache, v_cache = torch.zeros(shape, dtype=cache_dtype), torch.zeros(shape, dtype=cache_dtype)
+        dtype = cache_dtype(self.precision)
+        k_cache, v_cache = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
         out = torch.empty_like(h)
         for w in range(n_windows):  # every slot is rewritten by the window's own tokens before it is read
             out[w] = block(h[w], *arguments, k_cache, v_cache, self.act_dtype)
