@@ -3,7 +3,8 @@ one competing CPU-bound process.
 
 Each run is a fresh `python -m edgewise flash convert` process writing a store into a temp folder, with
 the command's defaults (8192 calibration tokens, 1024 held out); its peak RSS is the kernel's
-(`wait4`'s ru_maxrss: anonymous memory plus mapped file pages, e.g. the GGUF's). "Busy" is one
+(`wait4`'s ru_maxrss: anonymous memory plus mapped file pages, e.g. the GGUF's; a child can inherit
+its parent's peak there, but this parent stays far below a convert's). "Busy" is one
 `python -c "while True: pass"` at normal priority, started before the convert and killed after it.
 
 `--against REV` also runs the convert of another git revision the same way (a temporary `git worktree`,
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # what runs
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit += " (with uncommitted changes)" if dirty else ""
     phases = ("quiet", "busy")
     with (worktree(args.against) if args.against else _nothing()) as peer:
         trees = [("this tree", ROOT)] + ([(args.against, peer)] if peer else [])
@@ -98,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
 
     med = {key: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_rss_mb")} for key, rs in runs.items()}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     lines = [
         "# flash convert: time and peak memory",
         "",
