@@ -33,7 +33,7 @@ def numpy_model(x: np.ndarray, w_int: np.ndarray, d: np.ndarray, m: np.ndarray |
 
 
 @pytest.mark.parametrize("act_bits", [8, 16])
-@pytest.mark.parametrize("rows", [1, 3, 4, 9])  # the 4-row tile, its remainder, and both
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 12])  # row by row up to EXACT_ROWS (8); beyond, tiles of 4 with and without a remainder
 def test_q4_1_kernel_matches_numpy_model(gguf, rows, act_bits):
     t = gguf.tensors["blk.7.ffn_up.weight"]
     layer = Q4Linear.from_raw(np.asarray(t.raw), t.shape[1], with_min=True, act_bits=act_bits)
@@ -83,7 +83,7 @@ def test_q4_0_maps_exactly_onto_the_q4_1_layout():
 
 
 @pytest.mark.parametrize("act_bits", [8, 16])
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 5, 10])
 def test_q8_0_kernel_matches_numpy_model(gguf, rows, act_bits):
     t = gguf.tensors["token_embd.weight"]
     raw = np.asarray(t.raw)[:2048]
@@ -93,6 +93,22 @@ def test_q8_0_kernel_matches_numpy_model(gguf, rows, act_bits):
     np.testing.assert_allclose(layer(x).numpy(), ref, rtol=1e-5, atol=1e-4)
     exact = np.array(quants.dequantize(raw, QT.Q8_0))
     np.testing.assert_array_equal(layer.rows(torch.arange(2048)).numpy(), exact)  # the embedding is exact
+
+
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_short_batches_equal_decode_bit_for_bit(gguf, act_bits):
+    """Batch invariance (blocks.h, EXACT_ROWS): each row of a batch of up to EXACT_ROWS rows is the one-row product,
+    bit for bit (decode takes four weight rows per step, so the rows of a batch must take that path too)."""
+    from edgewise.kernels import exact_rows
+
+    q4 = gguf.tensors["blk.7.ffn_up.weight"]
+    q8 = gguf.tensors["token_embd.weight"]
+    for layer in (Q4Linear.from_raw(np.asarray(q4.raw), q4.shape[1], with_min=True, act_bits=act_bits),
+                  Q8Linear.from_raw(np.asarray(q8.raw)[:1024], q8.shape[1], act_bits)):
+        x = torch.randn(exact_rows(), layer.in_features, generator=torch.Generator().manual_seed(3))
+        one = torch.cat([layer(x[i : i + 1]) for i in range(exact_rows())])
+        for rows in range(2, exact_rows() + 1):
+            assert torch.equal(layer(x[:rows]), one[:rows]), (type(layer).__name__, rows)
 
 
 def test_q8_0_from_float_matches_gguf_quantize():

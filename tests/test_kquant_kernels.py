@@ -106,7 +106,7 @@ def test_rows_dequantize_exactly(qtype):
 
 @pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K])
 @pytest.mark.parametrize("act_bits", [8, 16])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 9])  # decode, prefill tiles of 4 and remainders of 1-3 rows
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 12, 14])  # row by row up to EXACT_ROWS (8); beyond, tiles of 4 and remainders
 @pytest.mark.parametrize("n, k", [(7, 256), (13, 768), (5, 8960)])  # one super-block, an odd count, a long row (35)
 def test_kernel_matches_numpy_model(qtype, act_bits, rows, n, k):
     raw = random_rows(qtype, n, k, seed=n * k + rows)
@@ -120,6 +120,21 @@ def test_kernel_matches_numpy_model(qtype, act_bits, rows, n, k):
     # measured up to 1.2% here: random codes with large mins are a harsh case; real rows: test below)
     exact = x @ quants.dequantize(raw, qtype).T
     assert np.linalg.norm(ours - exact) / np.linalg.norm(exact) < (2.5e-2 if act_bits == 8 else 1e-4)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q6_K])
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_short_batches_equal_decode_bit_for_bit(qtype, act_bits):
+    """Batch invariance (blocks.h, EXACT_ROWS): each row of a batch of up to EXACT_ROWS rows is the one-row product,
+    bit for bit, whatever the other rows hold; speculative decoding's check relies on it."""
+    from edgewise.kernels import exact_rows
+
+    raw = random_rows(qtype, 37, 1536, seed=5)
+    layer = KQuantLinear.from_raw(raw, qtype, 1536, act_bits)
+    x = torch.from_numpy(np.random.default_rng(5).standard_normal((exact_rows(), 1536)).astype(np.float32))
+    one = torch.cat([layer(x[i : i + 1]) for i in range(exact_rows())])
+    for rows in range(2, exact_rows() + 1):
+        assert torch.equal(layer(x[:rows]), one[:rows]), rows
 
 
 def test_bad_inputs_raise():

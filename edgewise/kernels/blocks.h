@@ -46,6 +46,14 @@ constexpr int64_t QK_K = 256;  // elements per K-quant super-block
 constexpr int64_t Q4_0_BYTES = 18, Q4_1_BYTES = 20, Q8_0_BYTES = 34;
 constexpr int64_t Q4_K_BYTES = 144, Q5_K_BYTES = 176, Q6_K_BYTES = 210;
 
+// Batch invariance: a product of up to EXACT_ROWS activation rows is computed row by row, each row
+// exactly as decode computes its one row, bit for bit; only longer batches (prefill) tile rows
+// against each weight row, which groups the float sums differently. Speculative decoding checks a
+// draft in such a batch and must reproduce decode's logits (edgewise/lm/speculative.py). The weight
+// row stays in L1 across the batch's rows, so the rows cost compute, not DRAM traffic.
+// kernels/__init__.py's EXACT_ROWS repeats this number; tests/test_kernels.py checks they agree.
+constexpr int64_t EXACT_ROWS = 8;
+
 // ggml's type ids, as GGUF stores them (gguf.GGMLQuantizationType)
 enum GgmlType : int64_t { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14 };
 

@@ -343,7 +343,7 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t n, int64_
   at::Tensor out = at::empty({m, n}, x.options());
   float* op = out.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int64_t tiled = m / TILE * TILE;
+  const int64_t tiled = m > ew::EXACT_ROWS ? m / TILE * TILE : 0;  // short batches row by row, as decode
 #ifdef EW_AVX512
   std::optional<DecodeRows<Format>> rest;
   if constexpr (std::is_same_v<Q, int8_t>)

@@ -282,7 +282,7 @@ at::Tensor matmul_rows(const at::Tensor& x_in, int64_t n, int64_t k, RowOf row_o
       WeightRow<Format, Tail> rows[4];
       for (int64_t r = 0; r < width; ++r) rows[r] = row_of(j + r);
       int64_t i = 0;
-      if (m >= TILE)
+      if (m > ew::EXACT_ROWS)  // short batches row by row, as decode (batch invariance, blocks.h)
         for (int64_t r = 0; r < width; ++r)
           for (i = 0; i + TILE <= m; i += TILE) dot_tile<1, TILE>(rows + r, act, i, op + i * n + j + r, n);
       for (; i < m; ++i) {

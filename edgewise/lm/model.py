@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgewise.gguf_io import GGUFFile
+from edgewise.kernels import exact_rows
 from edgewise.lm.config import ModelConfig, check_tensor_shapes
 from edgewise.lm.weights import (
     Precision,
@@ -91,15 +92,24 @@ class Attention(nn.Module):
         values = v_cache.narrow(1, 0, L).float()
         q = q.reshape(Hkv, G, T, hd) * hd**-0.5
         if T == 1:
-            # batch-1 decode as broadcast-multiply + sum: inductor fuses it, where two tiny bmm calls would not
-            scores = (q[:, :, 0, None, :] * keys[:, None, :, :]).sum(-1) + mask  # [Hkv, G, L]
-            out = (scores.softmax(-1)[..., None] * values[:, None, :, :]).sum(-2)  # [Hkv, G, hd]
-            out = out.reshape(1, H * hd)
+            out = attend_one(q[:, :, 0], keys, values, mask[0]).reshape(1, H * hd)
+        elif T <= exact_rows():
+            # a short batch (a speculative check): row by row, each bit for bit as decode computes it, over
+            # the slots up to its own position (the mask is causal: row t's last open slot is L - T + t)
+            out = torch.cat([attend_one(q[:, :, t], keys[:, : L - T + 1 + t], values[:, : L - T + 1 + t], mask[t, : L - T + 1 + t]).reshape(1, H * hd)
+                             for t in range(T)])
         else:
             scores = (q.reshape(Hkv, G * T, hd) @ keys.transpose(1, 2)).view(Hkv, G, T, L) + mask
             out = scores.softmax(-1).view(Hkv, G * T, L) @ values  # [Hkv, G*T, hd]
             out = out.view(H, T, hd).transpose(0, 1).reshape(T, H * hd)
         return self.wo(out.to(x.dtype))
+
+
+def attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query position: q [Hkv, G, hd] (pre-scaled) over keys, values [Hkv, L, hd] with mask [L]; [Hkv, G, hd].
+    Broadcast-multiply and sum: inductor fuses it into the compiled decode step, where two tiny bmm calls would not."""
+    scores = (q[:, :, None, :] * keys[:, None, :, :]).sum(-1) + mask  # [Hkv, G, L]
+    return (scores.softmax(-1)[..., None] * values[:, None, :, :]).sum(-2)
 
 
 class FeedForward(nn.Module):
