@@ -142,6 +142,12 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default); e.g. 0.7 for varied text")
     p.add_argument("--top-p", type=unit_fraction, default=0.9, help="nucleus sampling mass when temperature > 0 (default 0.9)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed for sampling (default 0)")
+    p.add_argument(
+        "--speculate", type=non_negative_int, default=0, metavar="N",
+        help="speculative decoding: guess up to N tokens (1-7) by looking the last words up earlier in the text, and check them"
+        " in one pass; greedy only, the same output in fewer passes where text repeats (code does). It pays where a pass reads"
+        " the weights from flash (StreamingLanguageModel); in RAM the checks run eagerly and can be slower. 0 = off (default)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,6 +402,17 @@ def _sampler(args):
     return Sampler(args.temperature, args.top_p, args.seed)
 
 
+def _lookup(args):
+    """The prompt-lookup drafter for --speculate, validated before any model loads; None when off."""
+    if not args.speculate:
+        return None
+    from edgewise.lm.speculative import PromptLookup
+
+    if args.temperature != 0:
+        raise EdgewiseError(f"--speculate checks drafts against the greedy choice: drop --temperature {args.temperature} or --speculate")
+    return PromptLookup(draft=args.speculate)
+
+
 def _open_flash(args):
     from edgewise.flash.runtime import FlashLanguageModel
 
@@ -415,13 +432,14 @@ def _open_flash(args):
 def cmd_generate(args) -> int:
     if not args.prompt.strip():
         raise EdgewiseError("empty prompt: give some text to continue, e.g. edgewise generate \"Once upon a time\"")
+    lookup = _lookup(args)
     lm = _open_flash(args) if args.flash else _load(args, compile=not args.no_compile)
     text = lm.chat_template.render([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     ids = lm.tokenizer.encode(text)
     lm.check_prompt(ids, args.max_tokens)
     if not args.chat:
         print(args.prompt, end="", flush=True)
-    for piece in lm.tokenizer.stream(lm.generate(ids, args.max_tokens, _sampler(args))):
+    for piece in lm.tokenizer.stream(lm.generate(ids, args.max_tokens, _sampler(args), lookup=lookup)):
         print(piece, end="", flush=True)
     print()
     print(lm.last_stats.line(), file=sys.stderr)
@@ -431,6 +449,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    lookup = _lookup(args)
     lm = _load(args, compile=not args.no_compile)
     sampler = _sampler(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -448,7 +467,7 @@ def cmd_chat(args) -> int:
         if len(ids) + args.max_tokens > lm.cfg.context_length:
             raise EdgewiseError(f"the conversation ({len(ids)} tokens) no longer fits the model's context of {lm.cfg.context_length}")
         reply = []
-        for piece in lm.tokenizer.stream(lm.generate(ids, args.max_tokens, sampler)):
+        for piece in lm.tokenizer.stream(lm.generate(ids, args.max_tokens, sampler, lookup=lookup)):
             reply.append(piece)
             print(piece, end="", flush=True)
         print()

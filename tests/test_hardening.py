@@ -222,3 +222,17 @@ def test_flash_convert_never_replaces_a_folder_that_is_not_a_store(tmp_path, cap
     (folder / "notes.txt").write_text("keep me")
     assert main(["flash", "convert", str(folder)]) == 1
     assert "not a flash store and not empty" in capsys.readouterr().err and (folder / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--speculate", "8", "hi"], "speculative draft length 8: expected 1 to 7 tokens"),
+        (["generate", "--speculate", "2", "--temperature", "0.7", "hi"], "--speculate checks drafts against the greedy choice"),
+        (["chat", "--speculate", "2", "--temperature", "0.7"], "--speculate checks drafts against the greedy choice"),
+    ],
+)
+def test_bad_speculation_is_refused_before_loading(capsys, argv, message):
+    t0 = time.perf_counter()
+    assert main(argv) != 0 and time.perf_counter() - t0 < 5  # nothing loaded
+    assert message in capsys.readouterr().err

@@ -21,6 +21,7 @@ from edgewise.flash.engine import FlashEngine, FlashStats, Mode, Reads
 from edgewise.flash.store import FlashStore
 from edgewise.lm.model import Llama
 from edgewise.lm.runtime import LanguageModel, Sampler, _check_omp_wait_policy
+from edgewise.lm.speculative import PromptLookup
 from edgewise.lm.weights import Precision
 
 
@@ -55,12 +56,13 @@ class FlashLanguageModel(LanguageModel):
         decoder = Llama.from_gguf(gguf, precision, progress=progress, ffn_of_layer=engine.layer)
         return cls.assemble(Path(store), gguf, decoder, engine=engine)
 
-    def generate(self, ids: list[int], max_new_tokens: int, sampler: Sampler | None = None, stop_at_eot: bool = True) -> Iterator[int]:
+    def generate(self, ids: list[int], max_new_tokens: int, sampler: Sampler | None = None, stop_at_eot: bool = True,
+                 lookup: PromptLookup | None = None) -> Iterator[int]:
         """As `LanguageModel.generate`; `self.flash_stats` then counts the decode steps only (not the prompt)."""
         self.engine.reset()
         prompt_tokens = len(ids)
         try:
-            yield from super().generate(ids, max_new_tokens, sampler, stop_at_eot)
+            yield from super().generate(ids, max_new_tokens, sampler, stop_at_eot, lookup)
         finally:
             self.flash_stats = FlashStats(self.engine.stats.tokens[prompt_tokens:])
 

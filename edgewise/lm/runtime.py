@@ -22,6 +22,7 @@ from edgewise.gguf_io import GGUFFile, read_gguf
 from edgewise.lm.chat import ChatTemplate
 from edgewise.lm.compiled import MIN_LIVE, BackgroundCompile, CompiledDecoder, load_cached, load_or_compile
 from edgewise.lm.model import KVCache, Llama, causal_mask
+from edgewise.lm.speculative import PromptLookup, SpeculationStats, accept
 from edgewise.lm.threads import ThreadGovernor
 from edgewise.lm.tokenizer import TextTokenizer
 from edgewise.lm.weights import PRECISIONS, Precision
@@ -64,6 +65,7 @@ class GenerationStats:
     threads: int = 0  # decode threads at the end (the governor may have changed them: min_threads..max_threads)
     min_threads: int = 0
     max_threads: int = 0
+    speculation: SpeculationStats | None = None  # with prompt-lookup drafts
 
     @property
     def prefill_tok_s(self) -> float:
@@ -78,6 +80,7 @@ class GenerationStats:
             f"TTFT {self.ttft_s * 1000:.0f} ms | prefill {self.prefill_tok_s:.0f} tok/s ({self.prompt_tokens} tokens)"
             f" | decode {self.decode_tok_s:.1f} tok/s ({self.new_tokens} tokens) | peak RSS {self.peak_rss_mb:.0f} MB"
             f" | threads {self.threads if self.min_threads == self.max_threads else f'{self.min_threads}-{self.max_threads}'}"
+            + (f" | {self.speculation.line(self.new_tokens)}" if self.speculation is not None else "")
         )
 
 
@@ -187,35 +190,57 @@ class LanguageModel:
     def check_prompt(self, ids: list[int], max_new_tokens: int) -> None:
         if not ids:
             raise EdgewiseError("empty prompt: give some text to continue")
+        if max_new_tokens < 1:
+            raise EdgewiseError(f"max_new_tokens {max_new_tokens}: expected at least 1 new token")
         if len(ids) + max_new_tokens > self.cfg.context_length:
             raise EdgewiseError(
                 f"prompt ({len(ids)} tokens) plus --max-tokens ({max_new_tokens}) exceeds the model's context of {self.cfg.context_length} tokens"
             )
 
-    def generate(self, ids: list[int], max_new_tokens: int, sampler: Sampler | None = None, stop_at_eot: bool = True) -> Iterator[int]:
-        """Yield new token ids; `self.last_stats` is complete once the iterator ends."""
+    def generate(self, ids: list[int], max_new_tokens: int, sampler: Sampler | None = None, stop_at_eot: bool = True,
+                 lookup: PromptLookup | None = None) -> Iterator[int]:
+        """Yield new token ids; `self.last_stats` is complete once the iterator ends.
+
+        `lookup`: speculative decoding with prompt-lookup drafts (greedy only; `edgewise.lm.speculative`):
+        each pass checks a draft and yields one token or more, the same tokens as without it."""
         self.check_prompt(ids, max_new_tokens)
         sampler = sampler or Sampler()
-        stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
+        if lookup is not None and sampler.temperature != 0:
+            raise EdgewiseError("speculative decoding checks drafts against the greedy choice: use temperature 0, or turn speculation off")
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(ids), speculation=SpeculationStats() if lookup else None)
         cache = self.new_cache(len(ids) + max_new_tokens)
         stats.threads = stats.min_threads = stats.max_threads = self.governor.start()
         t0 = time.perf_counter()
-        token = sampler(self.prefill(ids, cache)[-1])
+        pending = [sampler(self.prefill(ids, cache)[-1])]  # tokens to yield; the last is not in the cache yet
         t_first = time.perf_counter()
         stats.ttft_s = t_first - t0
-        position = len(ids)
-        for i in range(max_new_tokens):
-            stats.new_tokens = i + 1
-            stats.decode_s = time.perf_counter() - t_first
-            yield token
-            if (stop_at_eot and token in self.tokenizer.eot_ids) or i + 1 == max_new_tokens:
-                break
-            token = sampler(self.decode(token, position, cache))
+        context = list(ids)
+        position = len(ids)  # of pending[-1]
+        while True:
+            for token in pending:
+                context.append(token)
+                stats.new_tokens += 1
+                stats.decode_s = time.perf_counter() - t_first
+                yield token
+                if (stop_at_eot and token in self.tokenizer.eot_ids) or stats.new_tokens == max_new_tokens:
+                    stats.decode_s = time.perf_counter() - t_first
+                    stats.peak_rss_mb = peak_rss_mb()
+                    return
+            token = pending[-1]
+            # a check of [token, draft...] may yield len(draft) + 1 tokens: no more than are left
+            draft = lookup.propose(context, max_new_tokens - stats.new_tokens - 1) if lookup else []
+            if draft:
+                logits = self.prefill([token, *draft], cache, start=position, last_only=False)
+                pending = accept(draft, logits.argmax(-1).tolist())
+                stats.speculation.drafted += len(draft)
+                stats.speculation.accepted += len(pending) - 1
+            else:
+                pending = [sampler(self.decode(token, position, cache))]
+            if stats.speculation is not None:
+                stats.speculation.passes += 1
+            position += len(pending)
             stats.threads = self.governor.tick()
             stats.min_threads, stats.max_threads = min(stats.min_threads, stats.threads), max(stats.max_threads, stats.threads)
-            position += 1
-        stats.decode_s = time.perf_counter() - t_first
-        stats.peak_rss_mb = peak_rss_mb()
 
     def stream(self, prompt: str, max_new_tokens: int = 128, sampler: Sampler | None = None) -> Iterator[str]:
         """Text pieces of the continuation of `prompt` (raw, no chat template)."""

@@ -1,0 +1,87 @@
+"""Speculative decoding with prompt lookup: drafts from the text itself, checked by one pass of the model.
+
+A draft is a guess at the next few tokens; the model checks a whole draft in one forward pass over
+[last token, draft...] and keeps the longest prefix it agrees with, plus the token it predicts after
+that prefix. Under greedy decoding the output is the plain greedy output token for token, while every
+pass yields one token or more. Not only up to rounding: a check of up to `exact_rows()` tokens is
+computed row by row, each row bit for bit as decode computes it (the kernels' batch invariance,
+kernels/blocks.h); a longer batch would group float sums differently, and with int8 activations that
+moves logits by tenths, enough to flip a close argmax. (The compiled decode step is fused by inductor
+and rounds differently again; the checks run eagerly, so the guarantee is against eager decoding.)
+
+That pays where a pass costs more than its arithmetic: a model whose weights stream from flash reads
+each streamed byte once per pass, so k accepted tokens share one read of the weights.
+
+*Prompt lookup* (Saxena 2023) needs no draft model: the last n tokens of the context are looked up
+earlier in the context (the prompt and what has been generated), and the tokens that followed that
+occurrence are the draft. Code repeats itself (names, signatures, patterns), so drafts are often right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgewise.errors import EdgewiseError
+
+
+@dataclass(frozen=True)
+class PromptLookup:
+    """Drafts of up to `draft` tokens: the tokens after the latest earlier occurrence of the context's last
+    n-gram, for n from `max_ngram` down to `min_ngram` (the longest match wins)."""
+
+    draft: int = 4
+    max_ngram: int = 3
+    min_ngram: int = 1
+
+    def __post_init__(self):
+        from edgewise.kernels import exact_rows
+
+        if not 1 <= self.draft <= exact_rows() - 1:
+            raise EdgewiseError(f"speculative draft length {self.draft}: expected 1 to {exact_rows() - 1} tokens "
+                                f"(a check of the last token and the draft is exact up to {exact_rows()} rows)")
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise EdgewiseError(f"prompt lookup n-grams {self.min_ngram}..{self.max_ngram}: expected 1 <= min <= max")
+
+    def propose(self, context: list[int], limit: int | None = None) -> list[int]:
+        """The draft after `context` (at most `limit` tokens); [] when no n-gram recurs."""
+        k = self.draft if limit is None else min(self.draft, limit)
+        if k <= 0:
+            return []
+        for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
+            tail = context[-n:]
+            for start in range(len(context) - n - 1, -1, -1):  # latest occurrence first, not the tail itself
+                if context[start : start + n] == tail:
+                    follow = context[start + n : start + n + k]
+                    if follow:
+                        return follow
+        return []
+
+
+@dataclass
+class SpeculationStats:
+    """What the drafts bought: passes after the prompt's, tokens drafted and accepted."""
+
+    passes: int = 0  # forward passes after the prompt's (one per decoded token without speculation)
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def tokens_per_pass(self, new_tokens: int) -> float:
+        """New tokens after the first (the prompt's pass gives that one) per pass."""
+        return (new_tokens - 1) / self.passes if self.passes else 0.0
+
+    def line(self, new_tokens: int) -> str:
+        return (f"speculation: {self.accepted}/{self.drafted} drafted tokens accepted ({self.acceptance:.0%}), "
+                f"{self.tokens_per_pass(new_tokens):.2f} tokens per pass")
+
+
+def accept(draft: list[int], predicted: list[int]) -> list[int]:
+    """The tokens a check yields: `predicted[j]` is the model's token after [last, draft[:j]] (len(draft) + 1
+    of them); the draft's agreeing prefix, then the model's own next token."""
+    n = 0
+    while n < len(draft) and draft[n] == predicted[n]:
+        n += 1
+    return draft[:n] + [predicted[n]]
