@@ -49,7 +49,7 @@ PROMPTS = {
     ),
     "qwen2.5-coder-1.5b": "# A small library of string utilities\n\ndef reverse_words(sentence: str) -> str:\n",
 }
-PROMPT = PROMPTS["default"]  # benchmarks/flash.py uses it too
+PROMPT = PROMPTS["default"]  # benchmarks/flash_smollm2.py uses it too
 MODELS = ("smollm2-135m", "gemma-3-270m", "qwen2.5-coder-1.5b")
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -157,7 +157,7 @@ def main(argv=None) -> int:
         f"Caps are cgroup-v1 memory limits (page cache counted; the GGUF evicted before each run). edgewise's weight budget = cap - {args.overhead >> 20} MiB.",
         f"Uncapped dense edgewise (eager): {dense['decode_tok_s']:.2f} tok/s = {compute_s * 1000:.0f} ms compute per token. Disk: {gbps:.2f} GB/s at {cost.sizes[-1] >> 10} KiB reads (cost model).",
         "",
-        "| cap | engine | decode tok/s | MB read/token | read GB/s | wait ms/token | resident MB | peak MB (group) | bound tok/s (serial / overlapped) | fraction of bound |",
+        "| cap | engine | decode tok/s | MB read/token | read GB/s | wait ms/token | resident MB | peak MB (group) | bound tok/s (serial / overlapped) | fraction of overlapped bound |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for (cap, engine), r in rows.items():
@@ -170,8 +170,8 @@ def main(argv=None) -> int:
         if bpt is not None:
             serial, overlapped = bpt / (gbps * 1e9) + compute_s, max(bpt / (gbps * 1e9), compute_s)
             bound = f"{1 / serial:.2f} / {1 / overlapped:.2f}"
-            fraction = f"{r['decode_tok_s'] * serial:.2f}"
-            r["fraction"] = r["decode_tok_s"] * serial
+            r["fraction"] = r["decode_tok_s"] * overlapped  # of the floor: reads fully hidden behind compute
+            fraction = f"{r['fraction']:.2f}"
         lines.append(
             f"| {cap >> 20} MiB | {engine} | {r['decode_tok_s']:.2f} | {'' if bpt is None else f'{bpt / 1e6:.0f}'} | {r.get('read_gbps', float('nan')):.2f} | "
             f"{r.get('wait_s_per_token', float('nan')) * 1000:.0f} | {r.get('resident_mb', float('nan')):.0f} | {r['peak_mb']:.0f} | {bound} | {fraction} |"

@@ -27,11 +27,13 @@ and evaluation text, through the flash engine token by token).
 Also: the ablation at --ablation-budget (naive, + predictor, + windowing, + bundling with
 coalesced reads, + cost-model reads) and a plot of decode tok/s against the budget.
 
-    python benchmarks/flash.py --quick                    # 50% only, a few minutes
-    python benchmarks/flash.py                            # budgets 10..100%, ~25 min
-    python benchmarks/flash.py --store /path/to/store --budgets 30,50,100 --reps 3
+    python benchmarks/flash_smollm2.py --quick                    # 50% only, a few minutes
+    python benchmarks/flash_smollm2.py                            # budgets 10..100%, ~25 min
+    python benchmarks/flash_smollm2.py --store /path/to/store --budgets 30,50,100 --reps 3
 
-Writes benchmarks/results/flash.md (--quick: flash_quick.md) and flash.png (flash_quick.png).
+Writes benchmarks/results/flash_smollm2.md (--quick: flash_smollm2_quick.md) and flash_smollm2.png (flash_smollm2_quick.png).
+The first flash engine on SmolLM2-135M, kept as a documented negative result (issue 16): the model is
+too small for per-token overheads to amortize, and a SwiGLU model that size has little activation sparsity.
 The store (--store, default build/flash-store) is converted from the default model if missing
 (about 3 minutes). The last three lines, for the 50% budget (--ablation-budget), are
 `ratio flash/naive decode = X`, `ratio flash/llama.cpp decode = Y`, `bytes per token flash/naive = Z`.
@@ -470,7 +472,7 @@ def main() -> None:
     p.add_argument("--baseline", choices=("peak", "resident"), default="peak",
                    help="baseline memory: the uncapped run's cgroup peak (default; includes page cache read while loading), or its"
                         " resident working set at exit (memory.stat rss + mapped_file), which makes the caps bind harder")
-    p.add_argument("--out", help="report / plot file stem under benchmarks/results (default flash, --quick: flash_quick)")
+    p.add_argument("--out", help="report / plot file stem under benchmarks/results (default flash_smollm2, --quick: flash_smollm2_quick)")
     p.add_argument("--probe", action="store_true", help="measure the store's device first and save STORE/probe.json, which the engine's cost model then uses")
     p.add_argument("--note", action="append", default=[], help="a line to add to the report (repeatable)")
     p.add_argument("--wait-idle", type=float, default=600.0, help="before each timed run, wait up to this many seconds for other processes to leave the CPUs idle (default 600)")
@@ -643,7 +645,7 @@ def main() -> None:
         f" torch {__import__('torch').__version__}; {args.threads} compute threads; store on {_fs_of(args.store)}.",
         f"Flash reads: O_DIRECT {'yes' if S.get(('flash', budgets[0]), {}).get('engine', {}).get('direct', True) else 'NO (buffered + FADV_DONTNEED)'};"
         f" cost model: {cost_model_source(args.store)}.",
-        f"Command: `{' '.join(['OMP_WAIT_POLICY=ACTIVE python benchmarks/flash.py'] + [_quote(a) for a in sys.argv[1:]])}`; total time {(time.perf_counter() - t_start) / 60:.1f} min (at the time of writing this report).",
+        f"Command: `{' '.join(['OMP_WAIT_POLICY=ACTIVE python benchmarks/flash_smollm2.py'] + [_quote(a) for a in sys.argv[1:]])}`; total time {(time.perf_counter() - t_start) / 60:.1f} min (at the time of writing this report).",
         "",
         *[f"Note: {n}" for n in args.note],
         *(["", f"**Warning**: {len(runner.busy_runs)} timed run(s) started while other processes used the CPUs (after waiting"
@@ -771,7 +773,7 @@ def main() -> None:
         r_llama = f"{fs['tok_s'] / ls['tok_s']:.2f}" if ok(fs) and ok(ls) else f"n/a (llama.cpp {why}{'' if ok(fs) else ', flash ' + str(fs.get('status'))})"
     r_bytes = f"{fs['bytes_per_token'] / ns['bytes_per_token']:.3f}" if ok(fs) and ok(ns) else "n/a (a run failed)"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = args.out or ("flash_quick" if q else "flash")
+    stem = args.out or ("flash_smollm2_quick" if q else "flash_smollm2")
     png = RESULTS / f"{stem}.png"
     try:
         plot(png, budgets, engines, S, geo, baseline if not runner.cgroup_problem else None)
