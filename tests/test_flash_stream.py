@@ -91,3 +91,23 @@ def test_streaming_the_1_5b_model_equals_its_dense_self():
     lm = StreamingLanguageModel.open(model, budget="600MB")
     assert list(lm.generate(ids, 16, stop_at_eot=False)) == want
     assert torch.get_num_threads() >= 1
+
+
+def test_exiting_while_the_ring_reads_ahead_is_clean():
+    """The reader thread reads ahead of the compute; a process that ends there must not abort (the native
+    reader's threads torn down under a read: `terminate called without an active exception`, exit 134)."""
+    import subprocess
+    import sys
+
+    script = (
+        "from edgewise.flash.runtime import StreamingLanguageModel\n"
+        "lm = StreamingLanguageModel.open(budget='60%')\n"
+        "print(list(lm.generate(lm.tokenizer.encode('Hello'), 3, stop_at_eot=False)))\n"
+    )
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    with StreamingLanguageModel.open(budget="60%") as lm:
+        list(lm.generate(lm.tokenizer.encode("Hello"), 2, stop_at_eot=False))
+    assert lm.ring._thread is None and lm.ring.reader.fd == -1
+    lm.close()  # twice is fine

@@ -14,6 +14,7 @@ quantized kernels, as the dense model does.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -67,6 +68,12 @@ class FlashLanguageModel(LanguageModel):
             self.flash_stats = FlashStats(self.engine.stats.tokens[prompt_tokens:])
 
 
+def _close_ring(ring) -> None:
+    if ring is not None:
+        ring.close()
+        ring.reader.close()
+
+
 class StreamingLanguageModel(LanguageModel):
     """The runtime's `LanguageModel` over a GGUF whose FFN weights do not all fit the DRAM budget: a residency
     plan keeps what fits (`edgewise.flash.residency`), the rest streams through the prefetch ring
@@ -79,6 +86,19 @@ class StreamingLanguageModel(LanguageModel):
     def __init__(self, *args, plan, ring, **kwargs):
         super().__init__(*args, **kwargs)
         self.plan, self.ring = plan, ring
+        # the reader thread must not be inside a read when the interpreter exits (the native reader's threads
+        # would be torn down under it): close the ring when the model goes, or at exit at the latest
+        self._finalizer = weakref.finalize(self, _close_ring, ring)
+
+    def close(self) -> None:
+        """Stop the prefetch ring (waiting for a read in flight) and close the file; idempotent."""
+        self._finalizer()
+
+    def __enter__(self) -> "StreamingLanguageModel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @classmethod
     def open(cls, model: str | os.PathLike | None = None, budget: str | int = "50%", ring_depth: int = 2, threads: int | None = None,
