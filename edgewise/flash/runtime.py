@@ -18,6 +18,8 @@ import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import torch
+
 from edgewise.flash.engine import FlashEngine, FlashStats, Mode, Reads
 from edgewise.flash.store import FlashStore
 from edgewise.lm.model import Llama
@@ -86,9 +88,20 @@ class StreamingLanguageModel(LanguageModel):
     def __init__(self, *args, plan, ring, **kwargs):
         super().__init__(*args, **kwargs)
         self.plan, self.ring = plan, ring
+        self.prefill_chunk = 64  # prompt tokens per pass (see prefill)
         # the reader thread must not be inside a read when the interpreter exits (the native reader's threads
         # would be torn down under it): close the ring when the model goes, or at exit at the latest
         self._finalizer = weakref.finalize(self, _close_ring, ring)
+
+    def prefill(self, ids: list[int], cache, start: int = 0, last_only: bool = True):
+        """As `LanguageModel.prefill`, in chunks of `prefill_chunk` tokens: a long prompt's activations ([T, FFN width]
+        floats, 70 MB for 1000 tokens of the 1.5B model) would otherwise be the largest thing in memory, above the
+        budget. Each chunk is one pass over the streamed weights, read while the chunk before computes."""
+        chunk = self.prefill_chunk
+        if len(ids) <= chunk:
+            return super().prefill(ids, cache, start, last_only)
+        outs = [LanguageModel.prefill(self, ids[at : at + chunk], cache, start + at, last_only) for at in range(0, len(ids), chunk)]
+        return outs[-1] if last_only else torch.cat(outs)
 
     def close(self) -> None:
         """Stop the prefetch ring (waiting for a read in flight) and close the file; idempotent."""
