@@ -1,0 +1,378 @@
+"""Flash inference on Qwen2.5-Coder-1.5B: decoding a model whose weights exceed the memory it may use,
+every engine inside a memory cap that counts page cache, measured against the disk's physical bound.
+
+Each run is a fresh worker process inside a cgroup-v1 memory group (`edgewise.metrics.memcap`): the
+limit counts anonymous memory *and* page cache, and the GGUF is evicted from the page cache first, so no
+engine reads weights for free from an earlier run. Engines:
+
+- **dense**: edgewise with every weight in RAM, no cap: the compute time of a token (eager).
+- **naive** (the paper's baseline): attention, norms and output head resident; every FFN weight read
+  from the GGUF with O_DIRECT every token, in layer order, one buffer, so no read overlaps compute.
+- **stream**: edgewise's residency plan (parts by use per byte, `edgewise.flash.residency`) keeps what
+  fits the weight budget; the rest streams through the prefetch ring (depth 2, 1 MiB direct reads,
+  8 reader threads) while the layers before compute.
+- **flash**: stream plus speculative decoding with prompt-lookup drafts of 4 tokens (greedy output
+  unchanged): a pass reads the streamed weights once for every token it yields.
+- **llama.cpp** (llama-cpp-python, 2 threads, mmap on, mlock off), as shipped (CPU repacking of Q4_K
+  weights into anonymous memory), and **llama.cpp no-repack** (`use_extra_bufts` off: weights stay
+  in the mapped file, so the page cache can hold them).
+
+Two views of equal memory:
+(a) the same total cap for all (the user's view): a sweep of caps, headline 900 MB (80% of the file).
+    edgewise's weight budget is the cap minus its measured overhead and --margin.
+(b) half the weights (the paper's setting): each engine's cap is its own overhead plus 50% of the
+    GGUF's bytes (plus --margin). Overhead = steady-state anonymous memory at the end of an uncapped
+    generation (/proc/self/status RssAnon) minus the weight bytes the engine holds itself (edgewise:
+    resident weights and ring; llama.cpp as shipped: its repacked weights, taken as its RssAnon minus
+    no-repack's).
+
+The bound: bytes read per token at the disk's measured O_DIRECT throughput for the ring's reads (a
+probe of the GGUF itself: 1 MiB reads, 8 threads), with the dense compute time; overlapped, the floor
+is the larger of the two. For flash, per pass, divided by the tokens a pass yields.
+
+    python benchmarks/flash.py --quick     # (a) at 900 MB and (b), a few minutes
+    python benchmarks/flash.py             # + the cap sweep 640 MB .. 1.6 GB, one busy phase, the plot
+
+Writes benchmarks/results/flash.md (--quick: flash_quick.md) and flash.png. Its last lines:
+`ratio flash/llama.cpp decode = X` (900 MB, against llama.cpp's best configuration there),
+`ratio flash/naive decode = Y`, `fraction of bound = Z` and `bytes per token flash/naive = W` (half the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+ENGINES = ("naive", "stream", "flash", "llama.cpp", "llama.cpp no-repack")
+MB = 1e6
+
+
+def code_prompt(chars: int = 2400) -> tuple[str, str]:
+    """Real code the model has not been handed by us: the start of the standard library's json/encoder.py, whole lines."""
+    path = Path(sysconfig.get_paths()["stdlib"]) / "json" / "encoder.py"
+    text = path.read_text()
+    return text[: text.rfind("\n", 0, chars) + 1], f"the first {chars} characters (whole lines) of {path.name} from Python {platform.python_version()}'s standard library"
+
+
+# -- the worker: one engine, one generation, one JSON line -------------------------------------------
+def worker(args) -> dict:
+    prompt, _ = code_prompt()
+    if args.engine.startswith("llama.cpp"):
+        import llama_cpp
+        import llama_cpp.llama as llama_module
+
+        from benchmarks.llama_cpp_peer import timed_generation
+
+        if args.engine == "llama.cpp no-repack":  # llama-cpp-python exposes no switch: set the C default it starts from
+            default_params = llama_module.llama_cpp.llama_model_default_params
+
+            def no_repack():
+                params = default_params()
+                params.use_extra_bufts = False
+                return params
+
+            llama_module.llama_cpp.llama_model_default_params = no_repack
+        llm = llama_cpp.Llama(args.gguf, n_ctx=2048, n_threads=2, use_mmap=True, use_mlock=False, verbose=False)
+        ids = llm.tokenize(prompt.encode())
+        r = timed_generation(llm, ids, args.new_tokens)
+        return {"decode_tok_s": r["decode_tok_s"], "anon_mb": _rss_anon_mb()}
+
+    from edgewise.flash.runtime import StreamingLanguageModel
+    from edgewise.lm.runtime import LanguageModel
+    from edgewise.lm.speculative import PromptLookup
+
+    if args.engine == "dense":
+        lm = LanguageModel.load(args.gguf, compile=False)
+    else:
+        budget = args.budget
+        if args.engine == "naive":  # the minimum: the required parts and one layer's buffer
+            from edgewise.flash.residency import model_parts
+            from edgewise.gguf_io import read_gguf
+
+            parts = model_parts(read_gguf(args.gguf))
+            layers = {p.layer for p in parts if p.layer >= 0}
+            budget = sum(p.nbytes for p in parts if p.required) + max(sum(p.nbytes for p in parts if p.layer == i) for i in layers)
+        lm = StreamingLanguageModel.open(args.gguf, budget=budget, ring_depth=1 if args.engine == "naive" else 2)
+    ids = lm.tokenizer.encode(prompt)
+    lookup = PromptLookup(draft=4) if args.engine == "flash" else None
+    list(lm.generate(ids, args.new_tokens, stop_at_eot=False, lookup=lookup))
+    stats = lm.last_stats
+    out = {"decode_tok_s": stats.decode_tok_s, "anon_mb": _rss_anon_mb(), "new_tokens": stats.new_tokens}
+    passes = stats.speculation.passes if stats.speculation else stats.new_tokens - 1  # decode passes after the prompt's
+    out["tokens_per_pass"] = (stats.new_tokens - 1) / passes
+    if stats.speculation:
+        out["acceptance"] = stats.speculation.acceptance
+    ring = getattr(lm, "ring", None)
+    if ring is not None:
+        out.update(bytes_per_pass=lm.plan.bytes_per_token, held_mb=lm.plan.dram_bytes / MB, resident_mb=lm.plan.resident_bytes / MB,
+                   ring_read_gbps=ring.stats.bytes_read / max(ring.stats.read_s, 1e-9) / 1e9, wait_ms_per_pass=ring.stats.wait_s / (passes + 1) * 1000)
+    return out
+
+
+def _rss_anon_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024 / MB
+    return float("nan")
+
+
+# -- the driver --------------------------------------------------------------------------------------
+def run(engine: str, gguf: str, cap: int | None, budget: int | None, args, busy: bool = False) -> dict:
+    from edgewise.errors import EdgewiseError
+    from edgewise.metrics import memcap
+
+    cmd = [sys.executable, __file__, "--worker", engine, "--gguf", gguf, "--new-tokens", str(args.new_tokens)]
+    if budget is not None:
+        cmd += ["--budget", str(budget)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_WAIT_POLICY="ACTIVE")
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        if cap is None:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise SystemExit(f"{engine} failed without a cap:\n{proc.stderr[-3000:]}")
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            return result
+        try:
+            done = memcap.run_capped(cmd, cap, evict_files=[gguf], env=env, timeout=args.timeout)
+        except EdgewiseError as e:  # outlived --timeout
+            return {"error": f"timed out ({e})", "peak_mb": float("nan"), "cap": cap}
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+    if done.returncode != 0 or not done.stdout.strip():
+        why = "killed by the cap" if done.killed_by_limit else f"failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:120]}"
+        return {"error": why, "peak_mb": done.peak_bytes / MB, "cap": cap}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result.update(peak_mb=done.peak_bytes / MB, cap=cap)
+    return result
+
+
+def bound(r: dict, gbps: float, compute_s: float) -> tuple[float, float] | None:
+    """(serial, overlapped) bound in tok/s for a streaming run: per pass, reads at `gbps` and one token's compute,
+    times the tokens a pass yields."""
+    if "bytes_per_pass" not in r:
+        return None
+    read_s = r["bytes_per_pass"] / (gbps * 1e9)
+    per_pass = r.get("tokens_per_pass", 1.0)
+    return per_pass / (read_s + compute_s), per_pass / max(read_s, compute_s)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--model", default="qwen2.5-coder-1.5b", help="an embedded model's name or a GGUF (default qwen2.5-coder-1.5b)")
+    ap.add_argument("--caps", default="640MB,900MB,1.2GB,1.6GB", help="view (a)'s caps, comma-separated (default 640MB,900MB,1.2GB,1.6GB)")
+    ap.add_argument("--headline", default="900MB", help="view (a)'s headline cap (default 900MB)")
+    ap.add_argument("--quick", action="store_true", help="the headline cap and half the weights only, no busy phase")
+    ap.add_argument("--rounds", type=int, default=1, help="runs per point; medians are reported (default 1)")
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--margin", default="96MB", help="room left in a cap beyond the measured overhead: the page cache of the code that runs (torch's libraries) and reads in flight (default 96MB)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds before a capped run is stopped (default 600)")
+    ap.add_argument("--out", help="report stem under benchmarks/results (default flash, --quick: flash_quick)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--gguf", help=argparse.SUPPRESS)
+    ap.add_argument("--budget", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        args.engine = args.worker
+        print(json.dumps(worker(args)))
+        return 0
+
+    from edgewise.files import write_text_atomic
+    from edgewise.flash.io import probe
+    from edgewise.flash.residency import model_parts
+    from edgewise.gguf_io import read_gguf
+    from edgewise.metrics import memcap
+    from edgewise.models import resolve_model
+    from edgewise.sizes import parse_size
+
+    if not memcap.available():
+        raise SystemExit("this benchmark needs a writable cgroup-v1 memory controller (run as root); see edgewise/metrics/memcap.py")
+    t_start = time.perf_counter()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    gguf = str(resolve_model(args.model))
+    file_bytes = Path(gguf).stat().st_size
+    weight_bytes = sum(p.nbytes for p in model_parts(read_gguf(gguf)))
+    margin = parse_size(args.margin, what="--margin")
+    headline = parse_size(args.headline, what="--headline")
+    caps = [headline] if args.quick else sorted({headline, *(parse_size(c, what="--caps") for c in args.caps.split(","))})
+    try:
+        import llama_cpp  # noqa: F401
+
+        engines = list(ENGINES)
+    except ImportError:
+        engines = [e for e in ENGINES if not e.startswith("llama.cpp")]
+    _, prompt_source = code_prompt()
+    say = lambda msg: print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+
+    say("probing the disk under the GGUF (O_DIRECT, random offsets)")
+    curve = probe(gguf, sizes=(262144, 1048576), threads=(4, 8), seconds_per_point=2.0)
+    gbps = curve.gbps[1][1]  # 1 MiB reads, 8 threads: the ring's shape
+
+    say("uncapped runs: the compute time and each engine's overhead")
+    uncapped = {e: run(e, gguf, None, parse_size("50%", of=weight_bytes) if e in ("stream", "flash") else None, args)
+                for e in ["dense", "stream", "flash", *[e for e in engines if e.startswith("llama")]]}
+    compute_s = 1 / uncapped["dense"]["decode_tok_s"]
+    edgewise_overhead = max(uncapped[e]["anon_mb"] - uncapped[e]["held_mb"] for e in ("stream", "flash")) * MB  # the larger
+    overhead = {"stream": edgewise_overhead, "flash": edgewise_overhead, "naive": edgewise_overhead}
+    if "llama.cpp no-repack" in uncapped:
+        overhead["llama.cpp no-repack"] = uncapped["llama.cpp no-repack"]["anon_mb"] * MB  # holds no weights of its own
+        overhead["llama.cpp"] = overhead["llama.cpp no-repack"]  # as shipped: its repacked weights are the rest of its RssAnon
+
+    def budget_in(cap: int) -> int:
+        return max(cap - int(overhead["stream"]) - margin, 1)
+
+    rows: list[dict] = []
+
+    def point(view: str, cap_of, budget_of, busy: bool = False):
+        for engine in engines:
+            cap = cap_of(engine)
+            say(f"{view}: {engine} in {cap >> 20} MiB{' (busy)' if busy else ''}")
+            results = [run(engine, gguf, cap, budget_of(engine), args, busy) for _ in range(args.rounds)]
+            ok = [r for r in results if "decode_tok_s" in r]
+            row = dict(ok[-1] if ok else results[-1], view=view, engine=engine, cap=cap, busy=busy)
+            if ok:
+                row["decode_tok_s"] = statistics.median(r["decode_tok_s"] for r in ok)
+            rows.append(row)
+
+    for cap in caps:
+        point(f"(a) {cap >> 20} MiB", lambda e, cap=cap: cap, lambda e, cap=cap: budget_in(cap) if e in ("stream", "flash") else None)
+    half = weight_bytes // 2
+    point("(b) half", lambda e: int(overhead[e]) + file_bytes // 2 + margin, lambda e: half if e in ("stream", "flash") else None)
+    if not args.quick:
+        point(f"(a) {headline >> 20} MiB", lambda e: headline, lambda e: budget_in(headline) if e in ("stream", "flash") else None, busy=True)
+
+    # -- the report ---------------------------------------------------------------------------------
+    def fmt(v, spec=".2f"):
+        return "" if v is None else format(v, spec)
+
+    lines = [
+        f"# Flash inference under a memory cap: {Path(gguf).name}",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; commit {commit}{' (with uncommitted changes)' if dirty else ''}; "
+        f"total time {(time.perf_counter() - t_start) / 60:.1f} min.",
+        f"Command: `python benchmarks/flash.py {' '.join(sys.argv[1:] if argv is None else argv)}`.",
+        f"The GGUF: {file_bytes / MB:.0f} MB, {weight_bytes / MB:.0f} MB of weights. {args.new_tokens} greedy tokens after {prompt_source}; "
+        f"medians of {args.rounds} run(s), each a fresh process in a fresh memory group, the GGUF evicted from the page cache first.",
+        "",
+        "## The disk (probe of the GGUF, O_DIRECT reads at random offsets)",
+        "",
+        "| read size | " + " | ".join(f"{t} threads GB/s" for t in curve.threads) + " |",
+        "|---|" + "---:|" * len(curve.threads),
+        *[f"| {s >> 10} KiB | " + " | ".join(f"{g:.2f}" for g in row) + " |" for s, row in zip(curve.sizes, curve.gbps)],
+        "",
+        f"The bound uses {gbps:.2f} GB/s (1 MiB, 8 threads: the ring's reads) and the dense compute time, "
+        f"{uncapped['dense']['decode_tok_s']:.2f} tok/s = {compute_s * 1000:.0f} ms per token (edgewise eager, every weight in RAM, no cap).",
+        "",
+        "## Overheads (uncapped runs, RssAnon at the end of generation)",
+        "",
+        "| engine | uncapped tok/s | RssAnon MB | weights it holds MB | overhead MB |",
+        "|---|---:|---:|---:|---:|",
+        *[f"| edgewise {e} at a 50% budget | {uncapped[e]['decode_tok_s']:.2f} | {uncapped[e]['anon_mb']:.0f} | {uncapped[e]['held_mb']:.0f} | "
+          f"{uncapped[e]['anon_mb'] - uncapped[e]['held_mb']:.0f} |" for e in ("stream", "flash")],
+    ]
+    for e in ("llama.cpp", "llama.cpp no-repack"):
+        if e in uncapped:
+            lines.append(f"| {e} | {uncapped[e]['decode_tok_s']:.2f} | {uncapped[e]['anon_mb']:.0f} | {uncapped[e]['anon_mb'] - overhead[e] / MB:.0f} | {overhead[e] / MB:.0f} |")
+    lines += [
+        "",
+        f"View (a): edgewise's weight budget = cap - its overhead (the larger of stream's and flash's) - {margin / MB:.0f} MB margin. View (b): cap = the engine's overhead + half the GGUF "
+        f"({file_bytes / 2 / MB:.0f} MB) + the margin; stream and flash get a weight budget of half the weights ({half / MB:.0f} MB), naive its minimum.",
+        "",
+        "## Decode under the caps",
+        "",
+        "| view | engine | cap MiB | decode tok/s | tokens/pass | MB read/token | ring GB/s | I/O wait ms/pass | weights held MB | RssAnon MB | group peak MB | bound tok/s serial / overlapped | fraction of bound |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        view = r["view"] + (" busy" if r["busy"] else "")
+        if "decode_tok_s" not in r:
+            lines.append(f"| {view} | {r['engine']} | {r['cap'] >> 20} | {r['error']} | | | | | | | {r['peak_mb']:.0f} | | |")
+            continue
+        b = bound(r, gbps, compute_s)
+        if b:
+            r["fraction"] = r["decode_tok_s"] / b[1]
+            r["bytes_per_token"] = r["bytes_per_pass"] / r["tokens_per_pass"]
+        lines.append(
+            f"| {view} | {r['engine']} | {r['cap'] >> 20} | {r['decode_tok_s']:.2f} | {fmt(r.get('tokens_per_pass'))} | "
+            f"{fmt(r['bytes_per_token'] / MB if b else None, '.0f')} | {fmt(r.get('ring_read_gbps'))} | {fmt(r.get('wait_ms_per_pass'), '.0f')} | "
+            f"{fmt(r.get('held_mb'), '.0f')} | {r['anon_mb']:.0f} | {r['peak_mb']:.0f} | {f'{b[0]:.2f} / {b[1]:.2f}' if b else ''} | {fmt(r.get('fraction'))} |"
+        )
+    flash_acc = [r["acceptance"] for r in rows if r["engine"] == "flash" and "acceptance" in r]
+    lines += [
+        "",
+        "tokens/pass: new tokens per forward pass after the prompt's (1 without drafts). MB read/token: the plan's streamed bytes per pass "
+        "over tokens/pass. Bound: a pass's reads at the probed throughput and one token's compute (a check of up to 5 rows computes more: "
+        "the bound is optimistic for flash), times tokens/pass. Fraction of bound: measured tok/s over the overlapped bound.",
+    ]
+    if flash_acc:
+        lines.append(f"flash's prompt-lookup drafts: {', '.join(f'{a:.0%}' for a in flash_acc)} of drafted tokens accepted (per run, in table order).")
+
+    def find(view: str, engine: str, busy: bool = False) -> dict:
+        return next((r for r in rows if r["view"] == view and r["engine"] == engine and r["busy"] == busy), {})
+
+    head_view = f"(a) {headline >> 20} MiB"
+    flash_a = find(head_view, "flash")
+    peers = [r for r in (find(head_view, "llama.cpp"), find(head_view, "llama.cpp no-repack")) if "decode_tok_s" in r]
+    best = max(peers, key=lambda r: r["decode_tok_s"], default=None)
+    tail = []
+    if flash_a.get("decode_tok_s") and best:
+        tail.append(f"ratio flash/llama.cpp decode = {flash_a['decode_tok_s'] / best['decode_tok_s']:.2f}  (at {headline >> 20} MiB, against {best['engine']})")
+    flash_b, naive_b = find("(b) half", "flash"), find("(b) half", "naive")
+    if flash_b.get("decode_tok_s") and naive_b.get("decode_tok_s"):
+        tail.append(f"ratio flash/naive decode = {flash_b['decode_tok_s'] / naive_b['decode_tok_s']:.2f}  (half the weights)")
+    if "fraction" in flash_b:
+        tail.append(f"fraction of bound = {flash_b['fraction']:.2f}  (flash, half the weights)")
+    if "bytes_per_token" in flash_b and "bytes_per_token" in naive_b:
+        tail.append(f"bytes per token flash/naive = {flash_b['bytes_per_token'] / naive_b['bytes_per_token']:.2f}  (half the weights)")
+
+    stem = args.out or ("flash_quick" if args.quick else "flash")
+    if len(caps) > 1:
+        lines += ["", f"Plot: [{stem}.png]({stem}.png)."]
+        plot(rows, caps, gbps, compute_s, RESULTS / f"{stem}.png")
+    text = "\n".join(lines + ["", "```", *tail, "```", ""])
+    write_text_atomic(RESULTS / f"{stem}.md", text)
+    print(text)
+    return 0
+
+
+def plot(rows: list[dict], caps: list[int], gbps: float, compute_s: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edgewise.files import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    quiet_a = [r for r in rows if r["view"].startswith("(a)") and not r["busy"]]
+    for engine in ENGINES:
+        pts = [(r["cap"] / 2**20, r.get("decode_tok_s") or 0.0) for r in quiet_a if r["engine"] == engine]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=engine)
+    bounds = [(r["cap"] / 2**20, bound(r, gbps, compute_s)[1]) for r in quiet_a if r["engine"] == "stream" and "bytes_per_pass" in r]
+    if bounds:
+        ax.plot(*zip(*bounds), "k--", label="stream's bound (reads overlapped with compute)")
+    ax.set_xlabel("memory cap, MiB (page cache counted)")
+    ax.set_ylabel("decode tok/s")
+    ax.set_title("Qwen2.5-Coder-1.5B Q4_K_M under a memory cap (0 = killed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
