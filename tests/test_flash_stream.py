@@ -111,3 +111,22 @@ def test_exiting_while_the_ring_reads_ahead_is_clean():
         list(lm.generate(lm.tokenizer.encode("Hello"), 2, stop_at_eot=False))
     assert lm.ring._thread is None and lm.ring.reader.fd == -1
     lm.close()  # twice is fine
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_with_the_same_result():
+    """Chunks of `prefill_chunk` tokens bound the activations' memory; the cache they fill and the logits they give
+    agree with a one-shot prefill to float rounding (the rows are grouped into kernel tiles differently)."""
+    lm = StreamingLanguageModel.open(budget="60%")
+    ids = lm.tokenizer.encode(PROMPT * 20)[:150]
+    whole, chunked = lm.new_cache(160), lm.new_cache(160)
+    lm.prefill_chunk = 1000
+    want = lm.prefill(ids, whole, last_only=False)
+    lm.prefill_chunk = 64
+    passes_before = lm.ring.stats.reads
+    got = lm.prefill(ids, chunked, last_only=False)
+    assert got.shape == want.shape == (150, lm.cfg.vocab_size)
+    assert lm.ring.stats.reads - passes_before >= 3 * len(lm.ring.order) - lm.ring.depth  # three passes: 64 + 64 + 22 tokens
+    scale = want.abs().max()
+    assert (got - want).abs().max() < 1e-3 * scale and torch.equal(got.argmax(-1), want.argmax(-1))
+    assert torch.allclose(chunked.keys[0][:, :150].float(), whole.keys[0][:, :150].float(), atol=1e-2 * whole.keys[0].float().abs().max())
+    lm.close()
