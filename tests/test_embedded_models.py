@@ -186,7 +186,9 @@ def test_qwen_quantized_greedy_matches_transformers(qwen_quant):
     exactly: slow test below)."""
     assert qwen_quant.cfg.arch == "qwen2" and qwen_quant.cfg.n_layers == 28
     matched = [assert_greedy_follows(qwen_quant, prompt, reference) for prompt, reference in QWEN_REFERENCE.items()]
-    assert matched[0] == len(QWEN_REFERENCE["def fibonacci(n):"])  # no near-tie on this one
+    # one prompt all the way: the fibonacci prompt has a 0.03 near-tie at token 10, which flips with the grouping
+    # of a short prompt's rows (tiled before batch invariance, row by row now); the chat prompt has none
+    assert max(matched) == 24
 
 
 @pytest.fixture(scope="module")
