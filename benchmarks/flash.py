@@ -367,7 +367,7 @@ def plot(rows: list[dict], caps: list[int], gbps: float, compute_s: float, path:
         ax.plot(*zip(*bounds), "k--", label="stream's bound (reads overlapped with compute)")
     ax.set_xlabel("memory cap, MiB (page cache counted)")
     ax.set_ylabel("decode tok/s")
-    ax.set_title("Qwen2.5-Coder-1.5B Q4_K_M under a memory cap (0 = killed)")
+    ax.set_title("Qwen2.5-Coder-1.5B Q4_K_M under a memory cap (0 = killed by the cap, or refused)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     with atomic_path(path) as tmp:
