@@ -25,6 +25,8 @@ examples:
   edgewise generate --model qwen2.5-coder-1.5b --chat "Write a Python function that reverses a list"
   edgewise generate --model gemma-3-270m "The capital of France is"
   edgewise generate --model ~/models/tinyllama.Q4_1.gguf --threads 1 "Hello"
+  edgewise generate --model qwen2.5-coder-1.5b --stream-budget 600MB --speculate 4 "def quicksort(xs):"
+                                                       # 1.1 GB of weights, 0.6 GB in RAM, the rest read from flash
   edgewise flash convert smollm2.flash                 # FFN weights to a flash store, predictors fitted
   edgewise flash probe smollm2.flash                   # measure this disk's direct-read throughput
   edgewise generate --flash smollm2.flash --dram-budget 100% "Once upon a time"
@@ -135,6 +137,12 @@ def _add_flash_args(p: argparse.ArgumentParser) -> None:
         "--reads", choices=("unit", "adjacent", "cost"), default="cost", help="one read per unit, adjacent units merged, or the cost model's plan (default)"
     )
     g.add_argument("--naive", action="store_true", help="the baseline: read every layer's whole FFN from flash every token")
+    s = p.add_argument_group("streaming (a GGUF larger than the RAM it may use, read from flash every pass)")
+    s.add_argument(
+        "--stream-budget", metavar="SIZE", help="keep up to SIZE of the model's weights in RAM (600MB, or a share of them: 50%%), by use "
+        "per byte; stream the rest of the FFN weights from the GGUF with direct reads each pass. Output is the dense model's. "
+        "Pairs well with --speculate 4, which reads them once for several tokens",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -413,6 +421,18 @@ def _lookup(args):
     return PromptLookup(draft=args.speculate)
 
 
+def _open_stream(args):
+    from edgewise.flash.runtime import StreamingLanguageModel
+    from edgewise.sizes import parse_size
+
+    parse_size(args.stream_budget, of=1, what="--stream-budget")  # the form, before the model is read
+    lm = StreamingLanguageModel.open(args.model, budget=args.stream_budget, threads=args.threads, progress=_progress_bar("loading model"))
+    plan = lm.plan
+    print(f"streaming {sum(p.nbytes for p in plan.streamed) / 1e6:.0f} MB of {lm.path.name}'s weights per pass; "
+          f"{plan.dram_bytes / 1e6:.0f} MB in RAM of a {plan.budget_bytes / 1e6:.0f} MB budget", file=sys.stderr)
+    return lm
+
+
 def _open_flash(args):
     from edgewise.flash.runtime import FlashLanguageModel
 
@@ -433,7 +453,14 @@ def cmd_generate(args) -> int:
     if not args.prompt.strip():
         raise EdgewiseError("empty prompt: give some text to continue, e.g. edgewise generate \"Once upon a time\"")
     lookup = _lookup(args)
-    lm = _open_flash(args) if args.flash else _load(args, compile=not args.no_compile)
+    if args.flash and args.stream_budget:
+        raise EdgewiseError("--flash (a converted store) and --stream-budget (a GGUF streamed as it is) are two engines: give one")
+    if args.flash:
+        lm = _open_flash(args)
+    elif args.stream_budget:
+        lm = _open_stream(args)
+    else:
+        lm = _load(args, compile=not args.no_compile)
     text = lm.chat_template.render([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     ids = lm.tokenizer.encode(text)
     lm.check_prompt(ids, args.max_tokens)
@@ -445,6 +472,13 @@ def cmd_generate(args) -> int:
     print(lm.last_stats.line(), file=sys.stderr)
     if args.flash:
         print(lm.flash_stats.line(), file=sys.stderr)
+    if args.stream_budget:
+        from edgewise.flash.engine import default_probe_path
+        from edgewise.flash.io import CostModel, ProbeResult
+
+        probe = default_probe_path()  # this machine's disk, measured by `edgewise flash probe`
+        gbps = float(CostModel.from_probe(ProbeResult.load(probe)).gbps[-1]) if probe.is_file() else None
+        print(lm.stream_stats.line(gbps) + ("" if gbps else " | run `edgewise flash probe` once for the disk's bound"), file=sys.stderr)
     return 0
 
 

@@ -130,3 +130,30 @@ def test_a_long_prompt_is_prefilled_in_chunks_with_the_same_result():
     assert (got - want).abs().max() < 1e-3 * scale and torch.equal(got.argmax(-1), want.argmax(-1))
     assert torch.allclose(chunked.keys[0][:, :150].float(), whole.keys[0][:, :150].float(), atol=1e-2 * whole.keys[0].float().abs().max())
     lm.close()
+
+
+def test_the_cli_streams_a_gguf_under_a_budget(capsys):
+    from edgewise.cli import main
+
+    prompt = "One, two, three, four, one, two,"
+    assert main(["generate", "--no-compile", "--max-tokens", "12", prompt]) == 0
+    dense = capsys.readouterr().out
+    assert main(["generate", "--stream-budget", "60%", "--speculate", "3", "--max-tokens", "12", prompt]) == 0
+    out = capsys.readouterr()
+    assert out.out == dense  # the dense model's text, drafts or not
+    assert "streaming: " in out.err and "MB read per token" in out.err and "I/O wait" in out.err and "speculation:" in out.err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--stream-budget", "lots", "hi"], "--stream-budget 'lots': expected a size like 256KB"),
+        (["generate", "--stream-budget", "50%", "--flash", "store", "hi"], "--flash (a converted store) and --stream-budget"),
+        (["generate", "--stream-budget", "1MB", "hi"], "below this model's resident minimum"),
+    ],
+)
+def test_bad_stream_budgets_are_one_line_errors(capsys, argv, message):
+    from edgewise.cli import main
+
+    assert main(argv) != 0
+    assert message in capsys.readouterr().err

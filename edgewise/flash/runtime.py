@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,6 +71,35 @@ class FlashLanguageModel(LanguageModel):
             self.flash_stats = FlashStats(self.engine.stats.tokens[prompt_tokens:])
 
 
+@dataclass
+class StreamStats:
+    """The decode passes of one generation (the prompt's excluded): what they read and waited for."""
+
+    passes: int
+    tokens: int  # new tokens after the first (the prompt's pass yields that one)
+    decode_s: float
+    bytes_per_pass: float  # the plan's streamed bytes
+    read_bytes: int  # what the ring read meanwhile (read-ahead included)
+    read_s: float
+    wait_s: float  # the compute's time waiting for reads
+
+    def line(self, gbps: float | None = None) -> str:
+        """MB per token, the I/O wait, and with the disk's probed `gbps` the bound: per pass, the larger of the reads at
+        that throughput and the compute measured here (pass time minus wait)."""
+        if not self.passes or not self.tokens:
+            return "streaming: no decode passes"
+        per_pass = self.decode_s / self.passes
+        text = (f"streaming: {self.bytes_per_pass / self.tokens * self.passes / 1e6:.0f} MB read per token "
+                f"({self.bytes_per_pass / 1e6:.0f} MB per pass, {self.tokens / self.passes:.2f} tokens per pass) | "
+                f"I/O wait {self.wait_s / self.passes * 1000:.0f} ms per pass of {per_pass * 1000:.0f}")
+        if self.read_s > 0:
+            text += f" | reads {self.read_bytes / self.read_s / 1e9:.2f} GB/s"
+        if gbps:
+            floor = max(self.bytes_per_pass / (gbps * 1e9), per_pass - self.wait_s / self.passes)
+            text += f" | bound {self.tokens / self.passes / floor:.1f} tok/s at {gbps:.2f} GB/s, {floor / per_pass:.0%} reached"
+        return text
+
+
 def _close_ring(ring) -> None:
     if ring is not None:
         ring.close()
@@ -102,6 +132,25 @@ class StreamingLanguageModel(LanguageModel):
             return super().prefill(ids, cache, start, last_only)
         outs = [LanguageModel.prefill(self, ids[at : at + chunk], cache, start + at, last_only) for at in range(0, len(ids), chunk)]
         return outs[-1] if last_only else torch.cat(outs)
+
+    def generate(self, ids: list[int], max_new_tokens: int, sampler: Sampler | None = None, stop_at_eot: bool = True,
+                 lookup: PromptLookup | None = None) -> Iterator[int]:
+        """As `LanguageModel.generate`; `self.stream_stats` then holds the decode passes' reads."""
+        before = None
+        try:
+            for i, token in enumerate(super().generate(ids, max_new_tokens, sampler, stop_at_eot, lookup)):
+                if i == 0 and self.ring is not None:  # the prompt's passes are done: count the decode passes from here
+                    before = (self.ring.stats.bytes_read, self.ring.stats.read_s, self.ring.stats.wait_s)
+                yield token
+        finally:
+            stats = self.last_stats
+            passes = stats.speculation.passes if stats.speculation else max(stats.new_tokens - 1, 0)
+            ring = self.ring.stats if self.ring is not None and before is not None else None
+            self.stream_stats = StreamStats(
+                passes=passes, tokens=max(stats.new_tokens - 1, 0), decode_s=stats.decode_s, bytes_per_pass=self.plan.bytes_per_token,
+                read_bytes=ring.bytes_read - before[0] if ring else 0, read_s=ring.read_s - before[1] if ring else 0.0,
+                wait_s=ring.wait_s - before[2] if ring else 0.0,
+            )
 
     def close(self) -> None:
         """Stop the prefetch ring (waiting for a read in flight) and close the file; idempotent."""
