@@ -11,7 +11,7 @@ import torch
 from edgewise.errors import EdgewiseError
 from edgewise.flash.runtime import StreamingLanguageModel
 from edgewise.lm.runtime import LanguageModel, Sampler
-from edgewise.lm.speculative import PromptLookup, accept
+from edgewise.lm.speculative import DraftPolicy, PromptLookup, accept
 
 # code and prose that repeat themselves, as prompts do: the lookup has something to find
 PROMPTS = [
@@ -39,6 +39,21 @@ def test_accept_keeps_the_agreeing_prefix_and_the_models_next_token():
     assert accept([1, 2, 3], [1, 2, 3, 4]) == [1, 2, 3, 4]
     assert accept([1, 2, 3], [1, 7, 3, 4]) == [1, 7]
     assert accept([1, 2, 3], [9, 2, 3, 4]) == [9]
+
+
+@pytest.mark.parametrize("check_cost, expect_checks", [(1.1, (85, 100)), (4.0, (5, 20))])
+def test_the_policy_checks_drafts_only_while_they_pay(check_cost, expect_checks):
+    """Synthetic passes: a plain one costs 1 s for 1 token; a check costs `check_cost` s and yields 2 tokens.
+    Read-bound (1.1 s) the checks pay and nearly every pass checks; compute-bound (4 s) only the exploring ones do."""
+    policy = DraftPolicy(explore=8)
+    checks = 0
+    for _ in range(100):
+        if policy.draft():
+            checks += 1
+            policy.record(True, check_cost, 2)
+        else:
+            policy.record(False, 1.0, 1)
+    assert expect_checks[0] <= checks <= expect_checks[1], checks
 
 
 def test_bad_settings_are_refused():

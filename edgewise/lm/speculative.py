@@ -57,6 +57,35 @@ class PromptLookup:
         return []
 
 
+class DraftPolicy:
+    """Whether to check a draft this pass: drafts pay where a pass costs about the same for a few rows as for
+    one (weights read from flash), not where the compute of the extra rows dominates (weights in RAM). The
+    policy measures both: seconds per yielded token of passes with a draft and of plain passes (exponential
+    averages), drafts while that is the cheaper, and every `explore`-th choice takes the other to keep its
+    estimate current (the machine, the cache and the text change as generation goes)."""
+
+    def __init__(self, explore: int = 8, smoothing: float = 0.25):
+        self.explore, self.smoothing = explore, smoothing
+        self.seconds_per_token: dict[bool, float | None] = {True: None, False: None}  # drafted? -> estimate
+        self.choices = 0
+
+    def draft(self) -> bool:
+        """Check the draft this pass? (Asked only when there is a draft.)"""
+        self.choices += 1
+        drafted, plain = self.seconds_per_token[True], self.seconds_per_token[False]
+        if drafted is None:
+            return True
+        if plain is None:
+            return self.choices % self.explore != 0  # a plain pass now and then, to learn its cost
+        better = drafted <= plain
+        return better if self.choices % self.explore else not better
+
+    def record(self, drafted: bool, seconds: float, tokens: int) -> None:
+        value = seconds / tokens
+        old = self.seconds_per_token[drafted]
+        self.seconds_per_token[drafted] = value if old is None else old + self.smoothing * (value - old)
+
+
 @dataclass
 class SpeculationStats:
     """What the drafts bought: passes after the prompt's, tokens drafted and accepted."""
@@ -64,6 +93,7 @@ class SpeculationStats:
     passes: int = 0  # forward passes after the prompt's (one per decoded token without speculation)
     drafted: int = 0
     accepted: int = 0
+    checks: int = 0  # passes that checked a draft (the policy skips drafts where they do not pay)
 
     @property
     def acceptance(self) -> float:
@@ -74,8 +104,8 @@ class SpeculationStats:
         return (new_tokens - 1) / self.passes if self.passes else 0.0
 
     def line(self, new_tokens: int) -> str:
-        return (f"speculation: {self.accepted}/{self.drafted} drafted tokens accepted ({self.acceptance:.0%}), "
-                f"{self.tokens_per_pass(new_tokens):.2f} tokens per pass")
+        return (f"speculation: {self.accepted}/{self.drafted} drafted tokens accepted ({self.acceptance:.0%}) in "
+                f"{self.checks} of {self.passes} passes, {self.tokens_per_pass(new_tokens):.2f} tokens per pass")
 
 
 def accept(draft: list[int], predicted: list[int]) -> list[int]:
