@@ -168,8 +168,6 @@ class StreamingLanguageModel(LanguageModel):
         """`budget`: DRAM for weights and the ring (a size, or a share of the GGUF's weight bytes)."""
         import warnings
 
-        import torch
-
         from edgewise.flash.io import DirectReader
         from edgewise.flash.residency import model_parts, plan_residency
         from edgewise.flash.stream import PrefetchRing, StreamedFFN, layer_reads

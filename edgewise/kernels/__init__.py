@@ -20,7 +20,6 @@ HERE = Path(__file__).parent
 SOURCES = (HERE / "quant_matmul.cpp", HERE / "kquant_matmul.cpp", HERE / "flash_ffn.cpp")
 HEADERS = (HERE / "blocks.h",)  # the block formats every kernel includes
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
-
 # Used when the CPU has all of them: vpdpbusd replaces maddubs + madd in the K-quant dot products,
 # and K-quant decode takes two 32-element blocks per 512-bit step.
 OPTIONAL_CPU_FLAGS = {"avx512_vnni": "-mavx512vnni", "avx512vl": "-mavx512vl", "avx512f": "-mavx512f", "avx512bw": "-mavx512bw", "avx512dq": "-mavx512dq"}

@@ -51,7 +51,7 @@ constexpr int64_t Q4_K_BYTES = 144, Q5_K_BYTES = 176, Q6_K_BYTES = 210;
 // against each weight row, which groups the float sums differently. Speculative decoding checks a
 // draft in such a batch and must reproduce decode's logits (edgewise/lm/speculative.py). The weight
 // row stays in L1 across the batch's rows, so the rows cost compute, not DRAM traffic.
-// kernels/__init__.py's EXACT_ROWS repeats this number; tests/test_kernels.py checks they agree.
+// The one definition: kernels/__init__.py's exact_rows() reads it from here.
 constexpr int64_t EXACT_ROWS = 8;
 
 // ggml's type ids, as GGUF stores them (gguf.GGMLQuantizationType)
