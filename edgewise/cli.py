@@ -27,6 +27,8 @@ examples:
   edgewise generate --model ~/models/tinyllama.Q4_1.gguf --threads 1 "Hello"
   edgewise generate --model qwen2.5-coder-1.5b --stream-budget 600MB --speculate 4 "def quicksort(xs):"
                                                        # 1.1 GB of weights, 0.6 GB in RAM, the rest read from flash
+  edgewise flash convert qwen.flash --model qwen2.5-coder-1.5b --budget 600MB   # save that plan (a table of what stays)
+  edgewise generate --flash qwen.flash --speculate 4 "def quicksort(xs):"
   edgewise flash convert smollm2.flash                 # FFN weights to a flash store, predictors fitted
   edgewise flash probe smollm2.flash                   # measure this disk's direct-read throughput
   edgewise generate --flash smollm2.flash --dram-budget 100% "Once upon a time"
@@ -129,8 +131,11 @@ def _add_model_args(p: argparse.ArgumentParser, compile_default: bool = True) ->
 
 def _add_flash_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("flash inference (FFN weights read from a flash store under a DRAM budget)")
-    g.add_argument("--flash", metavar="STORE", help="run from this store (made by `edgewise flash convert`); --model, if given, must be its source GGUF")
-    g.add_argument("--dram-budget", default="50%", help="DRAM for FFN weights: a size (40MB, 64MiB; 1024-based) or a share of them (50%%; default)")
+    g.add_argument(
+        "--flash", metavar="STORE", help="run from this store (made by `edgewise flash convert`); --model, if given, must be its source GGUF."
+        " A store written with --budget (a streaming plan) fixes its budget; the options below are the bundled store's"
+    )
+    g.add_argument("--dram-budget", default=None, help="DRAM for FFN weights: a size (40MB, 64MiB; 1024-based) or a share of them (default 50%%)")
     g.add_argument("--window", type=non_negative_int, default=4, help="keep the units used by the last K tokens cached (default 4)")
     g.add_argument("--active-fraction", type=unit_fraction, default=None, help="fraction of FFN units each token computes (default: the store's operating point)")
     g.add_argument(
@@ -199,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     flash_sub = flash.add_subparsers(dest="flash_command", metavar="ACTION", required=True)
     conv = flash_sub.add_parser(
         "convert",
-        help="write a flash store: resident weights, the bundled FFN file, predictors and operating point",
-        description="Split a GGUF into a flash store (STORE/manifest.json, metadata.json, resident.safetensors, ffn.bin). "
+        help="write a flash store: a streaming plan (--budget; K-quant models), or the bundled FFN file with predictors (Q4_1)",
+        description="With --budget SIZE: a streaming plan (STORE/manifest.json, plan.md) for any GGUF, run with `generate --flash "
+        "STORE`; the FFN weights that do not fit stream from the GGUF itself each pass (edgewise.flash.plan_store). "
+        "Without: split a Q4_1 GGUF into the first engine's bundled store (STORE/manifest.json, metadata.json, resident.safetensors, ffn.bin). "
         "The FFN file holds, per layer and neuron, gate row + up row + down column in the GGUF's Q4_1, in 4 KiB units "
         "ordered by co-activation. Low-rank predictors are fitted on --calibration-tokens of --corpus, and the operating "
         "point is the smallest fraction of units whose perplexity on the following --eval-tokens stays within --tolerance. "
@@ -209,7 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-tokens or a wider model hold more of one layer's activations at once.",
     )
     conv.add_argument("store", metavar="STORE", help="output directory")
-    conv.add_argument("--model", metavar="PATH.gguf", help="a llama-architecture GGUF with Q4_1 FFN weights (default: the embedded SmolLM2-135M)")
+    conv.add_argument("--model", metavar="NAME|PATH.gguf", help="an embedded model or a GGUF; without --budget its FFN weights must be Q4_1 (default: the embedded SmolLM2-135M)")
+    conv.add_argument(
+        "--budget", metavar="SIZE", help="write a streaming plan instead, for any GGUF (Q4_K models such as qwen2.5-coder-1.5b): keep SIZE of "
+        "the weights in RAM (900MB, or a share: 50%%), attention, norms and output head first, then FFN tensors by use per byte, and stream "
+        "the rest from the GGUF each pass. Prints the plan; the store pins the GGUF by sha256 and reads it in place (no copy)",
+    )
     conv.add_argument("--corpus", default="shakespeare", metavar="shakespeare|austen|FILE", help="calibration text (default shakespeare)")
     conv.add_argument("--calibration-tokens", type=positive_int, default=8192, help="tokens the predictors are fitted on (default 8192)")
     conv.add_argument("--eval-tokens", type=positive_int, default=1024, help="held-out tokens the operating point is chosen on (default 1024)")
@@ -374,15 +386,17 @@ def _add_c_args(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--out", default=out_default, metavar="DIR", help=f"output folder (default {out_default})")
 
 
-def _progress_bar(desc: str):
+def _progress_bar(desc: str, unit: str | None = None):
+    """A tqdm bar fed with (done, total); `unit` "B" counts bytes (MB/s shown)."""
     from tqdm import tqdm
 
     bar = None
+    unit = unit or ("layer" if "load" in desc else "window" if "perplexity" in desc else "step")
 
     def update(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, desc=desc, unit="layer" if "load" in desc else "window" if "perplexity" in desc else "step", leave=False, file=sys.stderr)
+            bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", leave=False, file=sys.stderr)
         bar.update(done - bar.n)
         if done == total:
             bar.close()
@@ -434,11 +448,22 @@ def _open_stream(args):
 
 
 def _open_flash(args):
-    from edgewise.flash.runtime import FlashLanguageModel
+    from edgewise.flash import plan_store
+    from edgewise.flash.runtime import FlashLanguageModel, StreamingLanguageModel
 
+    if plan_store.manifest_format(args.flash) == plan_store.FORMAT:
+        given = [flag for flag, on in (("--dram-budget", args.dram_budget), ("--naive", args.naive), ("--active-fraction", args.active_fraction)) if on]
+        if given:
+            raise EdgewiseError(f"{args.flash} is a streaming plan, made for one budget: {given[0]} applies to the bundled store only; "
+                                f"to change the budget, convert again with `edgewise flash convert {args.flash} --budget SIZE`")
+        lm = StreamingLanguageModel.from_store(args.flash, model=args.model, threads=args.threads, progress=_progress_bar("loading model"),
+                                              check_progress=_progress_bar("checksum of the GGUF", unit="B"))
+        print(f"streaming {sum(p.nbytes for p in lm.plan.streamed) / 1e6:.0f} MB of {lm.path.name}'s weights per pass; "
+              f"{lm.plan.dram_bytes / 1e6:.0f} MB in RAM of a {lm.plan.budget_bytes / 1e6:.0f} MB budget", file=sys.stderr)
+        return lm
     return FlashLanguageModel.open(
         args.flash,
-        dram_budget=args.dram_budget,
+        dram_budget=args.dram_budget or "50%",
         model=args.model,
         mode="naive" if args.naive else "flash",
         window=args.window,
@@ -470,16 +495,34 @@ def cmd_generate(args) -> int:
         print(piece, end="", flush=True)
     print()
     print(lm.last_stats.line(), file=sys.stderr)
-    if args.flash:
-        print(lm.flash_stats.line(), file=sys.stderr)
-    if args.stream_budget:
-        from edgewise.flash.engine import default_probe_path
-        from edgewise.flash.io import CostModel, ProbeResult
+    if _streams(lm):
+        gbps = _probed_gbps(Path(args.flash) if args.flash else None)
+        from edgewise.metrics.memory import rss_anon_bytes
 
-        probe = default_probe_path()  # this machine's disk, measured by `edgewise flash probe`
-        gbps = float(CostModel.from_probe(ProbeResult.load(probe)).gbps[-1]) if probe.is_file() else None
-        print(lm.stream_stats.line(gbps) + ("" if gbps else " | run `edgewise flash probe` once for the disk's bound"), file=sys.stderr)
+        print(lm.stream_stats.line(gbps) + ("" if gbps else " | run `edgewise flash probe` once for the disk's bound")
+              + f" | anonymous memory {rss_anon_bytes() / 1e6:.0f} MB (RSS also counts the GGUF's mapped pages: page cache)", file=sys.stderr)
+    elif args.flash:
+        print(lm.flash_stats.line(), file=sys.stderr)
     return 0
+
+
+def _streams(lm) -> bool:
+    from edgewise.flash.runtime import StreamingLanguageModel
+
+    return isinstance(lm, StreamingLanguageModel)
+
+
+def _probed_gbps(store: Path | None) -> float | None:
+    """The disk's direct-read throughput at the streaming engine's read size (1 MiB, the most threads probed): from
+    STORE/probe.json when `edgewise flash probe STORE` measured it, else this machine's default probe; None without one."""
+    from edgewise.flash.engine import default_probe_path
+    from edgewise.flash.io import CostModel, ProbeResult
+    from edgewise.flash.store import PROBE_FILE
+
+    for probe in ([store / PROBE_FILE] if store else []) + [default_probe_path()]:
+        if probe.is_file():
+            return float(CostModel.from_probe(ProbeResult.load(probe)).gbps[-1])
+    return None
 
 
 def cmd_chat(args) -> int:
@@ -529,11 +572,19 @@ def cmd_eval_ppl(args) -> int:
         progress=_progress_bar("perplexity"),
     )
     print(
-        f"{lm.path.name} [{args.precision}{', flash ' + args.dram_budget if args.flash else ''}] on {args.text}: {result.n_windows} windows x {result.ctx} tokens,"
+        f"{lm.path.name} [{args.precision}{_flash_label(args, lm)}] on {args.text}: {result.n_windows} windows x {result.ctx} tokens,"
         f" {result.n_predicted} predictions, mean NLL {result.nll_sum / result.n_predicted:.4f}"
     )
     print(f"ppl = {result.ppl:.4f}")
     return 0
+
+
+def _flash_label(args, lm) -> str:
+    if not args.flash:
+        return ""
+    if _streams(lm):
+        return f", streamed under a {lm.plan.budget_bytes / 1e6:.0f} MB plan"
+    return f", flash {args.dram_budget or '50%'}"
 
 
 def cmd_flash(args) -> int:
@@ -554,6 +605,8 @@ def cmd_flash(args) -> int:
             print(f"{size >> 10:>6} KiB " + "  ".join(f"{g:7.2f}" for g in row))
         print(f"saved {out}")
         return 0
+    if args.budget is not None:
+        return _convert_plan(args)
     from edgewise.flash.convert import ConvertOptions, convert
 
     opts = ConvertOptions(args.corpus, args.calibration_tokens, args.eval_tokens, rank=args.rank, tolerance=args.tolerance, log=lambda msg: print(msg, file=sys.stderr))
@@ -561,6 +614,20 @@ def cmd_flash(args) -> int:
     manifest = json.loads((store / "manifest.json").read_text())
     print(f"wrote {store}: ffn.bin {(store / 'ffn.bin').stat().st_size / 1e6:.1f} MB, resident {(store / 'resident.safetensors').stat().st_size / 1e6:.1f} MB")
     print(f"operating point: {manifest['predictor']['active_fraction']:.0%} of FFN units per token")
+    return 0
+
+
+def _convert_plan(args) -> int:
+    from edgewise.flash.plan_store import PlanStore
+
+    saved = PlanStore.write(args.store, args.model, args.budget, progress=_progress_bar("checksum of the GGUF", unit="B"))
+    plan = saved.plan
+    print(plan.table())
+    ring = "two layers: reads overlap compute" if plan.ring_depth > 1 else "one layer: the budget cannot hold two, so reads and compute take turns"
+    print(f"prefetch ring: {ring}")
+    print(f"wrote {saved.path}: {plan.dram_bytes / 1e6:.0f} MB in RAM of {plan.budget_bytes / 1e6:.0f} MB, "
+          f"{plan.bytes_per_token / 1e6:.0f} MB streamed from {saved.model_path.name} per pass")
+    print(f"next: edgewise generate --flash {args.store} --speculate 4 \"...\"  (and `edgewise flash probe {args.store}` for the disk's bound)")
     return 0
 
 

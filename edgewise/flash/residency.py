@@ -7,7 +7,9 @@ it, so its value per resident byte is `use`. The plan:
 1. **Required parts first**: what every token needs and a stream could not serve better (attention,
    norms, the output head). A budget below their sum is refused, naming the minimum.
 2. **The reading buffers**: the streamed parts' prefetch ring (`ring_depth` x the largest streamed
-   layer) is DRAM too, and counted inside the budget.
+   layer) is DRAM too, and counted inside the budget. Two buffers let the next layer's reads run while
+   a layer computes; a budget that cannot hold two gets one (reads and compute then take turns: slower,
+   but it runs), and only a budget below the one-buffer minimum is refused.
 3. **Then by value per byte**, highest first, each part that still fits (greedy; parts are a layer's
    tensor or a slice of one, small against the budget, so greedy is within one part of optimal).
    Dense FFN weights have use 1; measured activation sparsity gives slices of lower use.
@@ -69,6 +71,7 @@ class ResidencyPlan:
     resident: list[Part]
     streamed: list[Part]
     ring_bytes: int
+    ring_depth: int = 2  # buffers in the prefetch ring (1: no overlap of reads and compute; 0: nothing streams)
 
     @property
     def resident_bytes(self) -> int:
@@ -115,27 +118,52 @@ def _ring_bytes(streamed: list[Part], depth: int) -> int:
 
 
 def plan_residency(parts: list[Part], budget_bytes: int, ring_depth: int = 2) -> ResidencyPlan:
-    """Required parts, then the ring, then the rest by value per byte while it fits (see the module docstring)."""
+    """Required parts, then the ring, then the rest by value per byte while it fits (see the module docstring).
+    A budget too small for a ring of `ring_depth` buffers gets the deepest ring that fits, down to one."""
     if ring_depth < 1:
         raise EdgewiseError(f"ring_depth must be at least 1 (a buffer to read into), got {ring_depth}")
+    if sum(p.nbytes for p in parts) <= budget_bytes:  # every weight fits: nothing streams, no ring
+        return ResidencyPlan(budget_bytes, list(parts), [], 0, 0)
     required = [p for p in parts if p.required]
     optional = sorted((p for p in parts if not p.required), key=lambda p: (-p.use, -p.nbytes, p.name))
     streamed = [p for p in optional if p.bytes_per_token > 0]
-    minimum = sum(p.nbytes for p in required) + _ring_bytes(streamed, ring_depth)
+    fixed = sum(p.nbytes for p in required)
+    depth = ring_depth
+    while depth > 1 and budget_bytes < fixed + _ring_bytes(streamed, depth):
+        depth -= 1
+    minimum = fixed + _ring_bytes(streamed, depth)
     if budget_bytes < minimum:
         raise EdgewiseError(
             f"a DRAM budget of {budget_bytes / 1e6:.1f} MB is below this model's resident minimum of {minimum / 1e6:.1f} MB"
-            f" (attention, norms and output head {sum(p.nbytes for p in required) / 1e6:.1f} MB, plus the prefetch ring); give at least that"
+            f" (attention, norms and output head {fixed / 1e6:.1f} MB, plus a one-layer reading buffer); give at least that"
         )
     resident = list(required)
-    used = sum(p.nbytes for p in required)
+    used = fixed
     for p in optional:
         if p.use <= 0:
             continue  # never read: neither resident nor streamed
         # a part made resident may shrink the ring (its layer streams less); the ring of what would remain is charged
         rest = [q for q in streamed if q is not p]
-        if used + p.nbytes + _ring_bytes(rest, ring_depth) <= budget_bytes:
+        if used + p.nbytes + _ring_bytes(rest, depth) <= budget_bytes:
             resident.append(p)
             used += p.nbytes
             streamed = rest
-    return ResidencyPlan(budget_bytes, resident, streamed, _ring_bytes(streamed, ring_depth))
+    return ResidencyPlan(budget_bytes, resident, streamed, _ring_bytes(streamed, depth), depth)
+
+
+def plan_from_names(parts: list[Part], budget_bytes: int, resident_names: list[str], ring_depth: int, where: str) -> ResidencyPlan:
+    """A saved plan (the names of its resident parts) rebuilt over `parts`; `where` names the plan's file in errors."""
+    by_name = {p.name: p for p in parts}
+    missing = [n for n in resident_names if n not in by_name]
+    if missing:
+        raise EdgewiseError(f"{where}: the plan keeps tensor '{missing[0]}' resident, which this GGUF lacks (a plan for another model?); convert again")
+    names = set(resident_names)
+    unplaced = [p.name for p in parts if p.required and p.name not in names]
+    if unplaced:
+        raise EdgewiseError(f"{where}: the plan streams '{unplaced[0]}', which every token needs in RAM; convert again")
+    resident = [by_name[n] for n in resident_names]
+    streamed = [p for p in parts if p.name not in names and p.bytes_per_token > 0]
+    plan = ResidencyPlan(budget_bytes, resident, streamed, _ring_bytes(streamed, ring_depth), ring_depth)
+    if plan.dram_bytes > budget_bytes:
+        raise EdgewiseError(f"{where}: the plan holds {plan.dram_bytes / 1e6:.1f} MB, more than its budget of {budget_bytes / 1e6:.1f} MB; convert again")
+    return plan

@@ -164,30 +164,51 @@ class StreamingLanguageModel(LanguageModel):
 
     @classmethod
     def open(cls, model: str | os.PathLike | None = None, budget: str | int = "50%", ring_depth: int = 2, threads: int | None = None,
-             read_threads: int = 8, record: bool = False, progress: Callable[[int, int], None] | None = None) -> "StreamingLanguageModel":
-        """`budget`: DRAM for weights and the ring (a size, or a share of the GGUF's weight bytes)."""
+             read_threads: int = 8, record: bool = False, progress: Callable[[int, int], None] | None = None,
+             max_read: int | None = None) -> "StreamingLanguageModel":
+        """`budget`: DRAM for weights and the ring (a size, or a share of the GGUF's weight bytes); the plan is made
+        now. `ring_depth`: at most this many reading buffers (fewer where the budget cannot hold them). `max_read`:
+        bytes per direct read (default `stream.MAX_READ`, 1 MiB)."""
+        from edgewise.flash.residency import model_parts, plan_residency
+        from edgewise.gguf_io import read_gguf
+        from edgewise.models import resolve_model
+        from edgewise.sizes import parse_size
+
+        path = resolve_model(model)
+        gguf = read_gguf(path)
+        parts = model_parts(gguf)
+        plan = plan_residency(parts, parse_size(budget, of=sum(p.nbytes for p in parts), what="--budget"), ring_depth)
+        return cls.from_plan(path, gguf, plan, threads, read_threads, record, progress, max_read)
+
+    @classmethod
+    def from_store(cls, store: str | os.PathLike, model: str | os.PathLike | None = None, verify: bool = True, threads: int | None = None,
+                   read_threads: int = 8, progress: Callable[[int, int], None] | None = None,
+                   check_progress: Callable[[int, int], None] | None = None) -> "StreamingLanguageModel":
+        """The plan saved by `edgewise flash convert STORE --budget SIZE` (`edgewise.flash.plan_store`), over its GGUF
+        (with `verify`, its sha256 checked first: `check_progress` follows those bytes)."""
+        from edgewise.flash.plan_store import PlanStore
+
+        saved = PlanStore.open(store, model=model, verify=verify, progress=check_progress)
+        return cls.from_plan(saved.model_path, saved.gguf, saved.plan, threads, read_threads, progress=progress)
+
+    @classmethod
+    def from_plan(cls, path: Path, gguf, plan, threads: int | None = None, read_threads: int = 8, record: bool = False,
+                  progress: Callable[[int, int], None] | None = None, max_read: int | None = None) -> "StreamingLanguageModel":
+        """The model over `gguf` (read from `path`) with `plan`'s parts resident and the rest streamed."""
         import warnings
 
         from edgewise.flash.io import DirectReader
-        from edgewise.flash.residency import model_parts, plan_residency
-        from edgewise.flash.stream import PrefetchRing, StreamedFFN, layer_reads
-        from edgewise.gguf_io import read_gguf
+        from edgewise.flash.stream import MAX_READ, PrefetchRing, StreamedFFN, layer_reads
         from edgewise.lm.config import ModelConfig
         from edgewise.lm.model import layer_act_bits
         from edgewise.lm.threads import ThreadGovernor
         from edgewise.lm.weights import KQUANT_TYPES, KQuantLinear
-        from edgewise.models import resolve_model
-        from edgewise.sizes import parse_size
 
         governor = ThreadGovernor(requested=threads)
         _check_omp_wait_policy()
-        path = resolve_model(model)
-        gguf = read_gguf(path)
         cfg = ModelConfig.from_gguf(gguf)
-        parts = model_parts(gguf)
-        plan = plan_residency(parts, parse_size(budget, of=sum(p.nbytes for p in parts), what="--budget"), ring_depth)
-        reads = layer_reads(gguf, plan)
-        ring = PrefetchRing(DirectReader(path, threads=read_threads), reads, ring_depth, record=record) if reads else None
+        reads = layer_reads(gguf, plan, max_read or MAX_READ)
+        ring = PrefetchRing(DirectReader(path, threads=read_threads), reads, plan.ring_depth, record=record) if reads else None
         bits = layer_act_bits(cfg)
         embedding = None
         table = gguf.tensor("token_embd.weight")

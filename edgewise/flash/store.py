@@ -155,7 +155,8 @@ def check_ffn_tensors(gguf: GGUFFile, n_layers: int) -> None:
             t = gguf.tensor(f"blk.{i}.{name}.weight")
             if t.qtype != QT.Q4_1:
                 raise EdgewiseError(
-                    f"{gguf.path}: tensor blk.{i}.{name}.weight is {t.qtype.name}; the flash store keeps FFN weights in their GGUF form and supports Q4_1 only"
+                    f"{gguf.path}: tensor blk.{i}.{name}.weight is {t.qtype.name}; the bundled flash store keeps FFN weights in their GGUF form and supports Q4_1 only; "
+                    f"for other types write a streaming plan: `edgewise flash convert STORE --model {gguf.path} --budget 50%`"
                 )
 
 

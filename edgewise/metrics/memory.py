@@ -10,9 +10,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def current_rss_mb() -> float:
+def _status_kib(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
     return float("nan")
+
+
+def current_rss_mb() -> float:
+    return _status_kib("VmRSS") / 1024
+
+
+def rss_anon_bytes() -> float:
+    """Anonymous resident memory now (RssAnon): what the process holds that cannot be dropped under memory pressure.
+    RSS also counts the pages of mapped files (a GGUF's), which the kernel reclaims as page cache."""
+    return _status_kib("RssAnon") * 1024
