@@ -18,13 +18,13 @@ test-slow:
 	@scripts/setup.sh --test
 	.venv/bin/python -m pytest -q -m slow
 
-# More fuzzing than `make test`'s sample: N damaged GGUFs and flash stores, N/3 npz datasets, image folders and schemes, a new seed each time
+# More fuzzing than `make test`'s sample: N damaged GGUFs, flash stores and plan stores, N/3 npz datasets, image folders and schemes, a new seed each time
 # unless SEED is given; every case and its outcome in fuzz-report.json.
 N ?= 3000
 SEED ?= $(shell date +%s)
 fuzz:
 	@scripts/setup.sh --test
-	.venv/bin/python -m tests.fuzz --gguf $(N) --flash $(N) --npz $$(( $(N) / 3 )) --images $$(( $(N) / 3 )) --scheme $$(( $(N) / 3 )) --seed $(SEED) --json fuzz-report.json
+	.venv/bin/python -m tests.fuzz --gguf $(N) --flash $(N) --plan $(N) --npz $$(( $(N) / 3 )) --images $$(( $(N) / 3 )) --scheme $$(( $(N) / 3 )) --seed $(SEED) --json fuzz-report.json
 
 bench:
 	@scripts/setup.sh --bench

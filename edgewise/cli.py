@@ -565,7 +565,7 @@ def cmd_eval_ppl(args) -> int:
     cache = lm.new_cache(args.ctx)
     lm.governor.start()
     result = perplexity(
-        lambda window: lm.prefill(window, cache, last_only=False),
+        lambda window: lm.prefill_chunks(window, cache),
         ids,
         args.ctx,
         args.max_tokens,

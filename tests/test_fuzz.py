@@ -44,11 +44,11 @@ def test_harness_sees_every_kind_of_fault():
 
 
 def test_default_sample_has_no_faults():
-    """300 damaged GGUFs and 100 damaged flash stores (through `generate`), 100 npz datasets and 100
+    """300 damaged GGUFs, 100 damaged flash stores and 100 damaged plan stores (through `generate`), 100 npz datasets and 100
     image folders (`tiny train`), 100 schemes (`tiny plan`), seed 0: every one a clean error or a
     success. `make fuzz N=...` runs more."""
     out = subprocess.run([sys.executable, "-m", "tests.fuzz", "--seed", "0"], capture_output=True, text=True, cwd=ROOT, timeout=900)
     print(out.stdout)
     assert out.returncode == 0 and "faults: 0" in out.stdout, out.stdout[-4000:] + out.stderr[-2000:]
-    for row in ("| gguf | 300 |", "| flash store | 100 |", "| npz | 100 |", "| image folder | 100 |", "| scheme | 100 |"):
+    for row in ("| gguf | 300 |", "| flash store | 100 |", "| plan store | 100 |", "| npz | 100 |", "| image folder | 100 |", "| scheme | 100 |"):
         assert row in out.stdout

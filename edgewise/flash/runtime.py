@@ -130,8 +130,17 @@ class StreamingLanguageModel(LanguageModel):
         chunk = self.prefill_chunk
         if len(ids) <= chunk:
             return super().prefill(ids, cache, start, last_only)
-        outs = [LanguageModel.prefill(self, ids[at : at + chunk], cache, start + at, last_only) for at in range(0, len(ids), chunk)]
-        return outs[-1] if last_only else torch.cat(outs)
+        if not last_only:
+            return torch.cat(list(self.prefill_chunks(ids, cache, start)))
+        for at in range(0, len(ids), chunk):
+            out = LanguageModel.prefill(self, ids[at : at + chunk], cache, start + at, last_only=True)
+        return out
+
+    def prefill_chunks(self, ids: list[int], cache, start: int = 0) -> Iterator[torch.Tensor]:
+        """Each chunk's logits as it is computed: a 512-token window's [512, vocab] logits are 311 MB for a 152k
+        vocabulary, more than a memory cap leaves; a chunk's are 39 MB."""
+        for at in range(0, len(ids), self.prefill_chunk):
+            yield LanguageModel.prefill(self, ids[at : at + self.prefill_chunk], cache, start + at, last_only=False)
 
     def generate(self, ids: list[int], max_new_tokens: int, sampler: Sampler | None = None, stop_at_eot: bool = True,
                  lookup: PromptLookup | None = None) -> Iterator[int]:

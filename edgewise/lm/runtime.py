@@ -173,6 +173,11 @@ class LanguageModel:
         positions = torch.arange(start, start + n)
         return self.model(tokens, positions, causal_mask(start, n), cache.keys, cache.values, last_only=last_only)
 
+    def prefill_chunks(self, ids: list[int], cache: KVCache, start: int = 0) -> Iterator[torch.Tensor]:
+        """Every position's logits, as consecutive [rows, vocab] pieces (here one; a model that prefills in chunks yields
+        each chunk's): a scorer can take each piece's loss and drop it, where the whole [T, vocab] would not fit."""
+        yield self.prefill(ids, cache, start, last_only=False)
+
     @torch.no_grad()
     def decode(self, token: int, position: int, cache: KVCache) -> torch.Tensor:
         """One token at `position`; fp32 logits [vocab]. Uses the compiled step when there is one."""

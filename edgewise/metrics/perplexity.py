@@ -32,7 +32,9 @@ def perplexity(
 
     Each window starts from an empty cache; within it, token t is predicted from tokens < t,
     so a window of ctx tokens scores ctx - 1 predictions. A trailing partial window is dropped.
-    `logits_of(window)` returns fp32 logits [len(window), vocab].
+    `logits_of(window)` returns fp32 logits [len(window), vocab], or an iterable of consecutive pieces of them
+    (`LanguageModel.prefill_chunks`), each scored and dropped before the next: a large vocabulary's logits for a
+    whole window need not be in memory at once.
     """
     if ctx < 2:
         raise EdgewiseError(f"--ctx must be at least 2 (got {ctx})")
@@ -43,9 +45,14 @@ def perplexity(
     nll, count = 0.0, 0
     for w in range(n_windows):
         window = ids[w * ctx : (w + 1) * ctx]
-        logits = logits_of(window)
-        targets = torch.tensor(window[1:])
-        nll += float(F.cross_entropy(logits[:-1].float(), targets, reduction="sum"))
+        out = logits_of(window)
+        at = 0  # position of the piece's first row in the window
+        for logits in [out] if isinstance(out, torch.Tensor) else out:
+            targets = window[at + 1 : at + 1 + logits.shape[0]]  # the window's last row predicts nothing
+            nll += float(F.cross_entropy(logits[: len(targets)].float(), torch.tensor(targets), reduction="sum"))
+            at += logits.shape[0]
+        if at != len(window):
+            raise EdgewiseError(f"the model scored {at} positions of a {len(window)}-token window")
         count += len(window) - 1
         if progress is not None:
             progress(w + 1, n_windows)

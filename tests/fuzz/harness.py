@@ -188,6 +188,10 @@ def make_cases(work: Path, seeds: dict[str, Path], counts: dict[str, int], seed:
         what = mutators.mutate_flash_store(seeds["flash"], store, rng)
         cases.append(Case("flash store", what, ["generate", "--flash", str(store), "--model", str(seeds["gguf"]), "--dram-budget", "100%",
                                                 "--threads", "1", "--max-tokens", "2", "hi"]))
+    for i in range(counts.get("plan", 0)):
+        store = work / f"plan-{i}"
+        what = mutators.mutate_plan_store(seeds["plan"], seeds["gguf"], store, rng)
+        cases.append(Case("plan store", what, ["generate", "--flash", str(store), "--threads", "1", "--max-tokens", "2", "hi"]))
     for i in range(counts.get("scheme", 0)):
         data, what = mutators.mutate_scheme(scheme(), rng)
         path = work / f"scheme-{i}.json"
@@ -204,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scheme", type=int, default=100)
     p.add_argument("--images", type=int, default=100, help="damaged image folders (through `tiny train`)")
     p.add_argument("--flash", type=int, default=100, help="damaged flash stores (through `generate --flash`)")
+    p.add_argument("--plan", type=int, default=100, help="damaged streaming plan stores and their GGUFs (through `generate --flash`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--json", type=Path, help="write every case and its outcome here")
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         from edgewise.kernels import quant_matmul_ops
 
         quant_matmul_ops()  # loads the library the seeds' child built (no threads start): no child builds or locks it
-        counts = {"gguf": args.gguf, "npz": args.npz, "scheme": args.scheme, "images": args.images, "flash": args.flash}
+        counts = {"gguf": args.gguf, "npz": args.npz, "scheme": args.scheme, "images": args.images, "flash": args.flash, "plan": args.plan}
         cases = make_cases(work, seeds, counts, args.seed)
         report = run_cases(cases, jobs=args.jobs)
     print(report.table())

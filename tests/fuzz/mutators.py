@@ -277,20 +277,47 @@ def mutate_flash_store(seed: Path, out: Path, rng: random.Random) -> str:
         return f"{name} missing"
     path = out / target
     if target.endswith(".json") and rng.random() < 0.7:
-        doc = json.loads(path.read_text())
-        trail, node = [], doc
-        while isinstance(node, (dict, list)) and node and rng.random() < 0.8:  # walk down to a random field
-            key = rng.choice(list(node)) if isinstance(node, dict) else rng.randrange(len(node))
-            trail.append(key)
-            parent, node = node, node[key]
-        if not trail:
-            doc = _mutate_json_value(doc, rng)
-        elif rng.random() < 0.2:
-            del parent[trail[-1]]
-        else:
-            parent[trail[-1]] = _mutate_json_value(node, rng) if rng.random() < 0.6 else _nudge(node, rng)
-        path.write_text(json.dumps(doc, allow_nan=True))
-        return f"{target}: {'.'.join(map(str, trail)) or 'document'} changed"
+        return f"{target}: {_mutate_json_file(path, rng)}"
+    return f"{target}: {_mutate_bytes(path, rng)}"
+
+
+def mutate_plan_store(seed: Path, gguf: Path, out: Path, rng: random.Random) -> str:
+    """A copy of a streaming plan store over its own copy of the GGUF, with the manifest or that GGUF damaged."""
+    shutil.copytree(seed, out)
+    model = out / "model.gguf"
+    shutil.copy(gguf, model)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["model"].update(name=str(model), file=str(model))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    target = rng.choice(["manifest.json", "manifest.json", "manifest.json", "model.gguf", "missing"])
+    if target == "missing":
+        name = rng.choice(["manifest.json", "model.gguf"])
+        (out / name).unlink()
+        return f"{name} missing"
+    if target == "manifest.json" and rng.random() < 0.8:
+        return f"{target}: {_mutate_json_file(out / target, rng)}"
+    return f"{target}: {_mutate_bytes(out / target, rng)}"
+
+
+def _mutate_json_file(path: Path, rng: random.Random) -> str:
+    """One field of a JSON file changed, deleted or replaced (or the whole document); says which."""
+    doc = json.loads(path.read_text())
+    trail, node = [], doc
+    while isinstance(node, (dict, list)) and node and rng.random() < 0.8:  # walk down to a random field
+        key = rng.choice(list(node)) if isinstance(node, dict) else rng.randrange(len(node))
+        trail.append(key)
+        parent, node = node, node[key]
+    if not trail:
+        doc = _mutate_json_value(doc, rng)
+    elif rng.random() < 0.2:
+        del parent[trail[-1]]
+    else:
+        parent[trail[-1]] = _mutate_json_value(node, rng) if rng.random() < 0.6 else _nudge(node, rng)
+    path.write_text(json.dumps(doc, allow_nan=True))
+    return f"{'.'.join(map(str, trail)) or 'document'} changed"
+
+
+def _mutate_bytes(path: Path, rng: random.Random) -> str:
     data = bytearray(path.read_bytes())
     how = rng.choice(["bitflip", "truncate", "extend", "header"])
     if how == "bitflip":
@@ -300,10 +327,10 @@ def mutate_flash_store(seed: Path, out: Path, rng: random.Random) -> str:
         data = data[: rng.randrange(len(data))]
     elif how == "extend":
         data += bytes(rng.randrange(256) for _ in range(rng.choice([1, 4096, 65536])))
-    else:  # the first 8 bytes: safetensors' header length, the start of JSON elsewhere
+    else:  # the first 8 bytes: safetensors' header length, GGUF's magic and version, the start of JSON elsewhere
         data[:8] = _hurtful(int.from_bytes(data[:8], "little"), 8, rng).to_bytes(8, "little")
     path.write_bytes(bytes(data))
-    return f"{target}: {how}"
+    return how
 
 
 def _nudge(value, rng: random.Random):

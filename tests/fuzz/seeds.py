@@ -78,6 +78,7 @@ def write_seeds(folder: Path, source_gguf: Path) -> dict[str, Path]:
     seeds = {"gguf": write_gguf(folder / "tiny.gguf", source_gguf), "npz": write_npz(folder / "data.npz"), "scheme": folder / "scheme.json"}
     seeds["images"] = write_image_folder(folder / "images")
     seeds["flash"] = write_flash_store(folder / "store", seeds["gguf"])
+    seeds["plan"] = write_plan_store(folder / "plan", seeds["gguf"])
     return seeds
 
 
@@ -101,6 +102,18 @@ def write_flash_store(store: Path, gguf: Path) -> Path:
 
     if main(["flash", "convert", str(store), "--model", str(gguf), "--calibration-tokens", "256", "--eval-tokens", "128", "--rank", "4"]) != 0:
         raise RuntimeError("flash convert of the fuzzing seed failed")
+    return store
+
+
+def write_plan_store(store: Path, gguf: Path) -> Path:
+    """`edgewise flash convert --budget` of the tiny GGUF: a budget halfway between its minimum and all its weights."""
+    from edgewise.flash.plan_store import PlanStore
+    from edgewise.flash.residency import _ring_bytes, model_parts
+    from edgewise.gguf_io import read_gguf
+
+    parts = model_parts(read_gguf(gguf))
+    minimum = sum(p.nbytes for p in parts if p.required) + _ring_bytes([p for p in parts if p.layer >= 0], 2)
+    PlanStore.write(store, gguf, (minimum + sum(p.nbytes for p in parts)) // 2)
     return store
 
 
