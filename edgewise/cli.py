@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "--budget", metavar="SIZE", help="write a streaming plan instead, for any GGUF (Q4_K models such as qwen2.5-coder-1.5b): keep SIZE of "
         "the weights in RAM (900MB, or a share: 50%%), attention, norms and output head first, then FFN tensors by use per byte, and stream "
-        "the rest from the GGUF each pass. Prints the plan; the store pins the GGUF by sha256 and reads it in place (no copy)",
+        "the rest from the GGUF each pass. SIZE counts weights and reading buffers; the process adds about 0.25 GB (torch, activations, "
+        "KV cache: benchmarks/results/flash.md). Prints the plan; the store pins the GGUF by sha256 and reads it in place (no copy)",
     )
     conv.add_argument("--corpus", default="shakespeare", metavar="shakespeare|austen|FILE", help="calibration text (default shakespeare)")
     conv.add_argument("--calibration-tokens", type=positive_int, default=8192, help="tokens the predictors are fitted on (default 8192)")

@@ -50,7 +50,8 @@ def test_eval_ppl_through_the_plan_equals_the_dense_model(store, capsys):
     assert main([*argv, "--flash", str(store)]) == 0
     out = capsys.readouterr().out
     assert "streamed under a" in out
-    assert float(out.split("ppl = ")[1]) == pytest.approx(dense, rel=1e-4)  # chunks of 64 rows: the same sums up to rounding
+    # scored in chunks of 32 rows: the kernels group rows into tiles differently, which moves logits (runtime.SCORE_BYTES)
+    assert float(out.split("ppl = ")[1]) == pytest.approx(dense, rel=5e-3)
 
 
 def test_a_budget_too_small_for_two_buffers_gets_one_and_the_same_tokens():
@@ -113,6 +114,8 @@ def test_a_store_over_another_model_is_refused(store, tmp_path):
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(EdgewiseError, match="this plan is for smollm2"):
         PlanStore.open(store, model=other)
+    with pytest.raises(EdgewiseError, match="no such model file"):
+        PlanStore.open(store, model=tmp_path / "absent.gguf")
 
 
 @pytest.mark.parametrize(

@@ -146,6 +146,8 @@ class PlanStore:
         path = _model_path(recorded["name"], recorded["file"])
         if model is not None:
             given = resolve_model(model).resolve()
+            if not given.is_file():
+                raise EdgewiseError(f"{model}: no such model file (--model, checked against the plan in {store})")
             if given != path.resolve():
                 if given.stat().st_size != recorded["bytes"] or hash_file(given) != recorded["sha256"]:
                     raise EdgewiseError(f"{store}: this plan is for {recorded['name']} (sha256 {recorded['sha256'][:12]}…), not for {model}; "

@@ -122,8 +122,9 @@ def plan_residency(parts: list[Part], budget_bytes: int, ring_depth: int = 2) ->
     A budget too small for a ring of `ring_depth` buffers gets the deepest ring that fits, down to one."""
     if ring_depth < 1:
         raise EdgewiseError(f"ring_depth must be at least 1 (a buffer to read into), got {ring_depth}")
-    if sum(p.nbytes for p in parts) <= budget_bytes:  # every weight fits: nothing streams, no ring
-        return ResidencyPlan(budget_bytes, list(parts), [], 0, 0)
+    needed = [p for p in parts if p.required or p.use > 0]  # a part of use 0 is never read: neither resident nor streamed
+    if sum(p.nbytes for p in needed) <= budget_bytes:  # every weight fits: nothing streams, no ring
+        return ResidencyPlan(budget_bytes, needed, [], 0, 0)
     required = [p for p in parts if p.required]
     optional = sorted((p for p in parts if not p.required), key=lambda p: (-p.use, -p.nbytes, p.name))
     streamed = [p for p in optional if p.bytes_per_token > 0]

@@ -71,6 +71,13 @@ class FlashLanguageModel(LanguageModel):
             self.flash_stats = FlashStats(self.engine.stats.tokens[prompt_tokens:])
 
 
+# logits per scoring chunk (prefill_chunks), in rows rounded down to a multiple of 16 (at least 16): 16 rows of a 152k
+# vocabulary (9.7 MB), 32 of a 49k one. The kernels' float sums depend on how rows are grouped into tiles (only up to
+# blocks.h EXACT_ROWS rows is a row computed as decode computes it), so chunked logits can differ from a one-shot
+# prefill's by more than rounding: 0.4-0.9 of logits spanning 35 on SmolLM2 for some chunk sizes (0 for others).
+SCORE_BYTES = 8 << 20
+
+
 @dataclass
 class StreamStats:
     """The decode passes of one generation (the prompt's excluded): what they read and waited for."""
@@ -130,17 +137,17 @@ class StreamingLanguageModel(LanguageModel):
         chunk = self.prefill_chunk
         if len(ids) <= chunk:
             return super().prefill(ids, cache, start, last_only)
-        if not last_only:
-            return torch.cat(list(self.prefill_chunks(ids, cache, start)))
-        for at in range(0, len(ids), chunk):
-            out = LanguageModel.prefill(self, ids[at : at + chunk], cache, start + at, last_only=True)
-        return out
+        outs = [LanguageModel.prefill(self, ids[at : at + chunk], cache, start + at, last_only) for at in range(0, len(ids), chunk)]
+        return outs[-1] if last_only else torch.cat(outs)
 
     def prefill_chunks(self, ids: list[int], cache, start: int = 0) -> Iterator[torch.Tensor]:
-        """Each chunk's logits as it is computed: a 512-token window's [512, vocab] logits are 311 MB for a 152k
-        vocabulary, more than a memory cap leaves; a chunk's are 39 MB."""
-        for at in range(0, len(ids), self.prefill_chunk):
-            yield LanguageModel.prefill(self, ids[at : at + self.prefill_chunk], cache, start + at, last_only=False)
+        """Each chunk's logits as it is computed, in chunks of at most SCORE_BYTES of logits: a 512-token window's
+        [512, vocab] logits are 311 MB for a 152k vocabulary, and scoring holds two or three copies; under a memory
+        cap sized for decoding (benchmarks/flash.py view b) even 64 rows' (39 MB each) were killed. Each chunk is a
+        pass over the streamed weights."""
+        rows = max(16, min(self.prefill_chunk, SCORE_BYTES // (4 * self.cfg.vocab_size)) // 16 * 16)
+        for at in range(0, len(ids), rows):
+            yield LanguageModel.prefill(self, ids[at : at + rows], cache, start + at, last_only=False)
 
     def generate(self, ids: list[int], max_new_tokens: int, sampler: Sampler | None = None, stop_at_eot: bool = True,
                  lookup: PromptLookup | None = None) -> Iterator[int]:
