@@ -132,3 +132,20 @@ def test_bad_plan_flags_are_one_line_errors(store, tmp_path, capsys, argv, messa
     assert main(argv) != 0
     assert message in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_gguf_whose_last_tensor_streams_is_read_to_its_end(tmp_path):
+    """The last streamed run is aligned up past the file's end; its read stops there (found by the fuzz seed: a tiny
+    GGUF ending with an FFN tensor failed with "short read ... the file is truncated")."""
+    from tests.fuzz.seeds import write_gguf, write_plan_store
+
+    gguf = write_gguf(tmp_path / "tiny.gguf", resolve_model(None))
+    g = read_gguf(gguf)
+    last = max(g.tensors.values(), key=lambda t: t.offset)
+    assert ".ffn_" in last.name and (last.offset + last.nbytes) % 4096 != 0  # the case: an FFN tensor ends the file mid-page
+    store = write_plan_store(tmp_path / "tiny.plan", gguf)
+    dense = LanguageModel.load(gguf, compile=False)
+    ids = dense.tokenizer.encode("hi there")
+    want = list(dense.generate(ids, 3, stop_at_eot=False))
+    with StreamingLanguageModel.from_store(store) as lm:
+        assert lm.plan.streamed and list(lm.generate(ids, 3, stop_at_eot=False)) == want

@@ -55,11 +55,14 @@ def aligned_buffer(nbytes: int) -> mmap.mmap:
 class DirectReader:
     """Reads (file_offset, length, buffer_offset) runs of one file into a buffer, in parallel."""
 
-    def __init__(self, path: str | Path, threads: int = 16, use_native: bool = True) -> None:
-        self.path, self.threads = str(path), 0
+    def __init__(self, path: str | Path, threads: int = 16, use_native: bool = True, eof_tail_ok: bool = False) -> None:
+        """`eof_tail_ok`: a run that passes the file's end may stop there (the caller's data ends before it: a GGUF whose
+        last tensor is streamed, its run aligned up to PAGE); otherwise any short read means a truncated file."""
+        self.path, self.threads, self.eof_tail_ok = str(path), 0, eof_tail_ok
         self._pool: ThreadPoolExecutor | None = None
         self.set_threads(threads)  # first: refuses a bad count before a file is opened
         self.fd, self.direct = self._open()
+        self.size = os.fstat(self.fd).st_size  # a run may pass the end (aligned up to PAGE): its read stops there
         self._native = _native_reader() if use_native else None
         if not self.direct:
             warnings.warn(
@@ -140,7 +143,7 @@ class DirectReader:
         self.reads_issued += len(runs)
         self.bytes_read += int(runs[:, 1].sum())
         for short in results:
-            if short is not None:
+            if short is not None and not self._ends_at_eof(*short):
                 off, got, n = short
                 raise EdgewiseError(
                     f"{self.path}: short read at offset {off} (got {got} of {n} bytes): the file is truncated; "
@@ -159,8 +162,14 @@ class DirectReader:
         if short >= 0:
             off, n, at = runs[short].tolist()
             with memoryview(buffer) as view:
-                got = os.preadv(self.fd, [view[at : at + n]], off)  # again, for the byte count of the message
+                got = os.preadv(self.fd, [view[at : at + n]], off)  # again, for the byte count
+            if self._ends_at_eof(off, got, n) and short == len(runs) - 1:  # the last run, aligned past the end: complete
+                return
             raise EdgewiseError(f"{self.path}: short read at offset {off} (got {got} of {n} bytes): the file is truncated; re-run `edgewise flash convert`")
+
+    def _ends_at_eof(self, off: int, got: int, n: int) -> bool:
+        """A short read that is only the run's page-aligned tail past the file's end (a tensor ending the file)."""
+        return self.eof_tail_ok and off + n > self.size and off + got == self.size
 
     def _read_share(self, share: list[list[int]], view: memoryview) -> tuple[int, int, int] | None:
         """Read one task's runs in order; the first short read, or None."""

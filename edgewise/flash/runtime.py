@@ -224,7 +224,7 @@ class StreamingLanguageModel(LanguageModel):
         _check_omp_wait_policy()
         cfg = ModelConfig.from_gguf(gguf)
         reads = layer_reads(gguf, plan, max_read or MAX_READ)
-        ring = PrefetchRing(DirectReader(path, threads=read_threads), reads, plan.ring_depth, record=record) if reads else None
+        ring = PrefetchRing(DirectReader(path, threads=read_threads, eof_tail_ok=True), reads, plan.ring_depth, record=record) if reads else None
         bits = layer_act_bits(cfg)
         embedding = None
         table = gguf.tensor("token_embd.weight")

@@ -106,14 +106,15 @@ def write_flash_store(store: Path, gguf: Path) -> Path:
 
 
 def write_plan_store(store: Path, gguf: Path) -> Path:
-    """`edgewise flash convert --budget` of the tiny GGUF: a budget halfway between its minimum and all its weights."""
+    """`edgewise flash convert --budget` of the tiny GGUF at its one-buffer minimum (two of its two layers' buffers
+    would hold every FFN weight: nothing would stream)."""
     from edgewise.flash.plan_store import PlanStore
     from edgewise.flash.residency import _ring_bytes, model_parts
     from edgewise.gguf_io import read_gguf
 
     parts = model_parts(read_gguf(gguf))
-    minimum = sum(p.nbytes for p in parts if p.required) + _ring_bytes([p for p in parts if p.layer >= 0], 2)
-    PlanStore.write(store, gguf, (minimum + sum(p.nbytes for p in parts)) // 2)
+    minimum = sum(p.nbytes for p in parts if p.required) + _ring_bytes([p for p in parts if p.layer >= 0], 1)
+    PlanStore.write(store, gguf, minimum)
     return store
 
 
