@@ -62,6 +62,19 @@ PPL_CTX, PPL_TOKENS = 512, 1024  # held-out perplexity: two windows of 512 token
 SPARSITIES = (0.25, 0.4, 0.5)  # TEAL's input sparsity levels, measured in the ablation
 
 
+def cpu_name() -> str:
+    """The CPU's model name and its widest vector extension (edgewise's dense compute ran 3.4x faster on an AVX-512 EPYC
+    than on an AVX2 one: results/flash_zen5.md against flash.md), for the report's header."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    widest = "AVX-512" + (" BF16" if "avx512_bf16" in flags else "") if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name} ({widest})"
+
+
 def stdlib_code(name: str) -> Path:
     return Path(sysconfig.get_paths()["stdlib"]) / name
 
@@ -146,7 +159,7 @@ def ppl_worker(args) -> dict:
 
     def ppl() -> float:
         cache = lm.new_cache(PPL_CTX)
-        return perplexity(lambda w: lm.prefill(w, cache, last_only=False), ids, PPL_CTX, PPL_TOKENS).ppl
+        return perplexity(lambda w: lm.prefill_chunks(w, cache), ids, PPL_CTX, PPL_TOKENS).ppl
 
     start = time.perf_counter()
     out = {"ppl": ppl(), "seconds": time.perf_counter() - start}
@@ -218,6 +231,8 @@ def main(argv=None) -> int:
     ap.add_argument("--caps", default="640MB,900MB,1.2GB,1.6GB", help="view (a)'s caps, comma-separated (default 640MB,900MB,1.2GB,1.6GB)")
     ap.add_argument("--headline", default="900MB", help="view (a)'s headline cap (default 900MB)")
     ap.add_argument("--quick", action="store_true", help="the headline cap and half the weights only, no busy phase")
+    ap.add_argument("--ppl", action="store_true", help="the perplexity section alone (dense, TEAL's masks, stream in its half-weights cap) "
+                    "-> benchmarks/results/flash_ppl.md")
     ap.add_argument("--rounds", type=int, default=1, help="runs per point; medians are reported (default 1)")
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--margin", default="96MB", help="room left in a cap beyond the measured overhead: the page cache of the code that runs (torch's libraries) and reads in flight (default 96MB)")
@@ -263,6 +278,9 @@ def main(argv=None) -> int:
     say("probing the disk under the GGUF (O_DIRECT, random offsets)")
     curve = probe(gguf, sizes=(262144, 1048576) if args.quick else (4096, 16384, 65536, 262144, 1048576), threads=(4, 8), seconds_per_point=2.0)
     gbps = curve.gbps[curve.sizes.index(1 << 20)][curve.threads.index(8)]  # 1 MiB reads, 8 threads: the ring's shape
+
+    if args.ppl:
+        return perplexity_only(args, gguf, curve, weight_bytes, file_bytes, margin, commit, dirty, say, t_start)
 
     say("uncapped runs: the compute time and each engine's overhead")
     uncapped = {e: run(e, gguf, None, parse_size("50%", of=weight_bytes) if e in ("stream", "flash") else None, args)
@@ -311,7 +329,7 @@ def main(argv=None) -> int:
     lines = [
         f"# Flash inference under a memory cap: {Path(gguf).name}",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; commit {commit}{' (with uncommitted changes)' if dirty else ''}; "
+        f"Machine: {cpu_name()}, {os.cpu_count()} CPUs; commit {commit}{' (with uncommitted changes)' if dirty else ''}; "
         f"total time {(time.perf_counter() - t_start) / 60:.1f} min.",
         f"Command: `python benchmarks/flash.py {' '.join(sys.argv[1:] if argv is None else argv)}`.",
         f"The GGUF: {file_bytes / MB:.0f} MB, {weight_bytes / MB:.0f} MB of weights. {args.new_tokens} greedy tokens after {prompt_source}; "
@@ -374,7 +392,7 @@ def main(argv=None) -> int:
         return next((r for r in rows if r["view"] == view and r["engine"] == engine and r["busy"] == busy), {})
 
     if not args.quick:
-        lines += ablation_report(find, curve, gguf, half, ppl)
+        lines += ablation_report(find) + perplexity_report(curve, gguf, half, ppl)
 
     head_view = f"(a) {headline >> 20} MiB"
     flash_a = find(head_view, "flash")
@@ -401,14 +419,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def ablation_report(find, curve, gguf: str, half: int, ppl: dict) -> list[str]:
-    """The ablation at half the weights (measured), held-out perplexity (measured), and what TEAL's input sparsity would
-    cost the disk (predicted from the probe: it is not built, and this table is why)."""
-    import numpy as np
-
-    from edgewise.flash.residency import model_parts, plan_residency
-    from edgewise.gguf_io import read_gguf
-
+def ablation_report(find) -> list[str]:
+    """The ablation at half the weights (measured)."""
     naive = find("(b) half", "naive").get("decode_tok_s")
     steps = [("naive", "attention, norms, output head resident; every FFN byte read each token, one buffer"),
              ("stream, 1 buffer", "+ the residency plan: half the weights resident by use per byte; reads and compute take turns"),
@@ -425,9 +437,19 @@ def ablation_report(find, curve, gguf: str, half: int, ppl: dict) -> list[str]:
         ratio = f"{r['decode_tok_s'] / naive:.2f}" if naive else ""
         out.append(f"| {engine} | {what} | {r['decode_tok_s']:.2f} | {ratio} | {r.get('bytes_per_token', float('nan')) / MB:.0f} | "
                    f"{r.get('wait_ms_per_pass', float('nan')):.0f} | {r.get('fraction', float('nan')):.2f} |")
+    return out
+
+
+def perplexity_report(curve, gguf: str, half: int, ppl: dict) -> list[str]:
+    """Held-out perplexity (measured), and what TEAL's input sparsity would cost the disk (predicted from the probe:
+    it is not built, and this table is why)."""
+    import numpy as np
+
+    from edgewise.flash.residency import model_parts, plan_residency
+    from edgewise.gguf_io import read_gguf
 
     dense, stream = ppl.get("dense", {}), ppl.get("stream", {})
-    out += ["", f"## Held-out code perplexity (Python's textwrap.py, windows of {PPL_CTX} tokens over its first {PPL_TOKENS})", ""]
+    out = ["", f"## Held-out code perplexity (Python's textwrap.py, windows of {PPL_CTX} tokens over its first {PPL_TOKENS})", ""]
     if "ppl" not in dense:
         return out + [f"dense perplexity failed: {dense.get('error', 'not run')}"]
     base = dense["ppl"]
@@ -481,6 +503,26 @@ def ablation_report(find, curve, gguf: str, half: int, ppl: dict) -> list[str]:
         out.append(f"| {sp:.0%} | {t['ppl'] / base - 1:+.1%} | {kept_bytes / total:.0%} | {runs.get('ffn_gate', 0) / 1024:.1f}, {runs.get('ffn_down', 0) / 1024:.1f} | "
                    f"{read_s * 1000:.0f} | {read_s / dense_s:.2f}x |")
     return out
+
+
+def perplexity_only(args, gguf, curve, weight_bytes, file_bytes, margin, commit, dirty, say, t_start) -> int:
+    from edgewise.files import write_text_atomic
+
+    say("uncapped stream run: its overhead, for the half-weights cap")
+    half = weight_bytes // 2
+    r = run("stream", gguf, None, half, args)
+    half_cap = int((r["anon_mb"] - r["held_mb"]) * MB) + file_bytes // 2 + margin
+    say("held-out perplexity: dense and TEAL's masks (uncapped), then the streaming engine at half the weights (capped)")
+    ppl = {"dense": run("ppl-dense", gguf, None, None, args), "stream": run("ppl-stream", gguf, half_cap, half, args)}
+    lines = [f"# Held-out perplexity of flash configurations: {Path(gguf).name}", "",
+             f"Machine: {cpu_name()}, {os.cpu_count()} CPUs; commit {commit}{' (with uncommitted changes)' if dirty else ''}; "
+             f"total time {(time.perf_counter() - t_start) / 60:.1f} min. Command: `python benchmarks/flash.py --ppl`. "
+             f"The stream run's cap: {half_cap >> 20} MiB (its overhead + half the GGUF + the margin, as view (b) of flash.md)."]
+    lines += perplexity_report(curve, gguf, half, ppl)
+    text = "\n".join(lines + [""])
+    write_text_atomic(RESULTS / "flash_ppl.md", text)
+    print(text)
+    return 0
 
 
 def plot(rows: list[dict], caps: list[int], gbps: float, compute_s: float, path: Path) -> None:
