@@ -462,7 +462,7 @@ def perplexity_report(curve, gguf: str, half: int, ppl: dict) -> list[str]:
         out.append(f"| dense with TEAL masks, {t['sparsity']:.0%} of FFN inputs zeroed (kept: x {t['kept'][0]:.0%}, h {t['kept'][1]:.0%}) | {t['ppl']:.4f} | {t['ppl'] / base - 1:+.1%} |")
     out += ["", "Flash scores what stream scores: speculative decoding checks drafts with the same logits and keeps only the greedy "
             "tokens (tests: token-identical output on SmolLM2 and the 1.5B model). The stream row differs from dense only where "
-            "prefill's chunks of 64 rows group the kernels' sums differently."]
+            "the scoring chunks (runtime.SCORE_BYTES) group the kernels' sums differently."]
 
     # TEAL's reads, predicted: channel-major storage makes a skipped input channel a skipped run of bytes
     g = read_gguf(gguf)
