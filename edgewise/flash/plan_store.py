@@ -28,13 +28,13 @@ from pathlib import Path
 from edgewise.errors import EdgewiseError
 from edgewise.files import atomic_dir, recover_dir
 from edgewise.flash.residency import ResidencyPlan, model_parts, plan_from_names, plan_residency
+from edgewise.flash.store import sha256_file
 from edgewise.gguf_io import GGUFFile, read_gguf
 
 FORMAT = "edgewise-stream-plan"
 VERSION = 1
 MANIFEST = "manifest.json"
 PLAN_TABLE = "plan.md"
-HASH_CHUNK = 8 << 20
 
 
 def manifest_format(store: str | os.PathLike) -> str | None:
@@ -44,25 +44,6 @@ def manifest_format(store: str | os.PathLike) -> str | None:
     except (OSError, ValueError):
         return None
     return manifest.get("format") if isinstance(manifest, dict) else None
-
-
-def hash_file(path: Path, progress: Callable[[int, int], None] | None = None) -> str:
-    """sha256 of a file, reading it once; its pages are dropped from the page cache as they are hashed (a model
-    being opened under a memory cap should not fill the cache with a file it is about to stream)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    total = path.stat().st_size
-    done = 0
-    with open(path, "rb") as f:
-        fd = f.fileno()
-        while block := f.read(HASH_CHUNK):
-            h.update(block)
-            os.posix_fadvise(fd, done, len(block), os.POSIX_FADV_DONTNEED)
-            done += len(block)
-            if progress:
-                progress(done, total)
-    return h.hexdigest()
 
 
 def _model_path(name: str, file: str) -> Path:
@@ -99,7 +80,7 @@ class PlanStore:
         if not plan.streamed:
             raise EdgewiseError(f"a budget of {plan.budget_bytes / 1e6:.0f} MB holds all of {path.name}'s weights: nothing to stream; "
                                 f"run it in RAM (edgewise generate --model {name}) or give a smaller --budget")
-        digest = hash_file(path, progress)
+        digest = sha256_file(path, progress)
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -149,7 +130,7 @@ class PlanStore:
             if not given.is_file():
                 raise EdgewiseError(f"{model}: no such model file (--model, checked against the plan in {store})")
             if given != path.resolve():
-                if given.stat().st_size != recorded["bytes"] or hash_file(given) != recorded["sha256"]:
+                if given.stat().st_size != recorded["bytes"] or sha256_file(given) != recorded["sha256"]:
                     raise EdgewiseError(f"{store}: this plan is for {recorded['name']} (sha256 {recorded['sha256'][:12]}…), not for {model}; "
                                         f"convert {model} into its own store")
                 path = given
@@ -159,7 +140,7 @@ class PlanStore:
         if size != recorded["bytes"]:
             raise EdgewiseError(f"{path}: {size} bytes, but the plan in {store} was made for a file of {recorded['bytes']} bytes "
                                 f"(truncated, or another model); convert again")
-        if verify and hash_file(path, progress) != recorded["sha256"]:
+        if verify and sha256_file(path, progress) != recorded["sha256"]:
             raise EdgewiseError(f"{path}: checksum mismatch against the plan in {store} (the file changed since convert); convert again")
         gguf = read_gguf(path)
         plan = plan_from_names(model_parts(gguf), manifest["budget_bytes"], manifest["resident"], manifest["ring_depth"], str(where))

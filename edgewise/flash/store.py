@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,11 +161,18 @@ def check_ffn_tensors(gguf: GGUFFile, n_layers: int) -> None:
                 )
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: Path, progress: Callable[[int, int], None] | None = None, chunk: int = 8 << 20) -> str:
+    """sha256 of a file, reading it once; its pages are dropped from the page cache as they are hashed (a model
+    being opened under a memory cap should not fill the cache with a file it is about to stream)."""
     h = hashlib.sha256()
+    total, done = path.stat().st_size, 0
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            os.posix_fadvise(f.fileno(), done, len(block), os.POSIX_FADV_DONTNEED)
+            done += len(block)
+            if progress:
+                progress(done, total)
     return h.hexdigest()
 
 
