@@ -17,6 +17,7 @@ from edgewise.errors import EdgewiseError
 from edgewise.lm.threads import (
     CpuMeter,
     CpuSample,
+    HoldBack,
     OpenMPRuntimes,
     ThreadGovernor,
     choose_threads,
@@ -204,6 +205,65 @@ def run(g, clock, seconds, step=0.0625):  # binary fractions: exact clock sums
         clock.t += step
         seen.append(g.tick())
     return seen
+
+
+def decode_passes(g, clock, cost, kinds, step=0.0625):
+    """Passes as LanguageModel.generate runs them: pass_started(kind), the pass (seconds = cost(threads, kind)),
+    pass_done, tick. Returns the thread count of each pass."""
+    seen = []
+    for kind in kinds:
+        n = g.pass_started(kind)
+        seconds = cost(n, kind)
+        clock.t += step
+        g.pass_done(kind, seconds)
+        g.tick()
+        seen.append(n)
+    return seen
+
+
+@pytest.mark.parametrize("faster", [1, 2])
+def test_hold_back_tries_both_counts_then_keeps_the_faster_and_explores(faster):
+    g, clock, set_calls, releases = governor([0.0] * 200)
+    g.hold_back = HoldBack(explore=8)
+    g.start()
+    seen = decode_passes(g, clock, lambda n, kind: 0.3 if n == faster else 0.5, [False] * 40)
+    assert seen[:2] == [2, 1]  # the free count first, then one fewer
+    settled = seen[2:]
+    other = 3 - faster
+    explored = [i for i, n in enumerate(settled) if n == other]
+    assert explored == [i for i in range(len(settled)) if (i + 3) % 8 == 0]  # every 8th choice (pass k is choice k)
+    assert g.free_threads == 2 and g.changes == 0  # holding back is not a change of the rule's count
+    if faster == 1:
+        assert releases  # dropping to 1 releases the spinning OpenMP workers, as the rule's decreases do
+
+
+def test_hold_back_keeps_kinds_of_pass_apart():
+    # checking a draft (5 rows) is compute-bound: 2 threads win; a plain pass is read-bound: 1 wins
+    g, clock, _, _ = governor([0.0] * 200)
+    g.hold_back = HoldBack(explore=1000)
+    g.start()
+    cost = {(2, True): 0.8, (1, True): 1.2, (2, False): 0.5, (1, False): 0.35}
+    kinds = [True, False] * 10
+    seen = decode_passes(g, clock, lambda n, kind: cost[(n, kind)], kinds)
+    assert seen[4:] == [2, 1] * 8
+    assert "checks 800 ms on 2, 1200 ms on 1" in g.hold_back.line(2) and "plain 500 ms on 2, 350 ms on 1" in g.hold_back.line(2)
+
+
+def test_hold_back_follows_the_rule_and_leaves_requested_counts_alone():
+    # a competitor takes a CPU: the rule says 1 and nothing is held back below it
+    g, clock, _, _ = governor([0.0] + [1.0] * 100)
+    g.hold_back = HoldBack()
+    g.start()
+    seen = decode_passes(g, clock, lambda n, kind: 0.3 if n == 1 else 0.5, [False] * 40, step=0.25)
+    assert g.free_threads == 1 and seen[-10:] == [1] * 10 and g.changes == 1
+    # --threads fixes the count: no trial
+    g, clock, set_calls, _ = governor([], requested=2)
+    g.hold_back = HoldBack()
+    g.start()
+    assert decode_passes(g, clock, lambda n, kind: 0.3 if n == 1 else 0.5, [False] * 10) == [2] * 10
+    assert not g.hold_back.seconds
+    with pytest.raises(ValueError):
+        HoldBack(explore=1)
 
 
 def test_governor_changes_only_after_two_agreeing_measurements():

@@ -89,6 +89,7 @@ class StreamStats:
     read_bytes: int  # what the ring read meanwhile (read-ahead included)
     read_s: float
     wait_s: float  # the compute's time waiting for reads
+    threads: str = ""  # what the governor's hold-back trial measured (HoldBack.line), if anything
 
     def line(self, gbps: float | None = None) -> str:
         """MB per token, the I/O wait, and with the disk's probed `gbps` the bound: per pass, the larger of the reads at
@@ -104,6 +105,8 @@ class StreamStats:
         if gbps:
             floor = max(self.bytes_per_pass / (gbps * 1e9), per_pass - self.wait_s / self.passes)
             text += f" | bound {self.tokens / self.passes / floor:.1f} tok/s at {gbps:.2f} GB/s, {floor / per_pass:.0%} reached"
+        if self.threads:
+            text += f" | {self.threads}"
         return text
 
 
@@ -166,6 +169,7 @@ class StreamingLanguageModel(LanguageModel):
                 passes=passes, tokens=max(stats.new_tokens - 1, 0), decode_s=stats.decode_s, bytes_per_pass=self.plan.bytes_per_token,
                 read_bytes=ring.bytes_read - before[0] if ring else 0, read_s=ring.read_s - before[1] if ring else 0.0,
                 wait_s=ring.wait_s - before[2] if ring else 0.0,
+                threads=self.governor.hold_back.line(self.governor.free_threads) if self.governor.hold_back else "",
             )
 
     def close(self) -> None:
@@ -217,7 +221,7 @@ class StreamingLanguageModel(LanguageModel):
         from edgewise.flash.stream import MAX_READ, PrefetchRing, StreamedFFN, layer_reads
         from edgewise.lm.config import ModelConfig
         from edgewise.lm.model import layer_act_bits
-        from edgewise.lm.threads import ThreadGovernor
+        from edgewise.lm.threads import HoldBack, ThreadGovernor
         from edgewise.lm.weights import KQUANT_TYPES, KQuantLinear
 
         governor = ThreadGovernor(requested=threads)
@@ -237,5 +241,7 @@ class StreamingLanguageModel(LanguageModel):
             ffn_of_layer=lambda i: StreamedFFN(gguf, i, ring, reads[i].tensors if i in reads else {}, cfg.traits.ffn_activation, bits),
         )
         lm = cls.assemble(path, gguf, decoder, plan=plan, ring=ring)
+        if ring is not None:  # the reader's threads need CPU while the layers compute: time passes with one CPU held back
+            governor.hold_back = HoldBack()
         lm.governor = governor
         return lm

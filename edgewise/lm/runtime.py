@@ -237,6 +237,7 @@ class LanguageModel:
             # a check of [token, draft...] may yield len(draft) + 1 tokens: no more than are left
             draft = lookup.propose(context, max_new_tokens - stats.new_tokens - 1) if lookup else []
             checked = bool(draft) and policy.draft()
+            self.governor.pass_started(checked)
             started = time.perf_counter()
             if checked:
                 logits = self.prefill([token, *draft], cache, start=position, last_only=False)
@@ -246,9 +247,11 @@ class LanguageModel:
                 stats.speculation.checks += 1
             else:
                 pending = [sampler(self.decode(token, position, cache))]
+            seconds = time.perf_counter() - started
+            self.governor.pass_done(checked, seconds)
             if stats.speculation is not None:
                 stats.speculation.passes += 1
-                policy.record(checked, time.perf_counter() - started, len(pending))
+                policy.record(checked, seconds, len(pending))
             position += len(pending)
             stats.threads = self.governor.tick()
             stats.min_threads, stats.max_threads = min(stats.min_threads, stats.threads), max(stats.max_threads, stats.threads)

@@ -16,6 +16,8 @@ threads, while 1 thread keeps ~0.85x. So the thread count follows the free CPUs:
   `free = min(limit, n_cpus - others_busy)`; it rounds half up, so a competitor needs at least
   half a CPU to take a thread away (see `threads_for` for why that threshold).
 * `choose_threads(requested, ...)`: `--threads` validated, or the rule on one measurement.
+* `HoldBack`: whether compute should leave one CPU to the process's own reader threads (flash
+  streaming), decided by timing passes both ways, since the meter cannot see that competition.
 * `ThreadGovernor`: during generation, `tick()` once per token re-measures every `period_s` and
   changes `torch.set_num_threads` when the rule's answer changed on `confirm` consecutive
   measurements. On a decrease it also releases the OpenMP pool's idle workers
@@ -452,6 +454,59 @@ def _torch_set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+# ----------------------------------------------------------------------------- holding a CPU back
+
+
+class HoldBack:
+    """Whether to compute on one CPU fewer than are free, leaving it to this process's own I/O threads.
+
+    The meter counts only *other* processes as competition, so a model that reads its weights from flash
+    while it computes (`edgewise.flash.stream`) would spin OpenMP workers on every CPU and starve its own
+    reader: the reads' syscalls and completions then wait for a compute thread's time slice, the disk
+    idles, and every parallel region waits for whichever worker was preempted. On the 2-core test machine
+    (Qwen2.5-Coder-1.5B, half its weights streamed, 472 MB a pass) one compute thread decoded 2.55 tok/s
+    with reads at 1.48 GB/s, two threads 1.88-2.11 tok/s with reads at 0.93-1.04 GB/s; with 70 MB a
+    pass (85% resident) it is the other way round, 3.61 against 5.70 tok/s. Which wins depends on the
+    plan, the disk and the cores, so it is measured, as `DraftPolicy` measures drafts: exponential
+    averages of seconds per pass at the free count and at one fewer, kept apart by the kind of pass
+    (a pass checking a draft computes more rows than a plain one); each kind tries both counts first,
+    then takes the faster, and every `explore`-th choice takes the other to keep its estimate current.
+    """
+
+    def __init__(self, explore: int = 8, smoothing: float = 0.25):
+        if explore < 2 or not 0 < smoothing <= 1:
+            raise ValueError(f"explore must be >= 2 and smoothing in (0, 1], got {explore}, {smoothing}")
+        self.explore, self.smoothing = explore, smoothing
+        self.seconds: dict[tuple[int, object], float] = {}  # (threads, kind of pass) -> seconds per pass
+        self.choices = 0
+
+    def choose(self, free: int, kind: object = None) -> int:
+        """The thread count for the next pass of `kind`, when `free` threads are allowed."""
+        if free < 2:
+            return free
+        self.choices += 1
+        full, held = self.seconds.get((free, kind)), self.seconds.get((free - 1, kind))
+        if full is None:
+            return free
+        if held is None:
+            return free - 1
+        better, other = (free, free - 1) if full <= held else (free - 1, free)
+        return other if self.choices % self.explore == 0 else better
+
+    def record(self, threads: int, kind: object, seconds: float) -> None:
+        old = self.seconds.get((threads, kind))
+        self.seconds[(threads, kind)] = seconds if old is None else old + self.smoothing * (seconds - old)
+
+    def line(self, free: int) -> str:
+        """What the trial found at `free` threads, for a stats line ('' before it has both estimates)."""
+        rows = [(kind, self.seconds[(free, kind)], self.seconds[(free - 1, kind)]) for (n, kind) in self.seconds
+                if n == free and (free - 1, kind) in self.seconds]
+        if not rows:
+            return ""
+        parts = [f"{'checks' if kind else 'plain'} {full * 1000:.0f} ms on {free}, {held * 1000:.0f} ms on {free - 1}" for kind, full, held in rows]
+        return "per pass: " + "; ".join(parts)
+
+
 # ----------------------------------------------------------------------------- the governor
 
 
@@ -480,6 +535,10 @@ class ThreadGovernor:
     current count. On a decrease it releases the OpenMP pool so the dropped workers stop spinning.
     With `requested` set the count is fixed: no measurement, no change.
 
+    `hold_back` (a `HoldBack`, set by a model that reads from flash while it computes): around each pass,
+    `pass_started(kind)` may run it on one thread fewer than the rule allows, and `pass_done(kind, s)`
+    records its time; the rule's count itself (`free_threads`) is unchanged by it.
+
     The setters, meter and clock are injectable for tests; the defaults use torch and /proc.
     """
 
@@ -507,6 +566,8 @@ class ThreadGovernor:
         self.period_s, self.confirm, self.start_wait_s = period_s, confirm, start_wait_s
         self._set, self._get, self._release, self._clock = set_threads, get_threads, release, clock
         self._threads = 0
+        self._free = 0  # the rule's count (or the requested one); _threads may be one lower (hold_back)
+        self.hold_back: HoldBack | None = None
         self._saved: int | None = None
         self._next_at = math.inf
         self._pending: list[int] = []
@@ -518,6 +579,11 @@ class ThreadGovernor:
     def threads(self) -> int:
         """The current count (0 before `start()`)."""
         return self._threads
+
+    @property
+    def free_threads(self) -> int:
+        """What the rule allows now (the requested count when fixed); `threads` is lower while a CPU is held back."""
+        return self._free
 
     def _apply(self, n: int, previous: int) -> None:
         self._set(n)
@@ -547,9 +613,24 @@ class ThreadGovernor:
                 n = threads_for(sample) if sample is not None else usable_cpus()
             if sample is not None:
                 self._record(sample, n, n)
+        self._free = n
         self._apply(n, self._saved)
         self._next_at = math.inf if self.requested is not None else self._clock() + self.period_s
         return n
+
+    def pass_started(self, kind: object = None) -> int:
+        """Before a forward pass of `kind`: with `hold_back` (and no requested count), the count it chooses for
+        this pass; else the current count."""
+        if self.hold_back is not None and self.requested is None and self._free:
+            n = self.hold_back.choose(self._free, kind)
+            if n != self._threads:
+                self._apply(n, self._threads)
+        return self._threads
+
+    def pass_done(self, kind: object, seconds: float) -> None:
+        """After that pass: its time, for `hold_back`."""
+        if self.hold_back is not None and self.requested is None:
+            self.hold_back.record(self._threads, kind, seconds)
 
     def _record(self, sample: CpuSample, best: int, threads: int) -> None:
         self.measurements += 1
@@ -571,7 +652,7 @@ class ThreadGovernor:
             return self._threads
         self._next_at = now + self.period_s
         best = threads_for(sample)
-        current = self._threads
+        current = self._free
         if best == current:
             self._pending.clear()
         elif self._pending and (self._pending[0] > current) == (best > current):
@@ -581,7 +662,8 @@ class ThreadGovernor:
         if len(self._pending) >= self.confirm:
             target = min(self._pending, key=lambda v: abs(v - current))
             self._pending.clear()
-            self._apply(target, current)
+            self._free = target
+            self._apply(target, self._threads)
             self.changes += 1
         self._record(sample, best, self._threads)
         return self._threads
