@@ -10,7 +10,8 @@ engine reads weights for free from an earlier run. Engines:
   from the GGUF with O_DIRECT every token, in layer order, one buffer, so no read overlaps compute.
 - **stream**: edgewise's residency plan (parts by use per byte, `edgewise.flash.residency`) keeps what
   fits the weight budget; the rest streams through the prefetch ring (depth 2, 1 MiB direct reads,
-  8 reader threads) while the layers before compute.
+  8 reader threads) while the layers before compute; the compute leaves one CPU to the reader threads
+  where its passes measure faster so (`edgewise.lm.threads.HoldBack`).
 - **flash**: stream plus speculative decoding with prompt-lookup drafts of 4 tokens (greedy output
   unchanged): a pass reads the streamed weights once for every token it yields.
 - **llama.cpp** (llama-cpp-python, 2 threads, mmap on, mlock off), as shipped (CPU repacking of Q4_K
@@ -54,7 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ENGINES = ("naive", "stream", "flash", "llama.cpp", "llama.cpp no-repack")
-ABLATION = ("stream, 1 buffer", "stream, 256 KiB reads")  # stream with one thing changed, at half the weights
+ABLATION = ("stream, 1 buffer", "stream, every CPU computing", "stream, 256 KiB reads")  # stream with one thing changed, at half the weights
 MB = 1e6
 
 
@@ -128,11 +129,16 @@ def worker(args) -> dict:
             budget = sum(p.nbytes for p in parts if p.required) + max(sum(p.nbytes for p in parts if p.layer == i) for i in layers)
         lm = StreamingLanguageModel.open(args.gguf, budget=budget, ring_depth=1 if args.engine in ("naive", "stream, 1 buffer") else 2,
                                          max_read=256 << 10 if args.engine == "stream, 256 KiB reads" else None)
+        if args.engine == "stream, every CPU computing":  # no CPU held back for the reader (edgewise.lm.threads.HoldBack)
+            lm.governor.hold_back = None
     ids = lm.tokenizer.encode(prompt)
     lookup = PromptLookup(draft=4) if args.engine.startswith("flash") else None
     list(lm.generate(ids, args.new_tokens, stop_at_eot=False, lookup=lookup))
     stats = lm.last_stats
-    out = {"decode_tok_s": stats.decode_tok_s, "anon_mb": _rss_anon_mb(), "new_tokens": stats.new_tokens}
+    out = {"decode_tok_s": stats.decode_tok_s, "anon_mb": _rss_anon_mb(), "new_tokens": stats.new_tokens,
+           "threads": f"{stats.min_threads}-{stats.max_threads}" if stats.min_threads != stats.max_threads else str(stats.threads)}
+    if lm.governor.hold_back is not None:
+        out["hold_back"] = lm.governor.hold_back.line(lm.governor.free_threads)
     passes = stats.speculation.passes if stats.speculation else stats.new_tokens - 1  # decode passes after the prompt's
     out["tokens_per_pass"] = (stats.new_tokens - 1) / passes
     if stats.speculation:
@@ -316,7 +322,7 @@ def main(argv=None) -> int:
     ppl: dict = {}
     if not args.quick:
         point(f"(a) {headline >> 20} MiB", lambda e: headline, lambda e: budget_in(headline) if e in ("stream", "flash") else None, busy=True)
-        say("ablation at half the weights: one reading buffer; 256 KiB reads")
+        say("ablation at half the weights: one reading buffer; every CPU computing; 256 KiB reads")
         point("(b) half", lambda e: half_cap, lambda e: half, engines=ABLATION)
         say("held-out perplexity: dense and TEAL's masks (uncapped), then the streaming engine at half the weights (capped)")
         ppl["dense"] = run("ppl-dense", gguf, None, None, args)
@@ -387,6 +393,11 @@ def main(argv=None) -> int:
     ]
     if flash_acc:
         lines.append(f"flash's prompt-lookup drafts: {', '.join(f'{a:.0%}' for a in flash_acc)} of drafted tokens accepted (per run, in table order).")
+    held = [f"{r['view']}{' busy' if r['busy'] else ''} {r['engine']}: {r['hold_back']}" for r in rows if r.get("hold_back")]
+    if held:
+        lines += ["", "Compute threads of the streaming engines: each pass's count is the free CPUs or one fewer, whichever its passes "
+                  "measured faster (`HoldBack`: one CPU left to the reader threads); the measured seconds per pass of the last run:", "",
+                  *[f"- {h}" for h in held]]
 
     def find(view: str, engine: str, busy: bool = False) -> dict:
         return next((r for r in rows if r["view"] == view and r["engine"] == engine and r["busy"] == busy), {})
@@ -424,7 +435,8 @@ def ablation_report(find) -> list[str]:
     naive = find("(b) half", "naive").get("decode_tok_s")
     steps = [("naive", "attention, norms, output head resident; every FFN byte read each token, one buffer"),
              ("stream, 1 buffer", "+ the residency plan: half the weights resident by use per byte; reads and compute take turns"),
-             ("stream", "+ a second buffer: the next layer's reads run while a layer computes"),
+             ("stream, every CPU computing", "+ a second buffer: the next layer's reads run while a layer computes, on every free CPU"),
+             ("stream", "+ one CPU left to the reader threads where the passes measure faster so (HoldBack)"),
              ("stream, 256 KiB reads", "stream with reads of 256 KiB instead of 1 MiB"),
              ("flash", "stream + prompt-lookup drafts of 4: one pass's reads serve every token it yields")]
     out = ["", "## Ablation at half the weights (measured, same cap as stream)", "",
