@@ -106,7 +106,7 @@ def test_rows_dequantize_exactly(qtype):
 
 @pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K])
 @pytest.mark.parametrize("act_bits", [8, 16])
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 12, 14])  # row by row up to EXACT_ROWS (8); beyond, tiles of 4 and remainders
+@pytest.mark.parametrize("rows", [1, 3, 5, 8, 9, 12, 14, 15])  # exact up to EXACT_ROWS (8), 4 rows at a time; beyond, tiles of 4 and remainders
 @pytest.mark.parametrize("n, k", [(7, 256), (13, 768), (5, 8960)])  # one super-block, an odd count, a long row (35)
 def test_kernel_matches_numpy_model(qtype, act_bits, rows, n, k):
     raw = random_rows(qtype, n, k, seed=n * k + rows)
@@ -122,7 +122,7 @@ def test_kernel_matches_numpy_model(qtype, act_bits, rows, n, k):
     assert np.linalg.norm(ours - exact) / np.linalg.norm(exact) < (2.5e-2 if act_bits == 8 else 1e-4)
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q6_K])
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K])
 @pytest.mark.parametrize("act_bits", [8, 16])
 def test_short_batches_equal_decode_bit_for_bit(qtype, act_bits):
     """Batch invariance (blocks.h, EXACT_ROWS): each row of a batch of up to EXACT_ROWS rows is the one-row product,
