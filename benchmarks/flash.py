@@ -135,8 +135,7 @@ def worker(args) -> dict:
     lookup = PromptLookup(draft=4) if args.engine.startswith("flash") else None
     list(lm.generate(ids, args.new_tokens, stop_at_eot=False, lookup=lookup))
     stats = lm.last_stats
-    out = {"decode_tok_s": stats.decode_tok_s, "anon_mb": _rss_anon_mb(), "new_tokens": stats.new_tokens,
-           "threads": f"{stats.min_threads}-{stats.max_threads}" if stats.min_threads != stats.max_threads else str(stats.threads)}
+    out = {"decode_tok_s": stats.decode_tok_s, "anon_mb": _rss_anon_mb(), "new_tokens": stats.new_tokens}
     if lm.governor.hold_back is not None:
         out["hold_back"] = lm.governor.hold_back.line(lm.governor.free_threads)
     passes = stats.speculation.passes if stats.speculation else stats.new_tokens - 1  # decode passes after the prompt's

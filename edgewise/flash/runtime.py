@@ -140,8 +140,11 @@ class StreamingLanguageModel(LanguageModel):
         chunk = self.prefill_chunk
         if len(ids) <= chunk:
             return super().prefill(ids, cache, start, last_only)
-        outs = [LanguageModel.prefill(self, ids[at : at + chunk], cache, start + at, last_only) for at in range(0, len(ids), chunk)]
-        return outs[-1] if last_only else torch.cat(outs)
+        if not last_only:
+            return torch.cat([LanguageModel.prefill(self, ids[at : at + chunk], cache, start + at, False) for at in range(0, len(ids), chunk)])
+        for at in range(0, len(ids), chunk):  # only the last chunk's last row is wanted: drop the others' as they come
+            out = LanguageModel.prefill(self, ids[at : at + chunk], cache, start + at, last_only=True)
+        return out
 
     def prefill_chunks(self, ids: list[int], cache, start: int = 0) -> Iterator[torch.Tensor]:
         """Each chunk's logits as it is computed, in chunks of at most SCORE_BYTES of logits: a 512-token window's
