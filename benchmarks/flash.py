@@ -7,11 +7,13 @@ engine reads weights for free from an earlier run. Engines:
 
 - **dense**: edgewise with every weight in RAM, no cap: the compute time of a token (eager).
 - **naive** (the paper's baseline): attention, norms and output head resident; every FFN weight read
-  from the GGUF with O_DIRECT every token, in layer order, one buffer, so no read overlaps compute.
+  from the GGUF with O_DIRECT every token, in layer order, one buffer, so no read overlaps compute
+  (its reads are as large as stream's: the same timed choice).
 - **stream**: edgewise's residency plan (parts by use per byte, `edgewise.flash.residency`) keeps what
-  fits the weight budget; the rest streams through the prefetch ring (depth 2, 1 MiB direct reads,
-  8 reader threads) while the layers before compute; the compute leaves one CPU to the reader threads
-  where its passes measure faster so (`edgewise.lm.threads.HoldBack`).
+  fits the weight budget; the rest streams through the prefetch ring (depth 2, 8 reader threads, direct
+  reads of 256 KiB or 1 MiB, whichever its reads measure faster: `edgewise.flash.stream`) while the
+  layers before compute; the compute leaves one CPU to the reader threads where its passes measure
+  faster so (`edgewise.lm.threads.HoldBack`).
 - **flash**: stream plus speculative decoding with prompt-lookup drafts of 4 tokens (greedy output
   unchanged): a pass reads the streamed weights once for every token it yields.
 - **llama.cpp** (llama-cpp-python, 2 threads, mmap on, mlock off), as shipped (CPU repacking of Q4_K
@@ -28,7 +30,7 @@ Two views of equal memory:
     no-repack's).
 
 The bound: bytes read per token at the disk's measured O_DIRECT throughput for the ring's reads (a
-probe of the GGUF itself: 1 MiB reads, 8 threads), with the dense compute time; overlapped, the floor
+probe of the GGUF itself, 8 threads: the faster of the ring's read sizes), with the dense compute time; overlapped, the floor
 is the larger of the two. For flash, per pass, divided by the tokens a pass yields.
 
     python benchmarks/flash.py --quick     # (a) at 900 MB and (b), a few minutes
@@ -55,7 +57,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ENGINES = ("naive", "stream", "flash", "llama.cpp", "llama.cpp no-repack")
-ABLATION = ("stream, 1 buffer", "stream, every CPU computing", "stream, 256 KiB reads")  # stream with one thing changed, at half the weights
+ABLATION = ("stream, 1 buffer", "stream, every CPU computing", "stream, 1 MiB reads", "stream, 256 KiB reads")  # stream with one thing changed, at half the weights
+FIXED_READ = {"stream, 1 MiB reads": 1 << 20, "stream, 256 KiB reads": 256 << 10}  # ablation engines whose read size is fixed, not timed
 MB = 1e6
 
 
@@ -128,7 +131,7 @@ def worker(args) -> dict:
             layers = {p.layer for p in parts if p.layer >= 0}
             budget = sum(p.nbytes for p in parts if p.required) + max(sum(p.nbytes for p in parts if p.layer == i) for i in layers)
         lm = StreamingLanguageModel.open(args.gguf, budget=budget, ring_depth=1 if args.engine in ("naive", "stream, 1 buffer") else 2,
-                                         max_read=256 << 10 if args.engine == "stream, 256 KiB reads" else None)
+                                         read_sizes=(FIXED_READ[args.engine],) if args.engine in FIXED_READ else None)
         if args.engine == "stream, every CPU computing":  # no CPU held back for the reader (edgewise.lm.threads.HoldBack)
             lm.governor.hold_back = None
     ids = lm.tokenizer.encode(prompt)
@@ -138,6 +141,8 @@ def worker(args) -> dict:
     out = {"decode_tok_s": stats.decode_tok_s, "anon_mb": _rss_anon_mb(), "new_tokens": stats.new_tokens}
     if lm.governor.hold_back is not None:
         out["hold_back"] = lm.governor.hold_back.line(lm.governor.free_threads)
+    if getattr(lm, "ring", None) is not None and lm.ring.read_size_line():
+        out["read_sizes"] = lm.ring.read_size_line()
     passes = stats.speculation.passes if stats.speculation else stats.new_tokens - 1  # decode passes after the prompt's
     out["tokens_per_pass"] = (stats.new_tokens - 1) / passes
     if stats.speculation:
@@ -282,7 +287,9 @@ def main(argv=None) -> int:
 
     say("probing the disk under the GGUF (O_DIRECT, random offsets)")
     curve = probe(gguf, sizes=(262144, 1048576) if args.quick else (4096, 16384, 65536, 262144, 1048576), threads=(4, 8), seconds_per_point=2.0)
-    gbps = curve.gbps[curve.sizes.index(1 << 20)][curve.threads.index(8)]  # 1 MiB reads, 8 threads: the ring's shape
+    from edgewise.flash.stream import READ_SIZES
+
+    ring_size, gbps = max(((size, curve.gbps[curve.sizes.index(size)][curve.threads.index(8)]) for size in READ_SIZES), key=lambda p: p[1])
 
     if args.ppl:
         return perplexity_only(args, gguf, curve, weight_bytes, file_bytes, margin, commit, dirty, say, t_start)
@@ -321,7 +328,7 @@ def main(argv=None) -> int:
     ppl: dict = {}
     if not args.quick:
         point(f"(a) {headline >> 20} MiB", lambda e: headline, lambda e: budget_in(headline) if e in ("stream", "flash") else None, busy=True)
-        say("ablation at half the weights: one reading buffer; every CPU computing; 256 KiB reads")
+        say("ablation at half the weights: one reading buffer; every CPU computing; reads fixed at 1 MiB, at 256 KiB")
         point("(b) half", lambda e: half_cap, lambda e: half, engines=ABLATION)
         say("held-out perplexity: dense and TEAL's masks (uncapped), then the streaming engine at half the weights (capped)")
         ppl["dense"] = run("ppl-dense", gguf, None, None, args)
@@ -346,7 +353,7 @@ def main(argv=None) -> int:
         "|---|" + "---:|" * len(curve.threads),
         *[f"| {s >> 10} KiB | " + " | ".join(f"{g:.2f}" for g in row) + " |" for s, row in zip(curve.sizes, curve.gbps)],
         "",
-        f"The bound uses {gbps:.2f} GB/s (1 MiB, 8 threads: the ring's reads) and the dense compute time, "
+        f"The bound uses {gbps:.2f} GB/s ({ring_size >> 10} KiB, 8 threads: the faster of the ring's read sizes) and the dense compute time, "
         f"{uncapped['dense']['decode_tok_s']:.2f} tok/s = {compute_s * 1000:.0f} ms per token (edgewise eager, every weight in RAM, no cap).",
         "",
         "## Overheads (uncapped runs, RssAnon at the end of generation)",
@@ -397,6 +404,11 @@ def main(argv=None) -> int:
         lines += ["", "Compute threads of the streaming engines: each pass's count is the free CPUs or one fewer, whichever its passes "
                   "measured faster (`HoldBack`: one CPU left to the reader threads); the measured seconds per pass of the last run:", "",
                   *[f"- {h}" for h in held]]
+    sized = [f"{r['view']}{' busy' if r['busy'] else ''} {r['engine']}: {r['read_sizes']}" for r in rows if r.get("read_sizes")]
+    if sized:
+        lines += ["", "Read sizes of the streaming engines: each layer's read is 256 KiB or 1 MiB pieces, whichever the ring's reads "
+                  "measured faster per byte (`edgewise.flash.stream`; every 8th read tries the other); throughput of each over the last run:", "",
+                  *[f"- {h}" for h in sized]]
 
     def find(view: str, engine: str, busy: bool = False) -> dict:
         return next((r for r in rows if r["view"] == view and r["engine"] == engine and r["busy"] == busy), {})
@@ -435,8 +447,9 @@ def ablation_report(find) -> list[str]:
     steps = [("naive", "attention, norms, output head resident; every FFN byte read each token, one buffer"),
              ("stream, 1 buffer", "+ the residency plan: half the weights resident by use per byte; reads and compute take turns"),
              ("stream, every CPU computing", "+ a second buffer: the next layer's reads run while a layer computes, on every free CPU"),
-             ("stream", "+ one CPU left to the reader threads where the passes measure faster so (HoldBack)"),
-             ("stream, 256 KiB reads", "stream with reads of 256 KiB instead of 1 MiB"),
+             ("stream", "+ one CPU left to the reader threads where the passes measure faster so (HoldBack); read size timed"),
+             ("stream, 1 MiB reads", "stream with every read 1 MiB, not timed"),
+             ("stream, 256 KiB reads", "stream with every read 256 KiB, not timed"),
              ("flash", "stream + prompt-lookup drafts of 4: one pass's reads serve every token it yields")]
     out = ["", "## Ablation at half the weights (measured, same cap as stream)", "",
            "| engine | what changes | decode tok/s | x naive | MB read/token | I/O wait ms/pass | fraction of bound |", "|---|---|---:|---:|---:|---:|---:|"]

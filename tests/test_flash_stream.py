@@ -32,19 +32,24 @@ def _plan(gguf, share: float):
 
 def test_runs_are_aligned_and_cover_every_streamed_tensor(gguf):
     plan = _plan(gguf, 0.6)
-    reads = layer_reads(gguf, plan, max_read=256 << 10)
+    sizes = (64 << 10, 256 << 10)
+    reads = layer_reads(gguf, plan, read_sizes=sizes)
     streamed = {p.name for p in plan.streamed if p.layer >= 0}
     assert streamed and {t.name for r in reads.values() for t, _ in r.tensors.values()} == streamed
     for r in reads.values():
-        assert (r.runs % PAGE == 0).all() and (r.runs[:, 1] <= 256 << 10).all()
-        covered = np.zeros(r.nbytes, dtype=bool)
-        for _, n, at in r.runs:
-            covered[at : at + n] = True
-        assert all(covered[at : at + t.nbytes].all() for t, at in r.tensors.values())  # the bytes themselves: the ring test
+        assert set(r.runs) == set(sizes)
+        for size, runs in r.runs.items():
+            assert (runs % PAGE == 0).all() and (runs[:, 1] <= size).all() and runs[:, 1].sum() == r.nbytes
+            covered = np.zeros(r.nbytes, dtype=bool)
+            for _, n, at in runs:
+                covered[at : at + n] = True
+            assert all(covered[at : at + t.nbytes].all() for t, at in r.tensors.values())  # the bytes themselves: the ring test
+    with pytest.raises(EdgewiseError, match="multiples of 4096"):
+        layer_reads(gguf, plan, read_sizes=(1000,))
 
 
 def test_the_ring_hands_out_only_completed_reads_of_the_right_bytes(gguf):
-    reads = layer_reads(gguf, _plan(gguf, 0.55))
+    reads = layer_reads(gguf, _plan(gguf, 0.55), read_sizes=(64 << 10, 1 << 20))
     with DirectReader(gguf.path, threads=4) as reader:
         ring = PrefetchRing(reader, reads, depth=3, record=True)
         try:
@@ -65,6 +70,8 @@ def test_the_ring_hands_out_only_completed_reads_of_the_right_bytes(gguf):
     events = ring.stats.events
     assert len(events) == 3 * len(ring.order) + 2 and all(handed_out >= done for _, _, done, handed_out in events)
     assert ring.stats.restarts == 1 and ring.stats.reads >= len(events)
+    assert set(ring.stats.by_size) == {64 << 10, 1 << 20}  # both read sizes were tried, and both gave the right bytes
+    assert "64 KiB" in ring.read_size_line() and "1 MiB" in ring.read_size_line()
     with pytest.raises(EdgewiseError, match="streams nothing"):
         ring.acquire(10_000)
 
@@ -79,7 +86,7 @@ def test_streaming_equals_the_dense_model_token_for_token():
     assert lm.ring.stats.bytes_read >= 12 * lm.plan.bytes_per_token * 0.99  # every streamed byte, every token
     free = lm.governor.free_threads  # the hold-back trial ran passes on one CPU fewer, and the tokens are the same
     if free >= 2:
-        assert {(free, False), (free - 1, False)} <= set(lm.governor.hold_back.seconds)
+        assert {(False, free), (False, free - 1)} <= set(lm.governor.hold_back.trial.costs)
         assert lm.last_stats.min_threads <= free - 1
     with pytest.raises(EdgewiseError, match="below this model's resident minimum"):
         StreamingLanguageModel.open(budget="1MB")

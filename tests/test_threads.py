@@ -261,7 +261,7 @@ def test_hold_back_follows_the_rule_and_leaves_requested_counts_alone():
     g.hold_back = HoldBack()
     g.start()
     assert decode_passes(g, clock, lambda n, kind: 0.3 if n == 1 else 0.5, [False] * 10) == [2] * 10
-    assert not g.hold_back.seconds
+    assert not g.hold_back.trial.costs
     with pytest.raises(ValueError):
         HoldBack(explore=1)
 

@@ -90,6 +90,7 @@ class StreamStats:
     read_s: float
     wait_s: float  # the compute's time waiting for reads
     threads: str = ""  # what the governor's hold-back trial measured (HoldBack.line), if anything
+    read_sizes: str = ""  # what the ring's read-size trial measured (PrefetchRing.read_size_line), if anything
 
     def line(self, gbps: float | None = None) -> str:
         """MB per token, the I/O wait, and with the disk's probed `gbps` the bound: per pass, the larger of the reads at
@@ -105,8 +106,9 @@ class StreamStats:
         if gbps:
             floor = max(self.bytes_per_pass / (gbps * 1e9), per_pass - self.wait_s / self.passes)
             text += f" | bound {self.tokens / self.passes / floor:.1f} tok/s at {gbps:.2f} GB/s, {floor / per_pass:.0%} reached"
-        if self.threads:
-            text += f" | {self.threads}"
+        for trial in (self.threads, self.read_sizes):
+            if trial:
+                text += f" | {trial}"
         return text
 
 
@@ -173,6 +175,7 @@ class StreamingLanguageModel(LanguageModel):
                 read_bytes=ring.bytes_read - before[0] if ring else 0, read_s=ring.read_s - before[1] if ring else 0.0,
                 wait_s=ring.wait_s - before[2] if ring else 0.0,
                 threads=self.governor.hold_back.line(self.governor.free_threads) if self.governor.hold_back else "",
+                read_sizes=self.ring.read_size_line() if self.ring is not None else "",
             )
 
     def close(self) -> None:
@@ -188,10 +191,10 @@ class StreamingLanguageModel(LanguageModel):
     @classmethod
     def open(cls, model: str | os.PathLike | None = None, budget: str | int = "50%", ring_depth: int = 2, threads: int | None = None,
              read_threads: int = 8, record: bool = False, progress: Callable[[int, int], None] | None = None,
-             max_read: int | None = None) -> "StreamingLanguageModel":
+             read_sizes: tuple[int, ...] | None = None) -> "StreamingLanguageModel":
         """`budget`: DRAM for weights and the ring (a size, or a share of the GGUF's weight bytes); the plan is made
-        now. `ring_depth`: at most this many reading buffers (fewer where the budget cannot hold them). `max_read`:
-        bytes per direct read (default `stream.MAX_READ`, 1 MiB)."""
+        now. `ring_depth`: at most this many reading buffers (fewer where the budget cannot hold them). `read_sizes`:
+        bytes per direct read to choose among by timing them (default `stream.READ_SIZES`; one size fixes it)."""
         from edgewise.flash.residency import model_parts, plan_residency
         from edgewise.gguf_io import read_gguf
         from edgewise.models import resolve_model
@@ -201,7 +204,7 @@ class StreamingLanguageModel(LanguageModel):
         gguf = read_gguf(path)
         parts = model_parts(gguf)
         plan = plan_residency(parts, parse_size(budget, of=sum(p.nbytes for p in parts), what="--budget"), ring_depth)
-        return cls.from_plan(path, gguf, plan, threads, read_threads, record, progress, max_read)
+        return cls.from_plan(path, gguf, plan, threads, read_threads, record, progress, read_sizes)
 
     @classmethod
     def from_store(cls, store: str | os.PathLike, model: str | os.PathLike | None = None, verify: bool = True, threads: int | None = None,
@@ -216,12 +219,12 @@ class StreamingLanguageModel(LanguageModel):
 
     @classmethod
     def from_plan(cls, path: Path, gguf, plan, threads: int | None = None, read_threads: int = 8, record: bool = False,
-                  progress: Callable[[int, int], None] | None = None, max_read: int | None = None) -> "StreamingLanguageModel":
+                  progress: Callable[[int, int], None] | None = None, read_sizes: tuple[int, ...] | None = None) -> "StreamingLanguageModel":
         """The model over `gguf` (read from `path`) with `plan`'s parts resident and the rest streamed."""
         import warnings
 
         from edgewise.flash.io import DirectReader
-        from edgewise.flash.stream import MAX_READ, PrefetchRing, StreamedFFN, layer_reads
+        from edgewise.flash.stream import READ_SIZES, PrefetchRing, StreamedFFN, layer_reads
         from edgewise.lm.config import ModelConfig
         from edgewise.lm.model import layer_act_bits
         from edgewise.lm.threads import HoldBack, ThreadGovernor
@@ -230,7 +233,7 @@ class StreamingLanguageModel(LanguageModel):
         governor = ThreadGovernor(requested=threads)
         _check_omp_wait_policy()
         cfg = ModelConfig.from_gguf(gguf)
-        reads = layer_reads(gguf, plan, max_read or MAX_READ)
+        reads = layer_reads(gguf, plan, read_sizes or READ_SIZES)
         ring = PrefetchRing(DirectReader(path, threads=read_threads, eof_tail_ok=True), reads, plan.ring_depth, record=record) if reads else None
         bits = layer_act_bits(cfg)
         embedding = None

@@ -13,6 +13,12 @@ next depth - 1 streamed layers are in flight. `acquire(layer)` waits until that 
 completed (the wait is the I/O the compute could not hide, and is counted); `release(layer)` hands
 the buffer back. A pass that ends early (an error mid-forward) is noticed at the next `acquire` of a
 layer out of turn: the ring drains and restarts at that layer.
+
+The size of each direct read is chosen by timing the reads themselves (`edgewise.trial.MeasuredChoice`
+over `READ_SIZES`, cost: seconds per byte of a layer's read), not from the probe: on the 2-core test
+machine two full benchmark runs decoded faster with 256 KiB reads than with 1 MiB at half the weights
+(1.90 against 1.61 tok/s; 1.71 against 1.62), while the probe, which reads with nothing else running,
+put 1 MiB level with or ahead of 256 KiB.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ from edgewise.flash.io import PAGE, DirectReader, aligned_buffer
 from edgewise.flash.residency import ResidencyPlan
 from edgewise.gguf_io import GGUFFile, GGUFTensor
 from edgewise.lm.weights import KQUANT_TYPES, KQuantLinear, load_linear
+from edgewise.trial import MeasuredChoice
 
-MAX_READ = 1 << 20  # bytes per pread: large reads are what flash is fast at (the probe's curve flattens by 1 MiB)
+READ_SIZES = (256 << 10, 1 << 20)  # bytes per pread the ring chooses among: large reads are what flash is fast at (the probe's curve flattens from 256 KiB)
 MERGE_GAP = 64 << 10  # tensors closer than this in the file are read as one range, gap included
 
 
@@ -42,12 +49,14 @@ class LayerReads:
 
     layer: int
     tensors: dict[str, tuple[GGUFTensor, int]]  # FFN role (ffn_gate, ...) -> (tensor, byte offset in the buffer)
-    runs: np.ndarray  # [n, 3] int64: (file offset, length, buffer offset), all multiples of PAGE
-    nbytes: int  # buffer bytes the layer needs
+    runs: dict[int, np.ndarray]  # read size -> [n, 3] int64: (file offset, length, buffer offset), all multiples of PAGE
+    nbytes: int  # buffer bytes the layer needs (and reads, at any read size)
 
 
-def layer_reads(gguf: GGUFFile, plan: ResidencyPlan, max_read: int = MAX_READ) -> dict[int, LayerReads]:
-    """The streamed FFN tensors of `plan`, per layer, as page-aligned runs of at most `max_read` bytes."""
+def layer_reads(gguf: GGUFFile, plan: ResidencyPlan, read_sizes: tuple[int, ...] = READ_SIZES) -> dict[int, LayerReads]:
+    """The streamed FFN tensors of `plan`, per layer, as page-aligned runs of at most each of `read_sizes` bytes."""
+    if not read_sizes or any(size < PAGE or size % PAGE for size in read_sizes):
+        raise EdgewiseError(f"read sizes {list(read_sizes)}: expected one or more multiples of {PAGE} bytes")
     by_layer: dict[int, list[GGUFTensor]] = {}
     for part in plan.streamed:
         if part.layer >= 0:
@@ -64,17 +73,17 @@ def layer_reads(gguf: GGUFFile, plan: ResidencyPlan, max_read: int = MAX_READ) -
                 ranges[-1][1] = max(ranges[-1][1], t.offset + t.nbytes)
             else:
                 ranges.append([t.offset, t.offset + t.nbytes])
-        runs, placed, at = [], {}, 0
+        runs: dict[int, list[tuple[int, int, int]]] = {size: [] for size in read_sizes}
+        placed, at = {}, 0
         for start, end in ranges:
             first, last = start // PAGE * PAGE, -(-end // PAGE) * PAGE
             for t in tensors:
                 if start <= t.offset < end:
                     placed[t.name.split(".")[2]] = (t, at + t.offset - first)
-            for off in range(first, last, max_read):
-                n = min(max_read, last - off)
-                runs.append((off, n, at + off - first))
+            for size, sized in runs.items():
+                sized += [(off, min(size, last - off), at + off - first) for off in range(first, last, size)]
             at += last - first
-        out[layer] = LayerReads(layer, placed, np.array(runs, dtype=np.int64).reshape(-1, 3), at)
+        out[layer] = LayerReads(layer, placed, {size: np.array(r, dtype=np.int64).reshape(-1, 3) for size, r in runs.items()}, at)
     return out
 
 
@@ -86,19 +95,27 @@ class RingStats:
     wait_s: float = 0.0  # the compute's time waiting for a read (I/O it could not hide)
     waits: int = 0  # acquires that found their read still in flight
     restarts: int = 0
+    by_size: dict[int, list[float]] = field(default_factory=dict)  # read size -> [layer reads, bytes, seconds]
     events: list[tuple[int, int, float, float]] = field(default_factory=list)  # (layer, slot, read done, handed out), when recorded
 
 
 class PrefetchRing:
-    """See the module docstring. `record=True` keeps one event per acquire (for tests and the report)."""
+    """See the module docstring. `record=True` keeps one event per acquire (for tests and the report). `read_sizes`:
+    the read sizes to choose among (default: every size `reads` has runs for)."""
 
-    def __init__(self, reader: DirectReader, reads: dict[int, LayerReads], depth: int = 2, record: bool = False):
+    def __init__(self, reader: DirectReader, reads: dict[int, LayerReads], depth: int = 2, record: bool = False,
+                 read_sizes: tuple[int, ...] | None = None):
         if depth < 1:
             raise EdgewiseError(f"the prefetch ring needs at least 1 buffer, got {depth}")
         if not reads:
             raise EdgewiseError("nothing to stream: every FFN weight is resident (use the dense runtime)")
         self.reader, self.reads, self.depth, self.record = reader, reads, depth, record
         self.order = sorted(reads)
+        self.read_sizes = tuple(sorted(read_sizes or next(iter(reads.values())).runs))
+        missing = [size for size in self.read_sizes if any(size not in r.runs for r in reads.values())]
+        if missing:
+            raise EdgewiseError(f"the prefetch ring: no runs planned for read sizes {missing}; plan them with layer_reads(read_sizes=...)")
+        self.read_size = MeasuredChoice()  # used by the reader thread alone
         slot_bytes = max(r.nbytes for r in reads.values())
         self.buffers = [aligned_buffer(slot_bytes) for _ in range(depth)]
         self.tensors = [torch.frombuffer(b, dtype=torch.uint8) for b in self.buffers]
@@ -131,13 +148,19 @@ class PrefetchRing:
                         return
                     seq = self._next_read
                 layer = self.order[seq % n]
+                size = self.read_size.choose(self.read_sizes)
+                runs = self.reads[layer].runs[size]
                 start = time.perf_counter()
-                self.reader.read(self.reads[layer].runs, self.buffers[seq % self.depth])
+                self.reader.read(runs, self.buffers[seq % self.depth])
                 done = time.perf_counter()
+                nbytes = int(runs[:, 1].sum())
+                self.read_size.record(size, (done - start) / nbytes)
                 with self._cv:
                     self.stats.reads += 1
-                    self.stats.bytes_read += int(self.reads[layer].runs[:, 1].sum())
+                    self.stats.bytes_read += nbytes
                     self.stats.read_s += done - start
+                    counts = self.stats.by_size.setdefault(size, [0, 0, 0.0])
+                    counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + nbytes, counts[2] + done - start
                     self._done_at[seq] = done
                     self._next_read = seq + 1
                     self._cv.notify_all()
@@ -145,6 +168,15 @@ class PrefetchRing:
             with self._cv:
                 self._error = exc
                 self._cv.notify_all()
+
+    def read_size_line(self) -> str:
+        """Each read size's share of the layer reads and its throughput over the ring's life, for a stats line."""
+        with self._cv:
+            sizes = sorted(self.stats.by_size.items())
+        if len(self.read_sizes) < 2 or not sizes:
+            return ""
+        parts = [f"{_kib(size)} {n_bytes / max(seconds, 1e-9) / 1e9:.2f} GB/s ({reads} reads)" for size, (reads, n_bytes, seconds) in sizes]
+        return "read sizes: " + ", ".join(parts)
 
     def close(self) -> None:
         if self._thread is not None:
@@ -187,6 +219,10 @@ class PrefetchRing:
             self._done_at.pop(self._next_use, None)
             self._next_use += 1
             self._cv.notify_all()
+
+
+def _kib(nbytes: int) -> str:
+    return f"{nbytes >> 20} MiB" if nbytes % (1 << 20) == 0 else f"{nbytes >> 10} KiB"
 
 
 class StreamedFFN(nn.Module):

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgewise.errors import EdgewiseError
+from edgewise.trial import MeasuredChoice
 
 
 @dataclass(frozen=True)
@@ -60,30 +61,19 @@ class PromptLookup:
 class DraftPolicy:
     """Whether to check a draft this pass: drafts pay where a pass costs about the same for a few rows as for
     one (weights read from flash), not where the compute of the extra rows dominates (weights in RAM). The
-    policy measures both: seconds per yielded token of passes with a draft and of plain passes (exponential
-    averages), drafts while that is the cheaper, and every `explore`-th choice takes the other to keep its
-    estimate current (the machine, the cache and the text change as generation goes)."""
+    policy measures both (`edgewise.trial.MeasuredChoice`): seconds per yielded token of passes with a draft
+    and of plain passes, drafts while that is the cheaper, and every `explore`-th choice takes the other to
+    keep its estimate current (the machine, the cache and the text change as generation goes)."""
 
     def __init__(self, explore: int = 8, smoothing: float = 0.25):
-        self.explore, self.smoothing = explore, smoothing
-        self.seconds_per_token: dict[bool, float | None] = {True: None, False: None}  # drafted? -> estimate
-        self.choices = 0
+        self.trial = MeasuredChoice(explore, smoothing)  # option: drafted?; cost: seconds per yielded token
 
     def draft(self) -> bool:
         """Check the draft this pass? (Asked only when there is a draft.)"""
-        self.choices += 1
-        drafted, plain = self.seconds_per_token[True], self.seconds_per_token[False]
-        if drafted is None:
-            return True
-        if plain is None:
-            return self.choices % self.explore != 0  # a plain pass now and then, to learn its cost
-        better = drafted <= plain
-        return better if self.choices % self.explore else not better
+        return self.trial.choose((True, False))
 
     def record(self, drafted: bool, seconds: float, tokens: int) -> None:
-        value = seconds / tokens
-        old = self.seconds_per_token[drafted]
-        self.seconds_per_token[drafted] = value if old is None else old + self.smoothing * (value - old)
+        self.trial.record(drafted, seconds / tokens)
 
 
 @dataclass

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from edgewise.errors import EdgewiseError
+from edgewise.trial import MeasuredChoice
 
 # /proc/stat "cpuN" columns: user nice system idle iowait irq softirq steal guest guest_nice.
 # guest and guest_nice are already inside user and nice, so the total is the first eight.
@@ -467,44 +468,29 @@ class HoldBack:
     (Qwen2.5-Coder-1.5B, half its weights streamed, 472 MB a pass) one compute thread decoded 2.55 tok/s
     with reads at 1.48 GB/s, two threads 1.88-2.11 tok/s with reads at 0.93-1.04 GB/s; with 70 MB a
     pass (85% resident) it is the other way round, 3.61 against 5.70 tok/s. Which wins depends on the
-    plan, the disk and the cores, so it is measured, as `DraftPolicy` measures drafts: exponential
-    averages of seconds per pass at the free count and at one fewer, kept apart by the kind of pass
-    (a pass checking a draft computes more rows than a plain one); each kind tries both counts first,
-    then takes the faster, and every `explore`-th choice takes the other to keep its estimate current.
+    plan, the disk and the cores, so it is measured (`edgewise.trial.MeasuredChoice`, as drafts and read
+    sizes are): seconds per pass at the free count and at one fewer, kept apart by the kind of pass (a
+    pass checking a draft computes more rows than a plain one); each kind tries both counts first, then
+    takes the faster, and every `explore`-th choice takes the other to keep its estimate current.
     """
 
     def __init__(self, explore: int = 8, smoothing: float = 0.25):
-        if explore < 2 or not 0 < smoothing <= 1:
-            raise ValueError(f"explore must be >= 2 and smoothing in (0, 1], got {explore}, {smoothing}")
-        self.explore, self.smoothing = explore, smoothing
-        self.seconds: dict[tuple[int, object], float] = {}  # (threads, kind of pass) -> seconds per pass
-        self.choices = 0
+        self.trial = MeasuredChoice(explore, smoothing)  # option: threads; context: kind of pass; cost: seconds per pass
 
     def choose(self, free: int, kind: object = None) -> int:
         """The thread count for the next pass of `kind`, when `free` threads are allowed."""
-        if free < 2:
-            return free
-        self.choices += 1
-        full, held = self.seconds.get((free, kind)), self.seconds.get((free - 1, kind))
-        if full is None:
-            return free
-        if held is None:
-            return free - 1
-        better, other = (free, free - 1) if full <= held else (free - 1, free)
-        return other if self.choices % self.explore == 0 else better
+        return free if free < 2 else self.trial.choose((free, free - 1), kind)
 
     def record(self, threads: int, kind: object, seconds: float) -> None:
-        old = self.seconds.get((threads, kind))
-        self.seconds[(threads, kind)] = seconds if old is None else old + self.smoothing * (seconds - old)
+        self.trial.record(threads, seconds, kind)
 
     def line(self, free: int) -> str:
         """What the trial found at `free` threads, for a stats line ('' before it has both estimates)."""
-        rows = [(kind, self.seconds[(free, kind)], self.seconds[(free - 1, kind)]) for (n, kind) in self.seconds
-                if n == free and (free - 1, kind) in self.seconds]
-        if not rows:
-            return ""
-        parts = [f"{'checks' if kind else 'plain'} {full * 1000:.0f} ms on {free}, {held * 1000:.0f} ms on {free - 1}" for kind, full, held in rows]
-        return "per pass: " + "; ".join(parts)
+        kinds = dict.fromkeys(kind for (kind, n) in self.trial.costs if n == free)
+        rows = [(kind, self.trial.cost(free, kind), self.trial.cost(free - 1, kind)) for kind in kinds]
+        parts = [f"{'checks' if kind else 'plain'} {full * 1000:.0f} ms on {free}, {held * 1000:.0f} ms on {free - 1}"
+                 for kind, full, held in rows if held is not None]
+        return "per pass: " + "; ".join(parts) if parts else ""
 
 
 # ----------------------------------------------------------------------------- the governor
