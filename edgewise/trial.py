@@ -10,7 +10,7 @@ estimates fresh.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 
 class MeasuredChoice:
@@ -34,8 +34,10 @@ class MeasuredChoice:
         self._records = 0
         self.choices = 0
 
-    def choose(self, options: Sequence[Hashable], context: Hashable = None) -> Hashable:
-        """The option to use next in `context`."""
+    def choose(self, options: Sequence[Hashable], context: Hashable = None,
+               score: Callable[[Hashable, float], float] | None = None) -> Hashable:
+        """The option to use next in `context`. `score(option, average cost)`: what to minimise, where the measured
+        cost is not all there is to it (default: the cost itself)."""
         if not options:
             raise ValueError("nothing to choose from")
         if len(options) == 1:
@@ -46,7 +48,9 @@ class MeasuredChoice:
             return untried[0]
         if self.choices % self.explore == 0:
             return min(options, key=lambda o: self._last[(context, o)])
-        return min(options, key=lambda o: self.costs[(context, o)])
+        if score is None:
+            return min(options, key=lambda o: self.costs[(context, o)])
+        return min(options, key=lambda o: score(o, self.costs[(context, o)]))
 
     def record(self, option: Hashable, cost: float, context: Hashable = None) -> None:
         """A measured cost of `option` in `context` (any unit, the same for every option: lower is better)."""

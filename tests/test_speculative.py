@@ -41,19 +41,40 @@ def test_accept_keeps_the_agreeing_prefix_and_the_models_next_token():
     assert accept([1, 2, 3], [9, 2, 3, 4]) == [9]
 
 
-@pytest.mark.parametrize("check_cost, expect_checks", [(1.1, (85, 100)), (4.0, (5, 20))])
-def test_the_policy_checks_drafts_only_while_they_pay(check_cost, expect_checks):
-    """Synthetic passes: a plain one costs 1 s for 1 token; a check costs `check_cost` s and yields 2 tokens.
-    Read-bound (1.1 s) the checks pay and nearly every pass checks; compute-bound (4 s) only the exploring ones do."""
+@pytest.mark.parametrize("per_row, accepted, settles_on", [(0.05, 4, 4), (1.5, 2, 0), (0.3, 1, 1)])
+def test_the_policy_checks_the_draft_length_that_pays(per_row, accepted, settles_on):
+    """Synthetic passes: a pass of 1 + k rows costs 1 + per_row * k seconds and yields 1 + min(k, accepted) tokens.
+    Read-bound (0.05 s a row) the whole draft pays; compute-bound (1.5 s a row, 2 accepted) no draft does; where only the first
+    drafted token is right and a row costs 0.3 s, a draft of 1 is cheapest (0.65 s a token, against 0.8 for 2, 1.1
+    for 4 and 1.0 plain). Explorations aside, the policy settles there."""
     policy = DraftPolicy(explore=8)
-    checks = 0
+    seen = []
     for _ in range(100):
-        if policy.draft():
-            checks += 1
-            policy.record(True, check_cost, 2)
-        else:
-            policy.record(False, 1.0, 1)
-    assert expect_checks[0] <= checks <= expect_checks[1], checks
+        k = policy.length(4)
+        policy.record(k, 1 + per_row * k, 1 + min(k, accepted))
+        seen.append(k)
+    assert seen[:4] == [4, 2, 1, 0]  # each length once, the whole draft first
+    assert seen[4:].count(settles_on) >= 80, seen
+    assert policy.length(0) == 0  # no draft: a plain pass
+    fresh, offered = DraftPolicy(), []
+    for _ in range(4):  # a draft of 3 offers 3, 2, 1 and plain
+        offered.append(fresh.length(3))
+        fresh.record(offered[-1], 1.0, 1)
+    assert offered == [3, 2, 1, 0]
+
+
+def test_the_policy_pools_acceptance_over_checks():
+    policy = DraftPolicy()
+    policy.record(4, 1.0, 3)  # a check of 4 drafted tokens: the first 2 accepted, the 3rd rejected, the 4th not reached
+    assert policy.reached == [1, 1, 1] and policy.accepted == [1, 1, 0]
+    policy.record(1, 1.0, 1)  # a check of 1: rejected
+    assert policy.reached == [2, 1, 1] and policy.accepted == [1, 1, 0]
+    # position 1: (1 + 1) / (2 + 2); position 2: (1 + 1) / (1 + 2); position 3: (0 + 1) / (1 + 2); 4: 1/2 (never reached)
+    p = [2 / 4, 2 / 3, 1 / 3, 1 / 2]
+    assert policy.expected_tokens(0) == 1.0
+    assert policy.expected_tokens(4) == pytest.approx(1 + p[0] + p[0] * p[1] + p[0] * p[1] * p[2] + p[0] * p[1] * p[2] * p[3])
+    policy.record(0, 1.0, 1)  # a plain pass informs no position
+    assert policy.reached == [2, 1, 1]
 
 
 def test_bad_settings_are_refused():

@@ -207,15 +207,15 @@ def run(g, clock, seconds, step=0.0625):  # binary fractions: exact clock sums
     return seen
 
 
-def decode_passes(g, clock, cost, kinds, step=0.0625):
-    """Passes as LanguageModel.generate runs them: pass_started(kind), the pass (seconds = cost(threads, kind)),
+def decode_passes(g, clock, cost, passes, step=0.0625):
+    """Passes as LanguageModel.generate runs them (`passes`: each one's rows): pass_started(rows), the pass (seconds = cost(threads, rows)),
     pass_done, tick. Returns the thread count of each pass."""
     seen = []
-    for kind in kinds:
-        n = g.pass_started(kind)
-        seconds = cost(n, kind)
+    for rows in passes:
+        n = g.pass_started(rows)
+        seconds = cost(n, rows)
         clock.t += step
-        g.pass_done(kind, seconds)
+        g.pass_done(rows, seconds)
         g.tick()
         seen.append(n)
     return seen
@@ -226,7 +226,7 @@ def test_hold_back_tries_both_counts_then_keeps_the_faster_and_explores(faster):
     g, clock, set_calls, releases = governor([0.0] * 200)
     g.hold_back = HoldBack(explore=8)
     g.start()
-    seen = decode_passes(g, clock, lambda n, kind: 0.3 if n == faster else 0.5, [False] * 40)
+    seen = decode_passes(g, clock, lambda n, kind: 0.3 if n == faster else 0.5, [1] * 40)
     assert seen[:2] == [2, 1]  # the free count first, then one fewer
     settled = seen[2:]
     other = 3 - faster
@@ -237,16 +237,16 @@ def test_hold_back_tries_both_counts_then_keeps_the_faster_and_explores(faster):
         assert releases  # dropping to 1 releases the spinning OpenMP workers, as the rule's decreases do
 
 
-def test_hold_back_keeps_kinds_of_pass_apart():
+def test_hold_back_keeps_passes_of_different_rows_apart():
     # checking a draft (5 rows) is compute-bound: 2 threads win; a plain pass is read-bound: 1 wins
     g, clock, _, _ = governor([0.0] * 200)
     g.hold_back = HoldBack(explore=1000)
     g.start()
-    cost = {(2, True): 0.8, (1, True): 1.2, (2, False): 0.5, (1, False): 0.35}
-    kinds = [True, False] * 10
+    cost = {(2, 5): 0.8, (1, 5): 1.2, (2, 1): 0.5, (1, 1): 0.35}
+    kinds = [5, 1] * 10
     seen = decode_passes(g, clock, lambda n, kind: cost[(n, kind)], kinds)
     assert seen[4:] == [2, 1] * 8
-    assert "checks 800 ms on 2, 1200 ms on 1" in g.hold_back.line(2) and "plain 500 ms on 2, 350 ms on 1" in g.hold_back.line(2)
+    assert "5 rows 800 ms on 2, 1200 ms on 1" in g.hold_back.line(2) and "plain 500 ms on 2, 350 ms on 1" in g.hold_back.line(2)
 
 
 def test_hold_back_follows_the_rule_and_leaves_requested_counts_alone():
@@ -254,13 +254,13 @@ def test_hold_back_follows_the_rule_and_leaves_requested_counts_alone():
     g, clock, _, _ = governor([0.0] + [1.0] * 100)
     g.hold_back = HoldBack()
     g.start()
-    seen = decode_passes(g, clock, lambda n, kind: 0.3 if n == 1 else 0.5, [False] * 40, step=0.25)
+    seen = decode_passes(g, clock, lambda n, kind: 0.3 if n == 1 else 0.5, [1] * 40, step=0.25)
     assert g.free_threads == 1 and seen[-10:] == [1] * 10 and g.changes == 1
     # --threads fixes the count: no trial
     g, clock, set_calls, _ = governor([], requested=2)
     g.hold_back = HoldBack()
     g.start()
-    assert decode_passes(g, clock, lambda n, kind: 0.3 if n == 1 else 0.5, [False] * 10) == [2] * 10
+    assert decode_passes(g, clock, lambda n, kind: 0.3 if n == 1 else 0.5, [1] * 10) == [2] * 10
     assert not g.hold_back.trial.costs
     with pytest.raises(ValueError):
         HoldBack(explore=1)

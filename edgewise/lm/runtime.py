@@ -208,7 +208,7 @@ class LanguageModel:
 
         `lookup`: speculative decoding with prompt-lookup drafts (greedy only; `edgewise.lm.speculative`):
         a pass that checks a draft yields one token or more, the same tokens as without it; a `DraftPolicy`
-        checks drafts only while that costs less per token than plain passes, as measured here."""
+        chooses how much of each draft to check (none: a plain pass) by what each length has cost per token here."""
         self.check_prompt(ids, max_new_tokens)
         sampler = sampler or Sampler()
         if lookup is not None and sampler.temperature != 0:
@@ -236,8 +236,9 @@ class LanguageModel:
             token = pending[-1]
             # a check of [token, draft...] may yield len(draft) + 1 tokens: no more than are left
             draft = lookup.propose(context, max_new_tokens - stats.new_tokens - 1) if lookup else []
-            checked = bool(draft) and policy.draft()
-            self.governor.pass_started(checked)
+            draft = draft[: policy.length(len(draft))]
+            checked = bool(draft)
+            self.governor.pass_started(1 + len(draft))  # the kind of pass: its rows
             started = time.perf_counter()
             if checked:
                 logits = self.prefill([token, *draft], cache, start=position, last_only=False)
@@ -245,13 +246,14 @@ class LanguageModel:
                 stats.speculation.drafted += len(draft)
                 stats.speculation.accepted += len(pending) - 1
                 stats.speculation.checks += 1
+                stats.speculation.lengths[len(draft)] = stats.speculation.lengths.get(len(draft), 0) + 1
             else:
                 pending = [sampler(self.decode(token, position, cache))]
             seconds = time.perf_counter() - started
-            self.governor.pass_done(checked, seconds)
+            self.governor.pass_done(1 + len(draft), seconds)
             if stats.speculation is not None:
                 stats.speculation.passes += 1
-                policy.record(checked, seconds, len(pending))
+                policy.record(len(draft), seconds, len(pending))
             position += len(pending)
             stats.threads = self.governor.tick()
             stats.min_threads, stats.max_threads = min(stats.min_threads, stats.threads), max(stats.max_threads, stats.threads)

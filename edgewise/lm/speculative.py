@@ -19,7 +19,7 @@ occurrence are the draft. Code repeats itself (names, signatures, patterns), so 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edgewise.errors import EdgewiseError
 from edgewise.trial import MeasuredChoice
@@ -59,21 +59,58 @@ class PromptLookup:
 
 
 class DraftPolicy:
-    """Whether to check a draft this pass: drafts pay where a pass costs about the same for a few rows as for
-    one (weights read from flash), not where the compute of the extra rows dominates (weights in RAM). The
-    policy measures both (`edgewise.trial.MeasuredChoice`): seconds per yielded token of passes with a draft
-    and of plain passes, drafts while that is the cheaper, and every `explore`-th choice takes the other to
-    keep its estimate current (the machine, the cache and the text change as generation goes)."""
+    """How many of a draft's tokens to check this pass; 0 is a plain pass.
+
+    Drafts pay where a pass costs about the same for a few rows as for one (weights read from flash), not where
+    the compute of the extra rows dominates (weights in RAM); in between, a short check can pay where a long one
+    does not: on the AVX2 test machine a check of 5 rows cost 1.4-2.3x a plain pass with half of
+    Qwen2.5-Coder-1.5B streamed, while about half of the drafted tokens were accepted. The policy chooses the
+    length with the least expected seconds per yielded token, from two estimates:
+    - seconds per pass of each length (0, the powers of two below the draft's length, the whole draft),
+      measured (`edgewise.trial.MeasuredChoice`: each length tried once, then the best, and every
+      `explore`-th choice the stalest, so the estimates follow the machine and the cache);
+    - tokens per pass: 1 + the expected accepted prefix, from how often each draft position was accepted
+      once reached, pooled over every check (a check of 4 tokens informs the first 2 too). Pooled counts
+      settle in a few checks, where the seconds per token of single passes swing with each draft's luck.
+    """
 
     def __init__(self, explore: int = 8, smoothing: float = 0.25):
-        self.trial = MeasuredChoice(explore, smoothing)  # option: drafted?; cost: seconds per yielded token
+        self.trial = MeasuredChoice(explore, smoothing)  # option: draft tokens checked; cost: seconds per pass
+        self.reached: list[int] = []  # [j]: checks that reached draft position j + 1 (all before it accepted)
+        self.accepted: list[int] = []  # [j]: of those, the checks that accepted it
 
-    def draft(self) -> bool:
-        """Check the draft this pass? (Asked only when there is a draft.)"""
-        return self.trial.choose((True, False))
+    def expected_tokens(self, length: int) -> float:
+        """Tokens a check of `length` draft tokens is expected to yield (1 for a plain pass); a position not yet
+        reached counts as accepted half the time (a uniform prior)."""
+        tokens, reach = 1.0, 1.0
+        for j in range(length):
+            n, a = (self.reached[j], self.accepted[j]) if j < len(self.reached) else (0, 0)
+            reach *= (a + 1) / (n + 2)
+            tokens += reach
+        return tokens
 
-    def record(self, drafted: bool, seconds: float, tokens: int) -> None:
-        self.trial.record(drafted, seconds / tokens)
+    def length(self, available: int) -> int:
+        """Draft tokens to check this pass, of the `available` ones proposed (0: a plain pass)."""
+        if available <= 0:
+            return 0
+        options, k = [available], 1
+        while k < available:
+            options.append(k)
+            k *= 2
+        return self.trial.choose(sorted(options, reverse=True) + [0],  # the whole draft tried first, a plain pass last
+                                 score=lambda k, seconds: seconds / self.expected_tokens(k))
+
+    def record(self, length: int, seconds: float, tokens: int) -> None:
+        """A pass that checked `length` draft tokens (0: plain) took `seconds` and yielded `tokens` (the accepted
+        prefix and the model's own next token)."""
+        self.trial.record(length, seconds)
+        accepted = tokens - 1
+        for j in range(min(accepted + 1, length)):  # positions reached: the accepted ones and the first rejected
+            if j == len(self.reached):
+                self.reached.append(0)
+                self.accepted.append(0)
+            self.reached[j] += 1
+            self.accepted[j] += j < accepted
 
 
 @dataclass
@@ -84,6 +121,7 @@ class SpeculationStats:
     drafted: int = 0
     accepted: int = 0
     checks: int = 0  # passes that checked a draft (the policy skips drafts where they do not pay)
+    lengths: dict[int, int] = field(default_factory=dict)  # draft tokens checked -> checks of that length (the policy's choice)
 
     @property
     def acceptance(self) -> float:
@@ -94,8 +132,10 @@ class SpeculationStats:
         return (new_tokens - 1) / self.passes if self.passes else 0.0
 
     def line(self, new_tokens: int) -> str:
+        lengths = ", ".join(f"{n} of {k}" for k, n in sorted(self.lengths.items(), reverse=True))
         return (f"speculation: {self.accepted}/{self.drafted} drafted tokens accepted ({self.acceptance:.0%}) in "
-                f"{self.checks} of {self.passes} passes, {self.tokens_per_pass(new_tokens):.2f} tokens per pass")
+                f"{self.checks} of {self.passes} passes{f' (checks of {lengths} tokens)' if lengths else ''}, "
+                f"{self.tokens_per_pass(new_tokens):.2f} tokens per pass")
 
 
 def accept(draft: list[int], predicted: list[int]) -> list[int]:

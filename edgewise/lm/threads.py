@@ -469,27 +469,27 @@ class HoldBack:
     with reads at 1.48 GB/s, two threads 1.88-2.11 tok/s with reads at 0.93-1.04 GB/s; with 70 MB a
     pass (85% resident) it is the other way round, 3.61 against 5.70 tok/s. Which wins depends on the
     plan, the disk and the cores, so it is measured (`edgewise.trial.MeasuredChoice`, as drafts and read
-    sizes are): seconds per pass at the free count and at one fewer, kept apart by the kind of pass (a
-    pass checking a draft computes more rows than a plain one); each kind tries both counts first, then
-    takes the faster, and every `explore`-th choice takes the other to keep its estimate current.
+    sizes are): seconds per pass at the free count and at one fewer, kept apart by the rows a pass computes
+    (1 for a plain pass, more for one checking a draft); each row count tries both thread counts first,
+    then takes the faster, and every `explore`-th choice takes the other to keep its estimate current.
     """
 
     def __init__(self, explore: int = 8, smoothing: float = 0.25):
-        self.trial = MeasuredChoice(explore, smoothing)  # option: threads; context: kind of pass; cost: seconds per pass
+        self.trial = MeasuredChoice(explore, smoothing)  # option: threads; context: rows of the pass; cost: seconds per pass
 
-    def choose(self, free: int, kind: object = None) -> int:
-        """The thread count for the next pass of `kind`, when `free` threads are allowed."""
-        return free if free < 2 else self.trial.choose((free, free - 1), kind)
+    def choose(self, free: int, rows: int = 1) -> int:
+        """The thread count for the next pass of `rows` rows, when `free` threads are allowed."""
+        return free if free < 2 else self.trial.choose((free, free - 1), rows)
 
-    def record(self, threads: int, kind: object, seconds: float) -> None:
-        self.trial.record(threads, seconds, kind)
+    def record(self, threads: int, rows: int, seconds: float) -> None:
+        self.trial.record(threads, seconds, rows)
 
     def line(self, free: int) -> str:
         """What the trial found at `free` threads, for a stats line ('' before it has both estimates)."""
-        kinds = dict.fromkeys(kind for (kind, n) in self.trial.costs if n == free)
-        rows = [(kind, self.trial.cost(free, kind), self.trial.cost(free - 1, kind)) for kind in kinds]
-        parts = [f"{'checks' if kind else 'plain'} {full * 1000:.0f} ms on {free}, {held * 1000:.0f} ms on {free - 1}"
-                 for kind, full, held in rows if held is not None]
+        measured = sorted({rows for (rows, n) in self.trial.costs if n == free})
+        costs = [(rows, self.trial.cost(free, rows), self.trial.cost(free - 1, rows)) for rows in measured]
+        parts = [f"{'plain' if rows == 1 else f'{rows} rows'} {full * 1000:.0f} ms on {free}, {held * 1000:.0f} ms on {free - 1}"
+                 for rows, full, held in costs if held is not None]
         return "per pass: " + "; ".join(parts) if parts else ""
 
 
@@ -522,7 +522,7 @@ class ThreadGovernor:
     With `requested` set the count is fixed: no measurement, no change.
 
     `hold_back` (a `HoldBack`, set by a model that reads from flash while it computes): around each pass,
-    `pass_started(kind)` may run it on one thread fewer than the rule allows, and `pass_done(kind, s)`
+    `pass_started(rows)` may run it on one thread fewer than the rule allows, and `pass_done(rows, s)`
     records its time; the rule's count itself (`free_threads`) is unchanged by it.
 
     The setters, meter and clock are injectable for tests; the defaults use torch and /proc.
@@ -604,19 +604,19 @@ class ThreadGovernor:
         self._next_at = math.inf if self.requested is not None else self._clock() + self.period_s
         return n
 
-    def pass_started(self, kind: object = None) -> int:
-        """Before a forward pass of `kind`: with `hold_back` (and no requested count), the count it chooses for
+    def pass_started(self, rows: int = 1) -> int:
+        """Before a forward pass of `rows` rows (1: a plain decode pass): with `hold_back` (and no requested count), the count it chooses for
         this pass; else the current count."""
         if self.hold_back is not None and self.requested is None and self._free:
-            n = self.hold_back.choose(self._free, kind)
+            n = self.hold_back.choose(self._free, rows)
             if n != self._threads:
                 self._apply(n, self._threads)
         return self._threads
 
-    def pass_done(self, kind: object, seconds: float) -> None:
+    def pass_done(self, rows: int, seconds: float) -> None:
         """After that pass: its time, for `hold_back`."""
         if self.hold_back is not None and self.requested is None:
-            self.hold_back.record(self._threads, kind, seconds)
+            self.hold_back.record(self._threads, rows, seconds)
 
     def _record(self, sample: CpuSample, best: int, threads: int) -> None:
         self.measurements += 1
