@@ -22,7 +22,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 from gguf import quants
 from torch import nn
@@ -31,6 +30,7 @@ from edgewise.errors import EdgewiseError
 from edgewise.flash.cache import UnitCache
 from edgewise.flash.io import CostModel, DirectReader, ProbeResult
 from edgewise.flash.store import PROBE_FILE, Q4_1_BLOCK, QK, FlashStore, nibbles_to_codes
+from edgewise.lm.model import gated
 from edgewise.sizes import parse_size
 
 Mode = Literal["flash", "naive"]
@@ -290,7 +290,7 @@ def ffn_over_units_reference(x: torch.Tensor, units: torch.Tensor, n_units: int,
     codes = torch.from_numpy(nibbles_to_codes(bundles[:, 2 * rb :].reshape(len(bundles), D // QK, 16)).reshape(len(bundles), D).astype(np.float32))
     block = ids // QK
     down = codes * down_d.float()[block] + down_m.float()[block]  # [n, D]: column i of the down matrix
-    h = F.silu(gate @ x[0].float()) * (up @ x[0].float())
+    h = gated(gate @ x[0].float(), up @ x[0].float())  # SwiGLU: the bundled store holds Q4_1 llama-style models
     return (h @ down)[None]
 
 

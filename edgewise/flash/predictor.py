@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edgewise.lm.layerwise import LayerWalk
@@ -33,8 +32,7 @@ class _Capture(nn.Module):
         self.ffn, self.xs, self.hs = ffn, xs, hs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.ffn.gate_up(x).float().chunk(2, dim=-1)
-        h = F.silu(gate) * up
+        h = self.ffn.hidden(x)
         self.xs.append(x.float().clone())
         self.hs.append(h.abs().to(torch.float16))
         return self.ffn.down(h.to(x.dtype))
@@ -154,8 +152,7 @@ class SelectedFFN(nn.Module):
         self.ffn, self.a, self.b_units, self.c_units, self.neuron_unit, self.k_units = ffn, a, b_units, c_units, neuron_unit, k_units
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.ffn.gate_up(x).float().chunk(2, dim=-1)
-        h = F.silu(gate) * up
+        h = self.ffn.hidden(x)
         scores = (x.float() @ self.a.T) @ self.b_units.T + self.c_units
         keep = torch.zeros_like(scores).scatter_(1, scores.topk(self.k_units, dim=1).indices, 1.0)
         return self.ffn.down((h * keep[:, self.neuron_unit]).to(x.dtype))

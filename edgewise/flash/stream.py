@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edgewise.errors import EdgewiseError
 from edgewise.flash.io import PAGE, DirectReader, aligned_buffer
 from edgewise.flash.residency import ResidencyPlan
 from edgewise.gguf_io import GGUFFile, GGUFTensor
+from edgewise.lm.model import gated
 from edgewise.lm.weights import KQUANT_TYPES, KQuantLinear, load_linear
 from edgewise.trial import MeasuredChoice
 
@@ -251,7 +251,7 @@ class StreamedFFN(nn.Module):
         try:
             gate = self._linear("ffn_gate", buffer)(x).float()
             up = self._linear("ffn_up", buffer)(x).float()
-            h = (F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up
+            h = gated(gate, up, self.gelu)
             return self._linear("ffn_down", buffer)(h.to(x.dtype))
         finally:
             if self.streamed:

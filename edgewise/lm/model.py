@@ -112,6 +112,12 @@ def attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
     return (scores.softmax(-1)[..., None] * values[:, None, :, :]).sum(-2)
 
 
+def gated(gate: torch.Tensor, up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """The gated FFN's hidden activation, act(gate) * up, act SiLU (SwiGLU) or tanh-GELU (GeGLU): its one definition
+    (the streamed FFN, the flash engine and the predictors' calibration use it too)."""
+    return (F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)) * up
+
+
 class FeedForward(nn.Module):
     """Gated FFN: down(act(gate x) * up x), act SiLU (SwiGLU) or tanh-GELU (GeGLU); `gate_up` computes
     gate and up side by side in one matmul."""
@@ -121,10 +127,13 @@ class FeedForward(nn.Module):
         self.gate_up, self.down = gate_up, down
         self.gelu = activation == "gelu_tanh"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The hidden activation h = act(gate x) * up x, in fp32."""
         gate, up = self.gate_up(x).float().chunk(2, dim=-1)
-        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.down((gate * up).to(x.dtype))
+        return gated(gate, up, self.gelu)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.hidden(x).to(x.dtype))
 
 
 class Block(nn.Module):
