@@ -3,7 +3,7 @@
 Some settings are best decided by measuring them where they run, not by a rule or a probe: whether a
 speculative draft pays (it depends on where the weights are), how many CPUs should compute while the
 process's own reader threads wait for the disk, how large each direct read should be (a standalone
-probe of the disk and the reads a model makes among its compute disagree). `MeasuredChoice` is the one
+probe of the disk and the reads a model makes among its compute can disagree). `MeasuredChoice` is the one
 rule all of them use: a small bandit that exploits the cheapest measured option and keeps the others'
 estimates fresh.
 """
