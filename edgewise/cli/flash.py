@@ -13,7 +13,6 @@ from edgewise.errors import EdgewiseError
 def add_commands(sub) -> None:
     """`flash convert` and `flash probe`."""
     flash = sub.add_parser("flash", help="flash inference: convert a model into a flash store, measure the disk")
-    flash.set_defaults(handler=cmd_flash)
     flash_sub = flash.add_subparsers(dest="flash_command", metavar="ACTION", required=True)
     conv = flash_sub.add_parser(
         "convert",
@@ -48,26 +47,30 @@ def add_commands(sub) -> None:
         "when a store is given, else as this machine's default (~/.cache/edgewise/flash_probe.json).",
     )
     pr.add_argument("store", nargs="?", metavar="STORE", help="save the result with this store (and probe its disk)")
+    conv.set_defaults(handler=cmd_flash_convert)
+    pr.set_defaults(handler=cmd_flash_probe)
 
 
-def cmd_flash(args) -> int:
-    if args.flash_command == "probe":
-        from edgewise.flash.engine import default_probe_path
-        from edgewise.flash.store import PROBE_FILE
-        from edgewise.flash.io import probe
+def cmd_flash_probe(args) -> int:
+    from edgewise.flash.engine import default_probe_path
+    from edgewise.flash.store import PROBE_FILE
+    from edgewise.flash.io import probe
 
-        folder = Path(args.store) if args.store else default_probe_path().parent
-        if args.store and not folder.is_dir():
-            raise EdgewiseError(f"{folder}: no such flash store directory; create it with `edgewise flash convert {folder}`")
-        folder.mkdir(parents=True, exist_ok=True)
-        result = probe(folder, progress=progress_bar("probing"))
-        out = result.save(folder / PROBE_FILE if args.store else default_probe_path())
-        print(f"direct I/O: {'O_DIRECT' if result.direct else 'page cache + DONTNEED (O_DIRECT refused)'}")
-        print("read size  " + "  ".join(f"{t:>3} thr" for t in result.threads) + "   (GB/s)")
-        for size, row in zip(result.sizes, result.gbps):
-            print(f"{size >> 10:>6} KiB " + "  ".join(f"{g:7.2f}" for g in row))
-        print(f"saved {out}")
-        return 0
+    folder = Path(args.store) if args.store else default_probe_path().parent
+    if args.store and not folder.is_dir():
+        raise EdgewiseError(f"{folder}: no such flash store directory; create it with `edgewise flash convert {folder}`")
+    folder.mkdir(parents=True, exist_ok=True)
+    result = probe(folder, progress=progress_bar("probing"))
+    out = result.save(folder / PROBE_FILE if args.store else default_probe_path())
+    print(f"direct I/O: {'O_DIRECT' if result.direct else 'page cache + DONTNEED (O_DIRECT refused)'}")
+    print("read size  " + "  ".join(f"{t:>3} thr" for t in result.threads) + "   (GB/s)")
+    for size, row in zip(result.sizes, result.gbps):
+        print(f"{size >> 10:>6} KiB " + "  ".join(f"{g:7.2f}" for g in row))
+    print(f"saved {out}")
+    return 0
+
+
+def cmd_flash_convert(args) -> int:
     if args.budget is not None:
         return _convert_plan(args)
     from edgewise.flash.convert import ConvertOptions, convert

@@ -34,7 +34,6 @@ TINY_MODELS = ("imagenet-mbv2", "mbv2-w0.35", "proxyless-w0.3", "mcunet-5fps-lik
 def add_commands(sub) -> None:
     """`tiny` and its actions."""
     tiny = sub.add_parser("tiny", help="tiny training: compile a model into a training step that fits a microcontroller")
-    tiny.set_defaults(handler=cmd_tiny)
     tiny_sub = tiny.add_subparsers(dest="tiny_command", metavar="COMMAND", required=True)
     plan = tiny_sub.add_parser(
         "plan",
@@ -162,6 +161,8 @@ def add_commands(sub) -> None:
     fw.add_argument("--epochs", type=positive_int, default=1, help="--run: passes over the training images, in the same order (default 1)")
     fw.add_argument("--insns-k", type=positive_int, default=4, metavar="K", help="--run: steps per instruction-count run (default 4)")
     fw.add_argument("--check-host", action="store_true", help="--run: also run the same program natively and require identical results")
+    for leaf, handler in ((plan, cmd_tiny_plan), (comp, cmd_tiny_compile), (train, cmd_tiny_train), (cgen, cmd_tiny_codegen), (fw, cmd_tiny_firmware)):
+        leaf.set_defaults(handler=handler)
 
 
 def _add_c_args(p: argparse.ArgumentParser, out_default: str) -> None:
@@ -179,11 +180,6 @@ def _add_c_args(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed for the data subset and order, and the stochastic rounding (default 0)")
     p.add_argument("--budget", type=size_in_bytes, default="256KB", help="SRAM the planned step (arena + trained parameters) must fit, checked before any C is written (default 256KB)")
     p.add_argument("--out", default=out_default, metavar="DIR", help=f"output folder (default {out_default})")
-
-
-def cmd_tiny(args) -> int:
-    handlers = {"plan": cmd_tiny_plan, "train": cmd_tiny_train, "compile": cmd_tiny_compile, "codegen": cmd_tiny_codegen, "firmware": cmd_tiny_firmware}
-    return handlers[args.tiny_command](args)
 
 
 def _tiny_model(name: str, n_classes: int):

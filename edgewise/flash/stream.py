@@ -103,21 +103,17 @@ class RingStats:
 
 
 class PrefetchRing:
-    """See the module docstring. `record=True` keeps one event per acquire (for tests and the report). `read_sizes`:
-    the read sizes to choose among (default: every size `reads` has runs for)."""
+    """See the module docstring. `record=True` keeps one event per acquire (for tests and the report). The read
+    sizes chosen among are those `reads` has runs for (`layer_reads(read_sizes=...)`)."""
 
-    def __init__(self, reader: DirectReader, reads: dict[int, LayerReads], depth: int = 2, record: bool = False,
-                 read_sizes: tuple[int, ...] | None = None):
+    def __init__(self, reader: DirectReader, reads: dict[int, LayerReads], depth: int = 2, record: bool = False):
         if depth < 1:
             raise EdgewiseError(f"the prefetch ring needs at least 1 buffer, got {depth}")
         if not reads:
             raise EdgewiseError("nothing to stream: every FFN weight is resident (use the dense runtime)")
         self.reader, self.reads, self.depth, self.record = reader, reads, depth, record
         self.order = sorted(reads)
-        self.read_sizes = tuple(sorted(read_sizes or next(iter(reads.values())).runs))
-        missing = [size for size in self.read_sizes if any(size not in r.runs for r in reads.values())]
-        if missing:
-            raise EdgewiseError(f"the prefetch ring: no runs planned for read sizes {missing}; plan them with layer_reads(read_sizes=...)")
+        self.read_sizes = tuple(sorted(next(iter(reads.values())).runs))  # layer_reads plans every layer at the same sizes
         self.read_size = MeasuredChoice()  # used by the reader thread alone
         slot_bytes = max(r.nbytes for r in reads.values())
         self.buffers = [aligned_buffer(slot_bytes) for _ in range(depth)]
