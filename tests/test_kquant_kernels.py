@@ -1,6 +1,7 @@
 """The K-quant kernel (edgewise/kernels/kquant_matmul.cpp) against two references: gguf's own
 dequantization (the meaning of the bytes) and a numpy model of the kernel's integer arithmetic
-(activations rounded per block of 32, exact integer block dots, scales applied in float)."""
+(activations rounded to int8 with a step per block of 32 that is a 5-bit multiple of one scale per
+super-block, or to int16 per block of 32; exact integer block dots, scales applied in float)."""
 
 from __future__ import annotations
 
@@ -70,16 +71,36 @@ def unpack(raw: np.ndarray, qtype: QT, k: int):
     return q.reshape(n, k), s.reshape(n, k), np.zeros((n, k)), np.repeat(d, 256, -1)
 
 
-def numpy_model(x: np.ndarray, raw: np.ndarray, qtype: QT, act_bits: int) -> np.ndarray:
-    """The kernel's arithmetic in float64: x rounded per block of 32 (half to even), then per block
-    sum(d * s * (q . xq)) * dx - m * dx * sum(xq), exact integer dots inside each (sub-)block."""
+def int8_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """blocks.h's ActivationsK in float32, op for op: per super-block of 256 D = max|x| / (127 * 31), per block of 32
+    e = ceil(31 * max|x_b| / max|x|) in 1..31, codes rint(x / (D * e)) -> (codes [rows, K], step D * e per element)."""
     rows, k = x.shape
-    xb = x.reshape(rows, k // 32, 32).astype(np.float32)
-    dx = np.abs(xb).max(-1) / np.float32(127 if act_bits == 8 else 32767)
-    inv = np.where(dx > 0, np.float32(1) / np.where(dx > 0, dx, 1), 0).astype(np.float32)
-    xq = np.rint(xb * inv[..., None]).astype(np.int64).reshape(rows, k)
+    xb = x.reshape(rows, k // 256, 8, 32).astype(np.float32)
+    amax = np.abs(xb).max(-1)
+    top = amax.max(-1, keepdims=True)
+    D = top / np.float32(127 * 31)
+    per_block = np.where(top > 0, np.float32(31) / np.where(top > 0, top, 1), 0).astype(np.float32)
+    e = np.clip(np.ceil(amax * per_block), 1, 31).astype(np.float32)
+    step = (D * e).astype(np.float32)
+    inv = np.where(step > 0, np.float32(1) / np.where(step > 0, step, 1), 0).astype(np.float32)
+    xq = np.clip(np.rint(xb * inv[..., None]), -128, 127).astype(np.int64)
+    return xq.reshape(rows, k), np.repeat(step.astype(np.float64), 32, -1).reshape(rows, k)
+
+
+def numpy_model(x: np.ndarray, raw: np.ndarray, qtype: QT, act_bits: int) -> np.ndarray:
+    """The kernel's arithmetic in float64: x rounded (half to even) to int8 with a step per block of 32 (int8_activations)
+    or per block of 32 to int16; exact integer dots inside each (sub-)block, then
+    sum(d * s * (q . xq)) * dx - m * dx * sum(xq) with dx the activation step of each element."""
+    rows, k = x.shape
+    if act_bits == 8:
+        xq, dx_e = int8_activations(x)
+    else:
+        xb = x.reshape(rows, k // 32, 32).astype(np.float32)
+        dx = np.abs(xb).max(-1) / np.float32(32767)
+        inv = np.where(dx > 0, np.float32(1) / np.where(dx > 0, dx, 1), 0).astype(np.float32)
+        xq = np.rint(xb * inv[..., None]).astype(np.int64).reshape(rows, k)
+        dx_e = np.repeat(dx.astype(np.float64), 32, -1)  # per element
     q, s, m, d = unpack(raw, qtype, k)
-    dx_e = np.repeat(dx.astype(np.float64), 32, -1)  # per element
     # group the integer products by (sub-)block: every element of a group shares d * s * dx
     prod = np.einsum("rk,nk->rnk", xq, q * s)
     out = np.einsum("rnk,nk,rk->rn", prod.astype(np.float64), d, dx_e)
@@ -135,6 +156,19 @@ def test_short_batches_equal_decode_bit_for_bit(qtype, act_bits):
     one = torch.cat([layer(x[i : i + 1]) for i in range(exact_rows())])
     for rows in range(2, exact_rows() + 1):
         assert torch.equal(layer(x[:rows]), one[:rows]), rows
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K])
+def test_int8_rows_equal_decode_bit_for_bit_at_any_batch_size(qtype):
+    """The int8 path sums each super-block exactly in integers and scales it the same way whatever the tile: a row's
+    product is bit for bit the one-row product at any batch size and any position in the batch (prefill included)."""
+    raw = random_rows(qtype, 21, 2048, seed=7)
+    layer = KQuantLinear.from_raw(raw, qtype, 2048, act_bits=8)
+    x = torch.from_numpy(np.random.default_rng(7).standard_normal((19, 2048)).astype(np.float32) * 3)
+    one = torch.cat([layer(x[i : i + 1]) for i in range(19)])
+    for rows in (2, 3, 4, 5, 7, 8, 9, 13, 19):
+        assert torch.equal(layer(x[:rows]), one[:rows]), rows
+    assert torch.equal(layer(x[5:12]), one[5:12])  # rows in other tile positions
 
 
 def test_bad_inputs_raise():

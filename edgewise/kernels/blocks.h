@@ -28,6 +28,8 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -50,19 +52,22 @@ constexpr int64_t Q4_K_BYTES = 144, Q5_K_BYTES = 176, Q6_K_BYTES = 210;
 // exactly as decode computes its one row, bit for bit; only longer batches (prefill) tile rows
 // against each weight row, which groups the float sums differently. Speculative decoding checks a
 // draft in such a batch and must reproduce decode's logits (edgewise/lm/speculative.py). The weight
-// row stays in L1 across the batch's rows, so the rows cost compute, not DRAM traffic.
+// row stays in L1 across the batch's rows, so the rows cost compute, not DRAM traffic. The K-quants'
+// int8 kernel is batch invariant at every batch size and shares each weight block's unpacking
+// across 4 rows (kquant_matmul.cpp, rows_dot_k8), so a draft's extra rows cost less there.
 // The one definition: kernels/__init__.py's exact_rows() reads it from here.
 constexpr int64_t EXACT_ROWS = 8;
 
 // ggml's type ids, as GGUF stores them (gguf.GGMLQuantizationType)
 enum GgmlType : int64_t { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14 };
 
-EW_INLINE float hsum(__m256 v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
+EW_INLINE float hsum(__m128 v) {
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  v = _mm_add_ss(v, _mm_movehdup_ps(v));
+  return _mm_cvtss_f32(v);
 }
+
+EW_INLINE float hsum(__m256 v) { return hsum(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1))); }
 
 EW_INLINE int hsum_i32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -145,6 +150,67 @@ struct Activations {
       }
   }
   const Q* row(int64_t r) const { return q.data() + r * n_blocks * QK; }
+};
+
+// Activation rows for the K-quants' int8 kernels, per super-block of 256: one float scale D, a 5-bit
+// integer sub-scale e_b (1..31) per block of 32, and int8 codes with x ~= D * e_b * q (rounded half
+// to even). D = max|x| / (127 * 31) over the super-block and e_b = ceil(31 * max|x_b| / max|x|), so
+// each block's step D * e_b is at most its own max|x_b| / 127 plus D: about per-32 resolution (ggml's
+// Q8_K, one scale per 256, lost 1.6% perplexity on Gemma 3, whose activations have outlier channels),
+// while a kernel still sums a whole super-block exactly in int32, with e_b folded into the weight's
+// integer sub-block scales, and applies the float scales once per super-block.
+// Stored per (row, super-block): D; e as 8 int16 (e8, per block) and as 16 (e16, per half-block of 16,
+// for Q6_K's scales); the codes' sums per 16 (sum16, Q6_K's offset of 32); and D * e_s * sum_s per
+// block of 32 as float (min32, the term Q4_K/Q5_K's mins multiply).
+struct ActivationsK {
+  static constexpr int kMaxSub = 31;
+  std::vector<int8_t> q;
+  std::vector<float> d, min32;
+  std::vector<int16_t> e8, e16, sum16;
+  int64_t n_super;
+  ActivationsK(const float* x, int64_t rows, int64_t n_super_)
+      : q(rows * n_super_ * QK_K), d(rows * n_super_), min32(rows * n_super_ * 8), e8(rows * n_super_ * 8), e16(rows * n_super_ * 16), sum16(rows * n_super_ * 16), n_super(n_super_) {
+    for (int64_t i = 0; i < rows * n_super; ++i) quantize(x + i * QK_K, i);
+  }
+  const int8_t* codes(int64_t row, int64_t sb) const { return q.data() + (row * n_super + sb) * QK_K; }
+
+ private:
+  static EW_INLINE float amax8(const float* x) {  // max |x| over 32 floats
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x));
+    for (int e = 8; e < QK; e += 8) a = _mm256_max_ps(a, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + e)));
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  }
+
+  void quantize(const float* x, int64_t i) {
+    float amax[8], top = 0.f;
+    for (int b = 0; b < 8; ++b) top = std::max(top, amax[b] = amax8(x + b * QK));
+    const float D = top / (127.f * kMaxSub);
+    const float per_block = top > 0.f ? kMaxSub / top : 0.f;
+    int8_t* out = q.data() + i * QK_K;
+    for (int b = 0; b < 8; ++b) {
+      const int e = std::min(kMaxSub, std::max(1, static_cast<int>(std::ceil(amax[b] * per_block))));
+      const float step = D * static_cast<float>(e);
+      const __m256 id = _mm256_set1_ps(step > 0.f ? 1.f / step : 0.f);
+      __m256i c[4];
+      for (int j = 0; j < 4; ++j) c[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + b * QK + 8 * j), id));
+      // packs interleave 128-bit lanes; the permutes restore element order
+      const __m256i w01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(c[0], c[1]), 0xD8);
+      const __m256i w23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(c[2], c[3]), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b * QK), _mm256_permute4x64_epi64(_mm256_packs_epi16(w01, w23), 0xD8));
+      int sum[2] = {0, 0};
+      for (int k = 0; k < QK; ++k) sum[k / 16] += out[b * QK + k];
+      e8[8 * i + b] = static_cast<int16_t>(e);
+      for (int h = 0; h < 2; ++h) {
+        e16[16 * i + 2 * b + h] = static_cast<int16_t>(e);
+        sum16[16 * i + 2 * b + h] = static_cast<int16_t>(sum[h]);
+      }
+      min32[8 * i + b] = D * static_cast<float>(e * (sum[0] + sum[1]));
+    }
+    d[i] = D;
+  }
 };
 
 EW_INLINE void prefetch_bytes(const void* p, int64_t bytes) {

@@ -1,22 +1,24 @@
 // K-quant matrix multiplication for x86-64 AVX2: y = x @ W.T with W kept in GGUF's own Q4_K, Q5_K
 // or Q6_K super-blocks, bit for bit (formats: blocks.h).
 //
-// Activations are quantized per block of 32 as for the other formats (int8 or int16, `act_bits`),
-// so every 32-element dot is exact integer arithmetic; what differs is where the scales come from.
 // A sub-block's weight is d * scale_s * q - dmin * min_s (Q4_K, Q5_K) or d * scale_s * (q - 32)
-// (Q6_K), so for activation block b with scale dx_b and code sum S_b:
+// (Q6_K), so for an activation block b with step dx_b and code sum S_b, every 32-element dot is exact
+// integer arithmetic and only the scales differ:
 //   sum_i w_i x_i = (d scale_s dx_b) * (q . xq)  -  dmin min_s (dx_b S_b)        (Q4_K, Q5_K)
 //                 = sum over its two halves h: (d scale_h dx_b) * (q_h . xq_h) - 32 d scale_h (dx_b S_bh)   (Q6_K)
-// The integer dot q . xq takes unsigned codes (0..63) against signed activations: maddubs + madd
-// (no saturation: 2 * 63 * 127 < 32767), or one vpdpbusd where AVX512-VNNI is built in.
+// The integer dot q . xq takes unsigned codes (0..63) against signed activations: maddubs, then madd
+// (no saturation: 2 * 63 * 127 < 32767).
 //
-// Per super-block, the header's sub-block scales are unpacked once into floats and multiplied by the
-// activation blocks' scales for every activation row of the tile; each block's codes are then
-// unpacked once (mask, shift, or) and dotted with every row of the tile: TILE rows in prefill,
-// one in decode. Min and offset terms collect in a second accumulator, from the same floats.
-// Rows are split evenly between threads (at::parallel_for); decode prefetches 2 KiB ahead.
-// Where AVX-512 (BW, VNNI) is built in, int8 decode rows take row_dot_512: pairs of blocks per
-// instruction, activations laid out once per call to match the weight's own byte order.
+// Two activation precisions (`act_bits`):
+// - int8 (rows_dot_k8): dx_b = D * e_b, one float D per super-block and a 5-bit integer e_b per block
+//   (blocks.h, ActivationsK). scale_s * e_b is then an int16, the madd applies it, a super-block sums
+//   exactly in int32 lanes, and d * D applies once per super-block. Up to 4 activation rows share each
+//   unpacked weight block, at any batch size, with each row's arithmetic unchanged (batch invariance).
+// - int16 (row_dot): dx_b per block of 32 as for the other formats; per super-block the sub-block
+//   scales are unpacked into floats and multiplied by the activation blocks' scales, each block's dot
+//   converted and accumulated in float (TILE rows in prefill, one in decode); min and offset terms
+//   collect in a second accumulator.
+// Rows are split evenly between threads (at::parallel_for); each super-block prefetches 2 KiB ahead.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -31,9 +33,6 @@
 
 #include "blocks.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512DQ__)
-#define EW_AVX512 1  // 512-bit decode path (kernels/__init__.py builds with it where the CPU has these)
-#endif
 
 namespace {
 
@@ -51,17 +50,8 @@ constexpr int64_t TILE = 4;
 constexpr int64_t kPrefetchAhead = 2048;
 constexpr int64_t kBlocksPerSuper = QK_K / QK;  // 8 activation blocks per super-block
 
-// 32 unsigned codes (element order) . 32 activation codes -> 8 int32 lanes; lanes 0-3 sum elements
-// 0..15 and lanes 4-7 elements 16..31 (Q6_K gives each half its own scale).
-EW_INLINE __m256i dot32(__m256i w, const int8_t* y) {
-  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y));
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
-#else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
-#endif
-}
-
+// 32 unsigned codes (element order) . 32 int16 activation codes -> 8 int32 lanes; lanes 0-3 sum
+// elements 0..15 and lanes 4-7 elements 16..31 (Q6_K gives each half its own scale).
 EW_INLINE __m256i dot32(__m256i w, const int16_t* y) {
   const __m256i lo = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(w)), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y)));
   const __m256i hi = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(w, 1)), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + 16)));
@@ -92,6 +82,31 @@ EW_INLINE void k4_scales(const uint8_t* blk, __m256& scale, __m256& min) {
   min = _mm256_mul_ps(_mm256_permutevar8x32_ps(dm, _mm256_set1_epi32(1)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(both, 8))));
 }
 
+// A super-block's scales for the int8 kernel (rows_dot_k8): the integer sub-block scales, which an
+// activation row's sub-scales e (blocks.h, ActivationsK) multiply (Q4_K/Q5_K: sc8, one per block of
+// 32; Q6_K: sc16, one per half-block of 16); d, the fp16 super-scale widened; minf, dmin * min per
+// block of 32 as floats (Q4_K/Q5_K).
+struct IntScales {
+  __m128i sc8;
+  __m256i sc16;
+  __m256 minf;
+  float d;
+};
+
+EW_INLINE IntScales k4_int_scales(const uint8_t* blk) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
+  const __m128i both = k4_scale_bytes(v);
+  IntScales k;
+  k.sc8 = _mm_cvtepu8_epi16(both);
+  k.sc16 = _mm256_setzero_si256();
+  k.minf = _mm256_mul_ps(_mm256_set1_ps(fp16_at(blk + 2)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(both, 8))));
+  k.d = fp16_at(blk);
+  return k;
+}
+
+// Q4_K/Q5_K block b: sub-block b's scale in every lane, picked from a vector holding the 8 in both 128-bit lanes.
+EW_INLINE __m256i k4_pick(int b) { return _mm256_set1_epi16(static_cast<int16_t>(((2 * b + 1) << 8) | (2 * b))); }
+
 // Each format: kBytes per super-block; kHalfScales (Q6_K: one scale per 16 elements); a Block view
 // of one super-block that unpacks its scales and the codes of its 32-element block b (0..7).
 // Q4_K/Q5_K low 4 bits: the 32 bytes at qs + 32 (b / 2) hold block b in their low nibbles (b even)
@@ -101,74 +116,48 @@ EW_INLINE __m256i k4_nibbles(const uint8_t* qs, int b) {
   return _mm256_and_si256(b % 2 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
 }
 
-#ifdef EW_AVX512
-// Pair j of 32-element blocks from one 64-byte load of nibbles (qs + 64 (j / 2)): its bytes 0..31 hold
-// blocks 4h and 4h+1, bytes 32..63 blocks 4h+2 and 4h+3 (low, high nibbles), so the low nibbles are
-// blocks (4h, 4h+2) and the high nibbles (4h+1, 4h+3): Format::kPairs.
-EW_INLINE __m512i k4_nibbles_pair(const uint8_t* qs, int j) {
-  const __m512i raw = _mm512_loadu_si512(qs + 64 * (j / 2));
-  return _mm512_and_si512(j % 2 ? _mm512_srli_epi16(raw, 4) : raw, _mm512_set1_epi8(0x0F));
-}
-
-// k4_scales in one 512-bit vector: [d * scale_0..7 | dmin * min_0..7].
-EW_INLINE __m512 k4_scales16(const uint8_t* blk) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
-  const __m512 dm = _mm512_castps128_ps512(_mm_cvtph_ps(v));  // lanes 0, 1: d, dmin
-  const __m512 d_dmin = _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), dm);
-  return _mm512_mul_ps(d_dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(k4_scale_bytes(v))));
-}
-#endif
 
 struct Q4K {
   static constexpr int64_t kBytes = ew::Q4_K_BYTES;
   static constexpr bool kHalfScales = false;
+  static EW_INLINE __m256i pick(int b) { return k4_pick(b); }
   struct Block {
     const uint8_t* p;
     explicit Block(const uint8_t* blk) : p(blk) {}
     EW_INLINE void scales(__m256& scale, __m256& min) const { k4_scales(p, scale, min); }
+    EW_INLINE IntScales int_scales() const { return k4_int_scales(p); }
     EW_INLINE __m256i codes(int b) const { return k4_nibbles(p + 16, b); }
-#ifdef EW_AVX512
-    EW_INLINE __m512 scales16() const { return k4_scales16(p); }
-    EW_INLINE __m512i pair(int j) const { return k4_nibbles_pair(p + 16, j); }
-#endif
   };
-#ifdef EW_AVX512
-  static constexpr int kPairs[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};  // one 64-byte load of nibbles: low halves, then high
-#endif
 };
 
 struct Q5K {
   static constexpr int64_t kBytes = ew::Q5_K_BYTES;
   static constexpr bool kHalfScales = false;
+  static EW_INLINE __m256i pick(int b) { return k4_pick(b); }
   struct Block {
     const uint8_t* p;
     __m256i qh;
     explicit Block(const uint8_t* blk) : p(blk), qh(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16))) {}
     EW_INLINE void scales(__m256& scale, __m256& min) const { k4_scales(p, scale, min); }
+    EW_INLINE IntScales int_scales() const { return k4_int_scales(p); }
     EW_INLINE __m256i codes(int b) const {
       const __m256i low = k4_nibbles(p + 48, b);
       // bit b of each qh byte -> bit 4 (16-bit shifts: the masks drop what crosses from the other byte)
       const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(b)), _mm256_set1_epi8(1));
       return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
     }
-#ifdef EW_AVX512
-    EW_INLINE __m512 scales16() const { return k4_scales16(p); }
-    EW_INLINE __m512i pair(int j) const {  // nibbles as Q4_K; 5th bits: bit A of qh's bytes for the low half, A + 2 for the high
-      const int a = kPairs[j][0];
-      const __m512i shift = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(a)), _mm256_set1_epi16(static_cast<int16_t>(a + 2)), 1);
-      const __m512i high = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(qh), shift), _mm512_set1_epi8(1));
-      return _mm512_or_si512(k4_nibbles_pair(p + 48, j), _mm512_slli_epi16(high, 4));
-    }
-#endif
   };
-#ifdef EW_AVX512
-  static constexpr auto& kPairs = Q4K::kPairs;  // the same nibble layout
-#endif
 };
 
 struct Q6K {
   static constexpr int64_t kBytes = ew::Q6_K_BYTES;
   static constexpr bool kHalfScales = true;
+  // block b = 4 h + c: half-block 2b's scale in lanes 0-7, 2b+1's in lanes 8-15, picked from a vector
+  // holding the scales of half-blocks 8h..8h+7 in both 128-bit lanes
+  static EW_INLINE __m256i pick(int b) {
+    const int c = b % 4;
+    return _mm256_setr_m128i(_mm_set1_epi16(static_cast<int16_t>(((4 * c + 1) << 8) | (4 * c))), _mm_set1_epi16(static_cast<int16_t>(((4 * c + 3) << 8) | (4 * c + 2))));
+  }
   struct Block {
     const uint8_t* p;
     explicit Block(const uint8_t* blk) : p(blk) {}
@@ -179,6 +168,14 @@ struct Q6K {
       lo = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s)));
       hi = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s, 8))));
     }
+    EW_INLINE IntScales int_scales() const {
+      IntScales k;
+      k.sc8 = _mm_setzero_si128();
+      k.sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192)));
+      k.minf = _mm256_setzero_ps();
+      k.d = fp16_at(p + 208);
+      return k;
+    }
     EW_INLINE __m256i codes(int b) const {
       const int half = b / 4, bb = b % 4;
       const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * half + 32 * (bb & 1)));
@@ -187,31 +184,12 @@ struct Q6K {
       const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * bb)), _mm256_set1_epi8(3));
       return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
     }
-#ifdef EW_AVX512
-    EW_INLINE __m512 scales16() const {  // d * scale for the 16 sub-blocks of 16
-      const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192));
-      return _mm512_mul_ps(_mm512_set1_ps(fp16_at(p + 208)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
-    }
-    EW_INLINE __m512i pair(int j) const {  // blocks 2j, 2j+1 (bb = 0, 1 or 2, 3 of half j / 2): 64 bytes of ql, qh twice
-      const int half = j / 2, hi_nibble = j % 2;
-      const __m512i ql = _mm512_loadu_si512(p + 64 * half);
-      const __m512i low = _mm512_and_si512(hi_nibble ? _mm512_srli_epi16(ql, 4) : ql, _mm512_set1_epi8(0x0F));
-      const __m512i qh2 = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 + 32 * half)));
-      const int bb = 2 * hi_nibble;  // qh bits 2bb (first block) and 2bb + 2 (second)
-      const __m512i shift = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(2 * bb)), _mm256_set1_epi16(static_cast<int16_t>(2 * bb + 2)), 1);
-      const __m512i high = _mm512_and_si512(_mm512_srlv_epi16(qh2, shift), _mm512_set1_epi8(3));
-      return _mm512_or_si512(low, _mm512_slli_epi16(high, 4));
-    }
-#endif
   };
-#ifdef EW_AVX512
-  static constexpr int kPairs[4][2] = {{0, 1}, {2, 3}, {4, 5}, {6, 7}};  // ql's low nibbles hold blocks 4h, 4h+1; high nibbles 4h+2, 4h+3
-#endif
 };
 
-// One weight row against T activation rows (row0 ..): out[t * out_stride] = row . x_t.
-template <typename Format, typename Q, int T>
-inline void row_dot(const uint8_t* row, int64_t n_super, const Activations<Q>& a, int64_t row0, float* out, int64_t out_stride) {
+// One weight row against T int16 activation rows (row0 ..): out[t * out_stride] = row . x_t.
+template <typename Format, int T>
+inline void row_dot(const uint8_t* row, int64_t n_super, const Activations<int16_t>& a, int64_t row0, float* out, int64_t out_stride) {
   const int64_t nb = a.n_blocks;
   // A accumulators per row: in decode (T = 1) four independent FMA chains, so that the chain's
   // latency, not the loads, would bound a row (measured 1.5x faster than one chain); prefill's T
@@ -246,7 +224,7 @@ inline void row_dot(const uint8_t* row, int64_t n_super, const Activations<Q>& a
         macc[t] = _mm256_fmadd_ps(s1, _mm256_loadu_ps(h + 8), macc[t]);
       }
     }
-    const Q* xq = a.q.data() + sb * QK_K;
+    const int16_t* xq = a.q.data() + sb * QK_K;
 #pragma GCC unroll 8
     for (int b = 0; b < kBlocksPerSuper; ++b) {
       const __m256i w = blk.codes(b);
@@ -269,99 +247,100 @@ inline void row_dot(const uint8_t* row, int64_t n_super, const Activations<Q>& a
   }
 }
 
-#ifdef EW_AVX512
-// Decode (int8 activation rows left over from the tiles) with 512-bit vectors where the CPU has
-// AVX-512 (BW, VNNI): two 32-element blocks per vpdpbusd, the pair Format::kPairs[j] that one load of
-// the weight's codes yields. The activation codes are laid out once per call in the same pairs, and
-// per super-block one 16-float vector of activation scales meets the weight's 16 scales in one
-// multiply: t = [d scale_s dx_s | dmin min_s (dx S)_s] (Q4_K/Q5_K; the second half is the min term)
-// or [d scale_h dx_h] per half of 16 (Q6_K). Each pair's lane scales are picked from t by one permute.
-// Same arithmetic as row_dot; only the grouping of the float sums differs.
-template <typename Format>
-struct DecodeRows {
-  std::vector<int8_t> q;  // codes, each super-block's blocks in pair order
-  std::vector<float> t;   // per super-block 16 floats: dx per block then dx * sum (Q4_K/Q5_K), or dx per half (Q6_K)
-  const Activations<int8_t>& a;
-  int64_t first, n_super;
-  __m512i pick[4];  // lane -> entry of t, per pair
-  DecodeRows(const Activations<int8_t>& act, int64_t first_row, int64_t rows) : q(rows * act.n_blocks * QK), t(rows * act.n_blocks * 2), a(act), first(first_row), n_super(act.n_blocks / kBlocksPerSuper) {
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t sb = 0; sb < n_super; ++sb) {
-        const int64_t x0 = (first_row + r) * act.n_blocks + sb * kBlocksPerSuper, y0 = r * act.n_blocks + sb * kBlocksPerSuper;
-        for (int j = 0; j < 4; ++j)
-          for (int h = 0; h < 2; ++h) std::memcpy(q.data() + (y0 + 2 * j + h) * QK, act.q.data() + (x0 + Format::kPairs[j][h]) * QK, QK);
-        for (int i = 0; i < 16; ++i)
-          t[2 * y0 + i] = Format::kHalfScales ? act.d[x0 + i / 2] : (i < 8 ? act.d[x0 + i] : act.s[x0 + i - 8]);
-      }
-    for (int j = 0; j < 4; ++j) {
-      alignas(64) int32_t idx[16];
-      for (int lane = 0; lane < 16; ++lane) {
-        const int block = Format::kPairs[j][lane / 8];
-        idx[lane] = Format::kHalfScales ? 2 * block + (lane % 8) / 4 : block;
-      }
-      pick[j] = _mm512_load_si512(idx);
-    }
-  }
-  const int8_t* codes(int64_t row) const { return q.data() + (row - first) * n_super * QK_K; }
-  const float* scales(int64_t row) const { return t.data() + (row - first) * n_super * 16; }
-};
 
-template <typename Format>
-inline float row_dot_512(const uint8_t* row, const DecodeRows<Format>& x, int64_t r) {
-  const int64_t n_super = x.n_super;
-  const int8_t* xq = x.codes(r);
-  const float* xt = x.scales(r);
-  const float* s16 = x.a.s16.data() + r * x.a.n_blocks * 2;  // Q6_K: dx * (sum of 16 codes), per half
-  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-  __m512 macc = _mm512_setzero_ps();
+// The int8 path: one weight row against R activation rows (first ..) quantized per super-block with
+// sub-scales (ActivationsK): out[r * out_stride] = row . x_r. Per row and super-block, one 16-bit
+// multiply folds the row's sub-scales e into the weight's integer sub-block scales (sc * e <= 63 * 31
+// or 128 * 31, within int16); each block's 32 products then sum exactly in int32 lanes (maddubs, then
+// madd with that block's sc * e), and one float multiply-add per super-block applies d * D (and the
+// mins' term, or Q6_K's offset of 32 in integers). Bounds: a lane takes at most 8 blocks of
+// 2 * 63 * 127 * 128 * 31 < 2^31. Each row's arithmetic is the same whatever R is and whichever rows
+// share the tile, so a batch of any size computes each row bit for bit as decode does (batch
+// invariance), and the R rows share each block's unpacking. Per 32 products and row: maddubs, madd,
+// a shuffle (the scale) and an add; the int16 path's per-block float scaling costs more.
+template <typename Format, int R>
+inline void rows_dot_k8(const uint8_t* row, int64_t n_super, const ew::ActivationsK& a, int64_t first, float* out, int64_t out_stride) {
+  __m256 acc[R], macc[R];
+  for (int r = 0; r < R; ++r) acc[r] = macc[r] = _mm256_setzero_ps();
   for (int64_t sb = 0; sb < n_super; ++sb) {
-    const typename Format::Block blk(row + sb * Format::kBytes);
-    ew::prefetch_bytes(row + sb * Format::kBytes + kPrefetchAhead, Format::kBytes);
-    const __m512 sc = blk.scales16();
-    const __m512 t = _mm512_mul_ps(sc, _mm512_loadu_ps(xt + 16 * sb));
-    if constexpr (Format::kHalfScales)
-      macc = _mm512_fmadd_ps(sc, _mm512_loadu_ps(s16 + 16 * sb), macc);
-    else
-      macc = _mm512_add_ps(macc, t);  // only its upper half (the min terms) is used
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), blk.pair(j), _mm512_loadu_si512(xq + sb * QK_K + 64 * j));
-      acc[j % 2] = _mm512_fmadd_ps(_mm512_permutexvar_ps(x.pick[j], t), _mm512_cvtepi32_ps(p), acc[j % 2]);
+    const uint8_t* p = row + sb * Format::kBytes;
+    ew::prefetch_bytes(p + kPrefetchAhead, Format::kBytes);
+    const typename Format::Block blk(p);
+    const IntScales ks = blk.int_scales();
+    __m256i src[R][2], isum[R];
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = (first + r) * n_super + sb;
+      if constexpr (Format::kHalfScales) {
+        const __m256i se = _mm256_mullo_epi16(ks.sc16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.e16.data() + 16 * i)));
+        src[r][0] = _mm256_permute2x128_si256(se, se, 0x00);
+        src[r][1] = _mm256_permute2x128_si256(se, se, 0x11);
+        // Q6_K's q - 32: start from -32 * sum over half-blocks of sc * e * (sum of x's codes)
+        isum[r] = _mm256_slli_epi32(_mm256_madd_epi16(se, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.sum16.data() + 16 * i))), 5);
+        isum[r] = _mm256_sub_epi32(_mm256_setzero_si256(), isum[r]);
+      } else {
+        src[r][0] = src[r][1] = _mm256_broadcastsi128_si256(_mm_mullo_epi16(ks.sc8, _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.e8.data() + 8 * i))));
+        isum[r] = _mm256_setzero_si256();
+      }
+    }
+#pragma GCC unroll 8
+    for (int b = 0; b < kBlocksPerSuper; ++b) {
+      const __m256i w = blk.codes(b);
+      const __m256i pick = Format::pick(b);
+      for (int r = 0; r < R; ++r) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.codes(first + r, sb) + b * QK));
+        isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_shuffle_epi8(src[r][b / 4], pick)));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = (first + r) * n_super + sb;
+      if constexpr (!Format::kHalfScales)  // Q4_K/Q5_K: sum over blocks of dmin * min * D * e * (sum of x's codes)
+        macc[r] = _mm256_fmadd_ps(ks.minf, _mm256_loadu_ps(a.min32.data() + 8 * i), macc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(ks.d * a.d[i]), _mm256_cvtepi32_ps(isum[r]), acc[r]);
     }
   }
-  const float dot = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
-  if constexpr (Format::kHalfScales) return dot - 32.f * _mm512_reduce_add_ps(macc);  // Q6_K: q - 32
-  return dot - hsum(_mm512_extractf32x8_ps(macc, 1));
+  for (int r = 0; r < R; ++r) out[r * out_stride] = hsum(acc[r]) - hsum(macc[r]);
 }
-#endif
 
-template <typename Format, typename Q>
-at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t n, int64_t k) {
+template <typename Format>
+at::Tensor matmul_int8(const at::Tensor& x_in, const at::Tensor& w, int64_t n, int64_t k) {
   const at::Tensor x = x_in.contiguous();
   const int64_t m = x.size(0), n_super = k / QK_K, row_bytes = n_super * Format::kBytes;
-  const Activations<Q> act(x.data_ptr<float>(), m, k / QK, false, Format::kHalfScales);
+  const ew::ActivationsK act(x.data_ptr<float>(), m, n_super);
   at::Tensor out = at::empty({m, n}, x.options());
   float* op = out.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int64_t tiled = m > ew::EXACT_ROWS ? m / TILE * TILE : 0;  // short batches row by row, as decode
-#ifdef EW_AVX512
-  std::optional<DecodeRows<Format>> rest;
-  if constexpr (std::is_same_v<Q, int8_t>)
-    if (tiled < m) rest.emplace(act, tiled, m - tiled);
-#endif
   at::parallel_for(0, n, 4, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const uint8_t* row = wp + j * row_bytes;
-      for (int64_t i = 0; i < tiled; i += TILE) row_dot<Format, Q, TILE>(row, n_super, act, i, op + i * n + j, n);
-      for (int64_t i = tiled; i < m; ++i) {
-#ifdef EW_AVX512
-        if constexpr (std::is_same_v<Q, int8_t>) {
-          op[i * n + j] = row_dot_512<Format>(row, *rest, i);
-          continue;
-        }
-#endif
-        row_dot<Format, Q, 1>(row, n_super, act, i, op + i * n + j, n);
+      int64_t i = 0;
+      for (; i + TILE <= m; i += TILE) rows_dot_k8<Format, TILE>(row, n_super, act, i, op + i * n + j, n);
+      switch (m - i) {
+        case 3: rows_dot_k8<Format, 3>(row, n_super, act, i, op + i * n + j, n); break;
+        case 2: rows_dot_k8<Format, 2>(row, n_super, act, i, op + i * n + j, n); break;
+        case 1: rows_dot_k8<Format, 1>(row, n_super, act, i, op + i * n + j, n); break;
+        default: break;
       }
+    }
+  });
+  return out;
+}
+
+// The int16 path: activations per block of 32, float scales per block; batches of up to EXACT_ROWS
+// rows row by row, as decode (batch invariance, blocks.h), longer ones in tiles of TILE rows.
+template <typename Format>
+at::Tensor matmul_int16(const at::Tensor& x_in, const at::Tensor& w, int64_t n, int64_t k) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t m = x.size(0), n_super = k / QK_K, row_bytes = n_super * Format::kBytes;
+  const Activations<int16_t> act(x.data_ptr<float>(), m, k / QK, false, Format::kHalfScales);
+  at::Tensor out = at::empty({m, n}, x.options());
+  float* op = out.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t tiled = m > ew::EXACT_ROWS ? m / TILE * TILE : 0;
+  at::parallel_for(0, n, 4, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const uint8_t* row = wp + j * row_bytes;
+      for (int64_t i = 0; i < tiled; i += TILE) row_dot<Format, TILE>(row, n_super, act, i, op + i * n + j, n);
+      for (int64_t i = tiled; i < m; ++i) row_dot<Format, 1>(row, n_super, act, i, op + i * n + j, n);
     }
   });
   return out;
@@ -369,7 +348,7 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t n, int64_
 
 template <typename Format>
 at::Tensor dispatch_bits(const at::Tensor& x, const at::Tensor& w, int64_t n, int64_t k, int64_t act_bits) {
-  return act_bits == 8 ? matmul<Format, int8_t>(x, w, n, k) : matmul<Format, int16_t>(x, w, n, k);
+  return act_bits == 8 ? matmul_int8<Format>(x, w, n, k) : matmul_int16<Format>(x, w, n, k);
 }
 
 int64_t super_bytes(int64_t qtype) {

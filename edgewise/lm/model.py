@@ -38,7 +38,8 @@ from edgewise.lm.weights import (
     rope_row_order,
 )
 
-# How finely the native kernels round each layer role's input activations, per block of 32:
+# How finely the native kernels round each layer role's input activations, per block of 32 (for the
+# K-quants' int8, a 5-bit multiple of a scale per 256: config.ALL_INT8):
 # 16 bits wherever 8 measurably cost perplexity (benchmarks/act_bits.py), 8 elsewhere (faster).
 ACT_BITS = {"attn_qkv": 16, "attn_output": 8, "ffn_gate_up": 8, "ffn_down": 16, "output": 16}
 

@@ -5,7 +5,9 @@ Three precisions (`Precision`):
   - With edgewise's native kernels (`edgewise.kernels`, AVX2): Q4_1, Q4_0 and Q8_0 stay in their
     GGUF blocks, bit for bit (`Q4Linear`, `Q8Linear`), and so do the K-quants Q4_K, Q5_K and Q6_K
     (`KQuantLinear`: the GGUF's super-block rows as they are); activations are fp32 and each kernel
-    rounds them per block of 32 to int8 (as llama.cpp does) or int16, per layer (`act_bits`).
+    rounds them per block of 32 to int8 (as llama.cpp does) or int16, per layer (`act_bits`). The
+    K-quants' int8 step per block of 32 is a 5-bit multiple of one scale per super-block, so that a
+    super-block sums exactly in integers (kernels/blocks.h, ActivationsK).
   - Without them, torch's weight-only kernels with bf16 activations: Q4_x goes onto the int4
     kernel exactly (it computes `(q - 8) * s + z` per group of 32, and Q4_1 is `q * d + m`, so
     `s = d, z = m + 8d`; the only loss is rounding the fp16 d and m to bf16); Q8_0 onto the int8
