@@ -20,9 +20,6 @@ HERE = Path(__file__).parent
 SOURCES = (HERE / "quant_matmul.cpp", HERE / "kquant_matmul.cpp", HERE / "flash_ffn.cpp")
 HEADERS = (HERE / "blocks.h",)  # the block formats every kernel includes
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
-# Used when the CPU has all of them: vpdpbusd replaces maddubs + madd in the K-quant dot products,
-# and K-quant decode takes two 32-element blocks per 512-bit step.
-OPTIONAL_CPU_FLAGS = {"avx512_vnni": "-mavx512vnni", "avx512vl": "-mavx512vl", "avx512f": "-mavx512f", "avx512bw": "-mavx512bw", "avx512dq": "-mavx512dq"}
 
 
 @functools.cache
@@ -48,12 +45,9 @@ def cpu_supports_kernels() -> bool:
 
 
 def build_flags() -> list[str]:
-    """Compiler flags: AVX2 + FMA + F16C always; AVX512-VNNI (256-bit) only where this CPU has all of it."""
-    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
-    have = cpu_flags()
-    if all(f in have for f in OPTIONAL_CPU_FLAGS):
-        flags += list(OPTIONAL_CPU_FLAGS.values())
-    return flags
+    """Compiler flags: AVX2 + FMA + F16C, the kernels' one instruction set (a wider one would need kernels
+    tested on a CPU that has it)."""
+    return ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
 
 def source_hash() -> str:
