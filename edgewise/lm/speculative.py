@@ -3,9 +3,10 @@
 A draft is a guess at the next few tokens; the model checks a whole draft in one forward pass over
 [last token, draft...] and keeps the longest prefix it agrees with, plus the token it predicts after
 that prefix. Under greedy decoding the output is the plain greedy output token for token, while every
-pass yields one token or more. Not only up to rounding: a check of up to `exact_rows()` tokens is
-computed row by row, each row bit for bit as decode computes it (the kernels' batch invariance,
-kernels/blocks.h); a longer batch would group float sums differently, and with int8 activations that
+pass yields one token or more. Not only up to rounding: in a check of up to `exact_rows()` tokens each
+row is computed bit for bit as decode computes it (the kernels' batch invariance, kernels/blocks.h:
+row by row, or for the K-quants' int8 kernel in tiles whose rows' arithmetic does not depend on the
+tile); a longer batch would group float sums differently in the other kernels, and with int8 activations that
 moves logits by tenths, enough to flip a close argmax. (The compiled decode step is fused by inductor
 and rounds differently again; the checks run eagerly, so the guarantee is against eager decoding.)
 
