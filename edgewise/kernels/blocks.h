@@ -82,35 +82,40 @@ EW_INLINE float fp16_at(const uint8_t* p) {  // an fp16 stored at any alignment,
   return _cvtsh_ss(h);
 }
 
+// max |x| over 32 floats
+EW_INLINE float amax32(const float* x) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x));
+  for (int e = 8; e < 32; e += 8) a = _mm256_max_ps(a, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + e)));
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// 32 int32 codes (4 vectors, element order) -> 32 int8 (saturating) or 32 int16; packs interleave 128-bit
+// lanes, the permutes restore element order.
+template <typename Q>
+EW_INLINE void store_codes(const __m256i q[4], Q* out) {
+  const __m256i w01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
+  const __m256i w23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8);
+  if constexpr (std::is_same_v<Q, int8_t>) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute4x64_epi64(_mm256_packs_epi16(w01, w23), 0xD8));
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), w01);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), w23);
+  }
+}
+
 // One block of 32 floats -> Q codes, round half to even (the MXCSR default, as numpy's rint).
 template <typename Q>
 EW_INLINE void quantize_block(const float* x, Q* out_q, float* out_d, float* out_s) {
   constexpr float qmax = std::is_same_v<Q, int8_t> ? 127.f : 32767.f;
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  __m256 v[4];
-  __m256 amax = _mm256_setzero_ps();
-  for (int i = 0; i < 4; ++i) {
-    v[i] = _mm256_loadu_ps(x + 8 * i);
-    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-  }
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  const float d = _mm_cvtss_f32(m) / qmax;
+  const float d = amax32(x) / qmax;
   const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
   __m256i q[4];
-  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
+  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * i), id));
   const int sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
-  // packs interleave 128-bit lanes; the permutes restore element order
-  const __m256i w01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
-  const __m256i w23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8);
-  if constexpr (std::is_same_v<Q, int8_t>) {
-    const __m256i b = _mm256_permute4x64_epi64(_mm256_packs_epi16(w01, w23), 0xD8);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_q), b);
-  } else {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_q), w01);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_q + 16), w23);
-  }
+  store_codes(q, out_q);
   *out_d = d;
   *out_s = d * static_cast<float>(sum);
 }
@@ -175,18 +180,9 @@ struct ActivationsK {
   const int8_t* codes(int64_t row, int64_t sb) const { return q.data() + (row * n_super + sb) * QK_K; }
 
  private:
-  static EW_INLINE float amax8(const float* x) {  // max |x| over 32 floats
-    const __m256 sign = _mm256_set1_ps(-0.f);
-    __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x));
-    for (int e = 8; e < QK; e += 8) a = _mm256_max_ps(a, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + e)));
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-  }
-
   void quantize(const float* x, int64_t i) {
     float amax[8], top = 0.f;
-    for (int b = 0; b < 8; ++b) top = std::max(top, amax[b] = amax8(x + b * QK));
+    for (int b = 0; b < 8; ++b) top = std::max(top, amax[b] = amax32(x + b * QK));
     const float D = top / (127.f * kMaxSub);
     const float per_block = top > 0.f ? kMaxSub / top : 0.f;
     int8_t* out = q.data() + i * QK_K;
@@ -196,10 +192,7 @@ struct ActivationsK {
       const __m256 id = _mm256_set1_ps(step > 0.f ? 1.f / step : 0.f);
       __m256i c[4];
       for (int j = 0; j < 4; ++j) c[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + b * QK + 8 * j), id));
-      // packs interleave 128-bit lanes; the permutes restore element order
-      const __m256i w01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(c[0], c[1]), 0xD8);
-      const __m256i w23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(c[2], c[3]), 0xD8);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b * QK), _mm256_permute4x64_epi64(_mm256_packs_epi16(w01, w23), 0xD8));
+      store_codes(c, out + b * QK);
       int sum[2] = {0, 0};
       for (int k = 0; k < QK; ++k) sum[k / 16] += out[b * QK + k];
       e8[8 * i + b] = static_cast<int16_t>(e);
