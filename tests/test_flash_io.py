@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -103,32 +102,6 @@ def test_direct_reads_return_the_exact_bytes(direct_dir, threads, use_native):
         assert (reader.bytes_read, reader.reads_issued, reader.read_seconds) == (0, 0, 0.0)
         reader.set_threads(2)
         assert reader.threads == 2
-
-
-@pytest.mark.parametrize("use_native", [True, False], ids=["native", "python"])
-def test_batches_in_flight_together_each_get_their_own_bytes(direct_dir, use_native):
-    """Batches submitted before any is waited for (the ring's reads across layers) land in their own buffers,
-    whatever order they are waited in; each wait gives its batch's start and end on the monotonic clock."""
-    path = direct_dir / "w.bin"
-    data = _random_file(path, 256 * PAGE)
-    rng = np.random.default_rng(2)
-    before = time.monotonic()
-    with DirectReader(path, threads=3, use_native=use_native) as reader:
-        batches = []
-        for _ in range(5):
-            lengths = rng.integers(1, 5, 30) * PAGE
-            offsets = rng.integers(0, 250, 30) * PAGE
-            runs = np.stack([offsets, lengths, np.r_[0, np.cumsum(lengths)[:-1]]], axis=1)
-            buf = aligned_buffer(int(lengths.sum()))
-            batches.append((runs, buf, reader.submit(runs, buf)))
-        assert all(isinstance(reader.ready(ticket), bool) for _, _, ticket in batches)
-        for runs, buf, ticket in reversed(batches):
-            start, end = reader.wait(ticket)
-            assert before <= start <= end <= time.monotonic()
-            got = np.frombuffer(buf, dtype=np.uint8)
-            for off, n, at in runs:
-                np.testing.assert_array_equal(got[at : at + n], data[off : off + n])
-        assert reader.reads_issued == 150 and 0 < reader.read_seconds <= time.monotonic() - before
 
 
 def test_fallback_warns_and_reads_the_exact_bytes(fallback_dir):

@@ -120,7 +120,7 @@ def test_exiting_while_the_ring_reads_ahead_is_clean():
         assert done.returncode == 0, done.stderr[-2000:]
     with StreamingLanguageModel.open(budget="60%") as lm:
         list(lm.generate(lm.tokenizer.encode("Hello"), 2, stop_at_eot=False))
-    assert not lm.ring.running and lm.ring.reader.fd == -1
+    assert lm.ring._thread is None and lm.ring.reader.fd == -1
     lm.close()  # twice is fine
 
 

@@ -2,10 +2,9 @@
 
 `DirectReader` reads page-aligned runs of a file with O_DIRECT, bypassing the page cache, so
 that what a model reads costs what the storage costs and never pollutes or relies on RAM. The
-runs of a `submit()`ed batch go to edgewise's native read pool (persistent C++ threads taking runs
-from the front of one queue shared by every batch, `pread`, no GIL), or, without the native
-kernels, are split into one task per thread of a persistent pool, each task looping over its share
-with `os.preadv`. Where O_DIRECT is refused
+runs of one `read()` go to edgewise's native `read_runs` (C++ threads pulling runs off a shared
+counter, `pread`, no GIL), or, without the native kernels, are split into one task per thread of
+a persistent pool, each task looping over its share with `os.preadv`. Where O_DIRECT is refused
 (tmpfs, some network file systems) it falls back to buffered reads, each followed by
 `POSIX_FADV_DONTNEED` so the cache does not hold what was read, and warns.
 
@@ -25,7 +24,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,11 +40,11 @@ MIN_PROBE_FILE = 64 << 20  # an existing file smaller than this is mostly in the
 
 
 def _native_reader():
-    """torch.ops.edgewise (with the `read_pool_*` ops) when the native kernels are built here, else None."""
+    """torch.ops.edgewise (with `read_runs`) when the native kernels are built here, else None."""
     from edgewise.kernels import quant_matmul_ops
 
     ops = quant_matmul_ops()
-    return ops if ops is not None and hasattr(ops, "read_pool_submit") else None
+    return ops if ops is not None and hasattr(ops, "read_runs") else None
 
 
 def aligned_buffer(nbytes: int) -> mmap.mmap:
@@ -53,37 +52,18 @@ def aligned_buffer(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, max(PAGE, -(-nbytes // PAGE) * PAGE))
 
 
-@dataclass
-class ReadTicket:
-    """One submitted batch of runs (`DirectReader.submit`); `DirectReader.wait` completes it."""
-
-    runs: np.ndarray
-    buffer: mmap.mmap  # held until the wait: the reads write into it
-    native: int | None = None  # the native pool's ticket
-    future: Future | None = None  # the Python fallback's job
-
-
 class DirectReader:
-    """Reads (file_offset, length, buffer_offset) runs of one file into buffers, in parallel.
-
-    `submit(runs, buffer)` queues a batch and returns at once; `wait(ticket)` blocks until that batch is in
-    the buffer; `read` is both. With the native kernels, batches go to one persistent pool of C++ threads
-    (`edgewise/kernels/read_pool.cpp`) that takes runs from the front of a queue shared by every submitted
-    batch, so a batch submitted before the last one finished keeps the disk's queue full across the two.
-    Without them, a Python thread reads one batch at a time, its runs spread over a pool of threads."""
+    """Reads (file_offset, length, buffer_offset) runs of one file into a buffer, in parallel."""
 
     def __init__(self, path: str | Path, threads: int = 16, use_native: bool = True, eof_tail_ok: bool = False) -> None:
         """`eof_tail_ok`: a run that passes the file's end may stop there (the caller's data ends before it: a GGUF whose
         last tensor is streamed, its run aligned up to PAGE); otherwise any short read means a truncated file."""
         self.path, self.threads, self.eof_tail_ok = str(path), 0, eof_tail_ok
-        self._pool: ThreadPoolExecutor | None = None  # the Python fallback's reading threads
-        self._batches: ThreadPoolExecutor | None = None  # the Python fallback's one batch-at-a-time thread
-        self._native_pool: int | None = None
-        self.fd = -1
-        self._native = _native_reader() if use_native else None
+        self._pool: ThreadPoolExecutor | None = None
         self.set_threads(threads)  # first: refuses a bad count before a file is opened
         self.fd, self.direct = self._open()
         self.size = os.fstat(self.fd).st_size  # a run may pass the end (aligned up to PAGE): its read stops there
+        self._native = _native_reader() if use_native else None
         if not self.direct:
             warnings.warn(
                 f"{self.path}: the file system refuses O_DIRECT; reading through the page cache, "
@@ -111,37 +91,25 @@ class DirectReader:
             probe_buf.close()
 
     def set_threads(self, threads: int) -> None:
-        """Use `threads` reader threads (the pool is recreated, once its batches are done, only if the number changes)."""
+        """Use `threads` reader threads (the pool is recreated only if the number changes)."""
         if threads < 1:
             raise EdgewiseError(f"{self.path}: threads = {threads}; use at least 1 reader thread")
         if threads != self.threads:
-            self._close_pools()
+            if self._pool is not None:
+                self._pool.shutdown()
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="edgewise-read")
             self.threads = threads
-
-    def _native_pool_id(self) -> int:
-        if self._native_pool is None:
-            self._native_pool = int(self._native.read_pool_open(self.fd, self.direct, self.threads))
-            self._busy_base_ns = 0  # a new pool has been busy for 0 ns
-        return self._native_pool
 
     def reset_counters(self) -> None:
         self.bytes_read = 0
         self.reads_issued = 0
-        self._seconds_before = 0.0  # busy seconds of closed pools and of the Python fallback's batches
-        self._busy_base_ns = self._pool_busy_ns()
+        self.read_seconds = 0.0
 
-    @property
-    def read_seconds(self) -> float:
-        """Seconds with at least one read in flight since `reset_counters` (batches that overlap count once)."""
-        return self._seconds_before + (self._pool_busy_ns() - self._busy_base_ns) / 1e9
-
-    def _pool_busy_ns(self) -> int:
-        return int(self._native.read_pool_busy_ns(self._native_pool)) if self._native_pool is not None else 0
-
-    def submit(self, runs: np.ndarray, buffer: mmap.mmap) -> ReadTicket:
-        """Queue reads of every run: `length` bytes at `file_offset` into `buffer[buffer_offset:]`, all multiples of
-        PAGE. `buffer` must not be touched until `wait` returns."""
-        runs = np.ascontiguousarray(np.asarray(runs, dtype=np.int64).reshape(-1, 3))
+    def read(self, runs: np.ndarray, buffer: mmap.mmap) -> None:
+        """Read every run: `length` bytes at `file_offset` into `buffer[buffer_offset:]`, all multiples of PAGE."""
+        runs = np.asarray(runs, dtype=np.int64).reshape(-1, 3)
+        if len(runs) == 0:
+            return
         bad = np.flatnonzero((runs % PAGE != 0).any(axis=1) | (runs[:, 1] <= 0) | (runs[:, 2] + runs[:, 1] > len(buffer)))
         if len(bad):
             off, n, at = runs[bad[0]].tolist()
@@ -149,70 +117,31 @@ class DirectReader:
                 f"{self.path}: run {bad[0]} (file_offset {off}, length {n}, buffer_offset {at}) is not page-aligned or does "
                 f"not fit the {len(buffer)}-byte buffer; every field must be a multiple of {PAGE} and length > 0"
             )
-        if self._native is not None:
-            import torch
-
-            ticket = int(self._native.read_pool_submit(self._native_pool_id(), torch.from_numpy(runs), torch.frombuffer(buffer, dtype=torch.uint8)))
-            return ReadTicket(runs, buffer, native=ticket)
-        if self._batches is None:
-            self._batches = ThreadPoolExecutor(1, thread_name_prefix="edgewise-batch")
-        return ReadTicket(runs, buffer, future=self._batches.submit(self._read_python, runs, buffer))
-
-    def ready(self, ticket: ReadTicket) -> bool:
-        """Whether `wait(ticket)` would return at once."""
-        if ticket.native is not None:
-            return bool(self._native.read_pool_ready(self._native_pool, ticket.native))
-        return ticket.future.done()
-
-    def wait(self, ticket: ReadTicket) -> tuple[float, float]:
-        """Block until `ticket`'s runs are in its buffer; when its first read started and its last ended, in
-        `time.monotonic()` seconds (the native threads' steady clock is the same CLOCK_MONOTONIC)."""
-        runs = ticket.runs
-        if ticket.native is not None:
-            short, err, start_ns, end_ns = self._native.read_pool_wait(self._native_pool, ticket.native).tolist()
-            if err:
-                raise EdgewiseError(f"{self.path}: read failed ({os.strerror(err)}); check the device and the file")
-            span = (start_ns / 1e9, end_ns / 1e9)
-            if short >= 0:
-                off, n, at = runs[short].tolist()
-                with memoryview(ticket.buffer) as view:
-                    got = os.preadv(self.fd, [view[at : at + n]], off)  # again, for the byte count
-                if not (self._ends_at_eof(off, got, n) and short == len(runs) - 1):  # the last run, aligned past the end: complete
-                    raise EdgewiseError(f"{self.path}: short read at offset {off} (got {got} of {n} bytes): the file is truncated; re-run `edgewise flash convert`")
-        else:
-            try:
-                span = ticket.future.result()
-            except OSError as e:
-                raise EdgewiseError(f"{self.path}: read failed ({e.strerror}); check the device and the file") from None
-            self._seconds_before += span[1] - span[0]
-        self.reads_issued += len(runs)
-        self.bytes_read += int(runs[:, 1].sum())
-        return span
-
-    def read(self, runs: np.ndarray, buffer: mmap.mmap) -> None:
-        """Read every run now (`submit` then `wait`)."""
-        self.wait(self.submit(runs, buffer))
-
-    def _read_python(self, runs: np.ndarray, buffer: mmap.mmap) -> tuple[float, float]:
-        """One batch with Python threads: each task loops over its share of the runs with `os.preadv` (the GIL is
-        released during each read)."""
-        start = time.monotonic()
+        start = time.perf_counter()
+        if self.direct and self._native is not None:
+            self._read_native(runs, buffer)
+            self.read_seconds += time.perf_counter() - start
+            self.reads_issued += len(runs)
+            self.bytes_read += int(runs[:, 1].sum())
+            return
         tasks = min(self.threads, len(runs))
-        if tasks == 0:
-            return start, start
         view = memoryview(buffer)
         try:
             shares = [runs[k::tasks].tolist() for k in range(tasks)]  # strided: long and short runs spread evenly
             if tasks == 1:
                 results = [self._read_share(shares[0], view)]
             else:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="edgewise-read")
+                assert self._pool is not None, "read() after close()"
                 futures = [self._pool.submit(self._read_share, share, view) for share in shares]
                 wait(futures)  # all of them, even if one failed: none may still write into the buffer
                 results = [f.result() for f in futures]
+        except OSError as e:
+            raise EdgewiseError(f"{self.path}: read failed ({e.strerror}); check the device and the file") from None
         finally:
             view.release()
+        self.read_seconds += time.perf_counter() - start
+        self.reads_issued += len(runs)
+        self.bytes_read += int(runs[:, 1].sum())
         for short in results:
             if short is not None and not self._ends_at_eof(*short):
                 off, got, n = short
@@ -220,7 +149,23 @@ class DirectReader:
                     f"{self.path}: short read at offset {off} (got {got} of {n} bytes): the file is truncated; "
                     "re-run `edgewise flash convert`"
                 )
-        return start, time.monotonic()
+
+    def _read_native(self, runs: np.ndarray, buffer: mmap.mmap) -> None:
+        """The same reads from C++ threads (edgewise's native `read_runs`): no GIL hand-offs between reads."""
+        import torch
+
+        target = torch.frombuffer(buffer, dtype=torch.uint8)
+        try:
+            short = int(self._native.read_runs(self.fd, torch.from_numpy(np.ascontiguousarray(runs)), target, self.threads))
+        except RuntimeError as e:
+            raise EdgewiseError(f"{self.path}: read failed ({str(e).splitlines()[0]}); check the device and the file") from None
+        if short >= 0:
+            off, n, at = runs[short].tolist()
+            with memoryview(buffer) as view:
+                got = os.preadv(self.fd, [view[at : at + n]], off)  # again, for the byte count
+            if self._ends_at_eof(off, got, n) and short == len(runs) - 1:  # the last run, aligned past the end: complete
+                return
+            raise EdgewiseError(f"{self.path}: short read at offset {off} (got {got} of {n} bytes): the file is truncated; re-run `edgewise flash convert`")
 
     def _ends_at_eof(self, off: int, got: int, n: int) -> bool:
         """A short read that is only the run's page-aligned tail past the file's end (a tensor ending the file)."""
@@ -236,21 +181,10 @@ class DirectReader:
                 return off, got, n
         return None
 
-    def _close_pools(self) -> None:
-        """Finish every submitted batch, then stop the threads (the buffers may be freed after this)."""
-        if self._native_pool is not None:
-            busy_ns = int(self._native.read_pool_close(self._native_pool))  # once its batches are done: its final busy time
-            self._seconds_before += (busy_ns - self._busy_base_ns) / 1e9
-            self._native_pool, self._busy_base_ns = None, 0
-        if self._batches is not None:
-            self._batches.shutdown()
-            self._batches = None
+    def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-
-    def close(self) -> None:
-        self._close_pools()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -381,7 +315,7 @@ def _measure(reader: DirectReader, buffer: mmap.mmap, rng: np.random.Generator,
     batch = threads * max(4, min(1024, (32 << 20) // (size * threads)))
     runs = np.empty((batch, 3), dtype=np.int64)
     runs[:, 1] = size
-    runs[:, 2] = (np.arange(batch) % threads) * size  # the contents are thrown away: a slot per thread is room enough
+    runs[:, 2] = (np.arange(batch) % threads) * size  # read() gives run i to task i % threads: a slot per task
     reader.reset_counters()
     while reader.read_seconds < seconds:
         runs[:, 0] = rng.integers(0, (file_size - size) // PAGE + 1, batch) * PAGE

@@ -3,20 +3,16 @@ order, through a prefetch ring, while the compute runs the layers before them.
 
 The weights stream straight from the GGUF: a layer's FFN tensors lie side by side there (llama.cpp
 writes down, gate, up together), so a layer's streamed bytes are one or a few byte ranges, read as
-large page-aligned O_DIRECT runs (`DirectReader`: parallel `pread`s in persistent C++ threads, no GIL,
-no page cache). The kernels then run on the bytes as they arrived: K-quant rows need no re-layout.
+large page-aligned O_DIRECT runs (`DirectReader`: parallel `pread`s in C++ threads, no GIL, no page
+cache). The kernels then run on the bytes as they arrived: K-quant rows need no re-layout.
 
-`PrefetchRing`: `depth` page-aligned buffers over one `DirectReader`. The order of use is known (the
-streamed layers, in order, once per forward pass), so buffer k % depth takes the k-th layer of the
-cycle: `release(layer)` submits, at once, the read of the layer `depth` places later into the buffer
-it frees, and `acquire(layer)` waits until that layer's read has completed (the wait is the I/O the
-compute could not hide, and is counted). While layer i computes, the reads of the next depth - 1
-streamed layers are in flight. The reader's threads take runs from one queue across layers, so
-a layer's reads start while the last reads of the one before are still out: waiting out each layer's
-reads before starting the next read a pass of the 1.5B model at 0.95 GB/s on the test machine's disk,
-one continuous queue at 1.44 (medians of 3, 256 KiB reads, nothing computing). A pass that ends
-early (an error mid-forward) is noticed at the next `acquire` of a layer out of turn: the ring
-drains and restarts at that layer.
+`PrefetchRing`: `depth` page-aligned buffers and one reader thread. The order of use is known (the
+streamed layers, in order, once per forward pass), so the reader fills buffer k % depth with the k-th
+layer of that cycle as soon as the compute has released it: while layer i computes, the reads of the
+next depth - 1 streamed layers are in flight. `acquire(layer)` waits until that layer's read has
+completed (the wait is the I/O the compute could not hide, and is counted); `release(layer)` hands
+the buffer back. A pass that ends early (an error mid-forward) is noticed at the next `acquire` of a
+layer out of turn: the ring drains and restarts at that layer.
 
 The size of each direct read is chosen by timing the reads themselves (`edgewise.trial.MeasuredChoice`
 over `READ_SIZES`, cost: seconds per byte of a layer's read), not from the probe: on the 2-core test
@@ -30,6 +26,7 @@ measurable, and the stats line shows each size's throughput on the user's own di
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -38,7 +35,7 @@ import torch
 from torch import nn
 
 from edgewise.errors import EdgewiseError
-from edgewise.flash.io import PAGE, DirectReader, ReadTicket, aligned_buffer
+from edgewise.flash.io import PAGE, DirectReader, aligned_buffer
 from edgewise.flash.residency import ResidencyPlan
 from edgewise.gguf_io import GGUFFile, GGUFTensor
 from edgewise.lm.model import gated
@@ -97,7 +94,7 @@ def layer_reads(gguf: GGUFFile, plan: ResidencyPlan, read_sizes: tuple[int, ...]
 class RingStats:
     reads: int = 0  # layer reads completed
     bytes_read: int = 0
-    read_s: float = 0.0  # the reader's busy time: seconds with at least one read in flight
+    read_s: float = 0.0  # the reader's time in reads
     wait_s: float = 0.0  # the compute's time waiting for a read (I/O it could not hide)
     waits: int = 0  # acquires that found their read still in flight
     restarts: int = 0
@@ -117,112 +114,110 @@ class PrefetchRing:
         self.reader, self.reads, self.depth, self.record = reader, reads, depth, record
         self.order = sorted(reads)
         self.read_sizes = tuple(sorted(next(iter(reads.values())).runs))  # layer_reads plans every layer at the same sizes
-        self.read_size = MeasuredChoice()
+        self.read_size = MeasuredChoice()  # used by the reader thread alone
         slot_bytes = max(r.nbytes for r in reads.values())
         self.buffers = [aligned_buffer(slot_bytes) for _ in range(depth)]
         self.tensors = [torch.frombuffer(b, dtype=torch.uint8) for b in self.buffers]
         self.stats = RingStats()
-        self._pending: dict[int, tuple[ReadTicket, int, int]] | None = None  # None: no cycle running
-        self._next_use = 0
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._start_seq = 0
 
     @property
     def buffer_bytes(self) -> int:
         return sum(len(b) for b in self.buffers)
 
-    # -- reads in flight ----------------------------------------------------------------------------
+    # -- the reader thread ---------------------------------------------------------------------------
     def _start(self, seq: int) -> None:
-        """Begin a cycle at sequence number `seq` (seq -> layer order[seq % n], slot seq % depth): every buffer
-        gets its read."""
-        self._next_use = seq
-        self._pending: dict[int, tuple[ReadTicket, int, int]] = {}  # seq -> (ticket, read size, bytes)
-        self._done_at: dict[int, float] = {}  # seq -> when its last read ended (time.monotonic, the reader's own clock)
-        self._base_s = self.reader.read_seconds - self.stats.read_s  # read_s counts the reader's busy time from here on
-        for k in range(seq, seq + self.depth):
-            self._submit(k)
+        self._next_read = self._next_use = seq  # sequence numbers: seq -> layer order[seq % n], slot seq % depth
+        self._done_at: dict[int, float] = {}  # seq -> when its read completed
+        self._stop = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._read_loop, name="edgewise-prefetch", daemon=True)
+        self._thread.start()
 
-    def _submit(self, seq: int) -> None:
-        layer = self.order[seq % len(self.order)]
-        size = self.read_size.choose(self.read_sizes)
-        runs = self.reads[layer].runs[size]
-        self._pending[seq] = (self.reader.submit(runs, self.buffers[seq % self.depth]), size, int(runs[:, 1].sum()))
-
-    def _complete(self, seq: int) -> None:
-        """Wait for `seq`'s read (if it has not finished) and count it."""
-        ticket, size, nbytes = self._pending.pop(seq)
-        started, self._done_at[seq] = self.reader.wait(ticket)
-        seconds = self._done_at[seq] - started
-        self.read_size.record(size, seconds / nbytes)
-        self.stats.reads += 1
-        self.stats.bytes_read += nbytes
-        self.stats.read_s = self.reader.read_seconds - self._base_s
-        counts = self.stats.by_size.setdefault(size, [0, 0, 0.0])
-        counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + nbytes, counts[2] + seconds
-
-    def _drain(self) -> BaseException | None:
-        """Wait for every read in flight (none may still write into a buffer); the first error, if one failed."""
-        error = None
-        for seq in sorted(self._pending):
-            try:
-                self._complete(seq)
-            except BaseException as exc:  # noqa: BLE001 -- every read must finish before the buffers are reused
-                error = error or exc
-        self._done_at.clear()
-        return error
+    def _read_loop(self) -> None:
+        n = len(self.order)
+        try:
+            while True:
+                with self._cv:
+                    while not self._stop and self._next_read >= self._next_use + self.depth:  # every buffer holds an unused read
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                    seq = self._next_read
+                layer = self.order[seq % n]
+                size = self.read_size.choose(self.read_sizes)
+                runs = self.reads[layer].runs[size]
+                start = time.perf_counter()
+                self.reader.read(runs, self.buffers[seq % self.depth])
+                done = time.perf_counter()
+                nbytes = int(runs[:, 1].sum())
+                self.read_size.record(size, (done - start) / nbytes)
+                with self._cv:
+                    self.stats.reads += 1
+                    self.stats.bytes_read += nbytes
+                    self.stats.read_s += done - start
+                    counts = self.stats.by_size.setdefault(size, [0, 0, 0.0])
+                    counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + nbytes, counts[2] + done - start
+                    self._done_at[seq] = done
+                    self._next_read = seq + 1
+                    self._cv.notify_all()
+        except BaseException as exc:  # handed to the compute thread at its next acquire
+            with self._cv:
+                self._error = exc
+                self._cv.notify_all()
 
     def read_size_line(self) -> str:
         """Each read size's share of the layer reads and its throughput over the ring's life, for a stats line."""
-        sizes = sorted(self.stats.by_size.items())
+        with self._cv:
+            sizes = sorted(self.stats.by_size.items())
         if len(self.read_sizes) < 2 or not sizes:
             return ""
         parts = [f"{_kib(size)} {n_bytes / max(seconds, 1e-9) / 1e9:.2f} GB/s ({reads} reads)" for size, (reads, n_bytes, seconds) in sizes]
         return "read sizes: " + ", ".join(parts)
 
-    @property
-    def running(self) -> bool:
-        """Whether reads are queued (between the first acquire of a cycle and `close`)."""
-        return self._pending is not None
-
     def close(self) -> None:
-        """Wait for the reads in flight; the next acquire starts a new cycle. A failed read is not raised here."""
-        if self._pending is not None:
-            self._drain()
-            self._pending = None
+        if self._thread is not None:
+            with self._cv:
+                self._stop = True
+                self._cv.notify_all()
+            self._thread.join()
+            self._thread = None
 
     # -- the compute side ----------------------------------------------------------------------------
     def acquire(self, layer: int) -> torch.Tensor:
         """The buffer holding `layer`'s streamed bytes, once their read has completed."""
         n = len(self.order)
-        if self._pending is None or self.order[self._next_use % n] != layer:
+        if self._thread is None or self.order[self._next_use % n] != layer:
             if layer not in self.reads:
                 raise EdgewiseError(f"layer {layer} streams nothing")
-            if self._pending is not None:  # a pass ended early: drain and restart at this layer
+            if self._thread is not None:  # a pass ended early: drain and restart at this layer
                 self.stats.restarts += 1
                 self.close()
             self._start(self.order.index(layer))
         seq = self._next_use
-        start = time.monotonic()
-        if seq in self._pending:
-            if not self.reader.ready(self._pending[seq][0]):
+        start = time.perf_counter()
+        with self._cv:
+            if seq not in self._done_at and self._error is None:
                 self.stats.waits += 1
-            try:
-                self._complete(seq)
-            except BaseException as exc:
-                self._drain()
-                self._pending = None
-                raise EdgewiseError(f"reading layer {layer}'s weights failed: {exc}") from exc
-        handed_out = time.monotonic()
-        self.stats.wait_s += handed_out - start
-        if self.record:
-            self.stats.events.append((layer, seq % self.depth, self._done_at[seq], handed_out))
+            while seq not in self._done_at and self._error is None:
+                self._cv.wait()
+            if self._error is not None:
+                error, self._error = self._error, None
+                self._thread = None
+                raise EdgewiseError(f"reading layer {self.order[seq % n]}'s weights failed: {error}") from error
+            handed_out = time.perf_counter()
+            self.stats.wait_s += handed_out - start
+            if self.record:
+                self.stats.events.append((layer, seq % self.depth, self._done_at[seq], handed_out))
         return self.tensors[seq % self.depth]
 
     def release(self, layer: int) -> None:
-        """Hand `layer`'s buffer back: the read of the layer `depth` places later goes into it at once."""
-        seq = self._next_use
-        self._done_at.pop(seq, None)
-        self._next_use += 1
-        if self._pending is not None:
-            self._submit(seq + self.depth)
+        with self._cv:
+            self._done_at.pop(self._next_use, None)
+            self._next_use += 1
+            self._cv.notify_all()
 
 
 def _kib(nbytes: int) -> str:

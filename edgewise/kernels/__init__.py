@@ -1,7 +1,6 @@
 """Native kernels, built on first use with the system C++ compiler and cached.
 
-`quant_matmul_ops()` returns `torch.ops.edgewise` once `quant_matmul.cpp`, `kquant_matmul.cpp`, `flash_ffn.cpp` and
-`read_pool.cpp` (the flash reader's threads) are built and loaded, or
+`quant_matmul_ops()` returns `torch.ops.edgewise` once `quant_matmul.cpp`, `kquant_matmul.cpp` and `flash_ffn.cpp` are built and loaded, or
 None (with a warning) where it cannot be: no AVX2/FMA/F16C, no compiler. Callers then use
 torch's own int4/int8 kernels.
 """
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "quant_matmul.cpp", HERE / "kquant_matmul.cpp", HERE / "flash_ffn.cpp", HERE / "read_pool.cpp")
+SOURCES = (HERE / "quant_matmul.cpp", HERE / "kquant_matmul.cpp", HERE / "flash_ffn.cpp")
 HEADERS = (HERE / "blocks.h",)  # the block formats every kernel includes
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 

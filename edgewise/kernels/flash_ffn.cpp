@@ -17,9 +17,14 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "blocks.h"
@@ -152,12 +157,54 @@ at::Tensor flash_ffn(const at::Tensor& x, const at::Tensor& units, int64_t n_uni
   return y;
 }
 
+// The flash reader's batch: runs [n, 3] int64 (file_offset, length, buffer_offset) read with pread on
+// `fd` into `buffer` by `threads` plain threads (no Python, no GIL: the reads of one layer are in
+// flight together). Returns -1 when every run was read whole, else the index of the first run that
+// came back short; a failed pread raises with errno's text. Alignment is the caller's to check.
+int64_t read_runs(int64_t fd, const at::Tensor& runs, const at::Tensor& buffer, int64_t threads) {
+  TORCH_CHECK(runs.scalar_type() == at::kLong && runs.is_contiguous() && runs.dim() == 2 && runs.size(1) == 3, "read_runs: runs must be int64 [n, 3]");
+  TORCH_CHECK(buffer.scalar_type() == at::kByte && buffer.is_contiguous(), "read_runs: buffer must be contiguous uint8");
+  const int64_t n = runs.size(0);
+  const int64_t* r = runs.data_ptr<int64_t>();
+  uint8_t* base = buffer.data_ptr<uint8_t>();
+  const int64_t limit = buffer.numel();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(r[3 * i + 1] > 0 && r[3 * i + 2] >= 0 && r[3 * i + 2] + r[3 * i + 1] <= limit, "read_runs: run ", i, " does not fit the buffer");
+  std::atomic<int64_t> next{0}, first_short{n}, first_errno{0};
+  auto work = [&]() {
+    for (int64_t i = next++; i < n; i = next++) {
+      int64_t done = 0;
+      const int64_t off = r[3 * i], len = r[3 * i + 1];
+      while (done < len) {
+        const ssize_t got = pread(static_cast<int>(fd), base + r[3 * i + 2] + done, len - done, off + done);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) { int64_t zero = 0; first_errno.compare_exchange_strong(zero, errno); return; }
+        if (got == 0) break;
+        done += got;
+      }
+      if (done < len) {
+        int64_t cur = first_short.load();
+        while (i < cur && !first_short.compare_exchange_weak(cur, i)) {}
+      }
+    }
+  };
+  const int64_t t = std::max<int64_t>(1, std::min(threads, n));
+  std::vector<std::thread> pool;
+  for (int64_t k = 1; k < t; ++k) pool.emplace_back(work);
+  work();
+  for (auto& th : pool) th.join();
+  TORCH_CHECK(first_errno.load() == 0, "read_runs: pread failed: ", std::strerror(static_cast<int>(first_errno.load())));
+  return first_short.load() < n ? first_short.load() : -1;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(edgewise, m) {
   m.def("flash_ffn(Tensor x, Tensor units, int n_units, int bpu, Tensor down_d, Tensor down_m) -> Tensor");
+  m.def("read_runs(int fd, Tensor runs, Tensor(a!) buffer, int threads) -> int");
 }
 
 TORCH_LIBRARY_IMPL(edgewise, CPU, m) {
   m.impl("flash_ffn", &flash_ffn);
+  m.impl("read_runs", &read_runs);
 }
