@@ -16,7 +16,8 @@ from edgewise.lm.weights import KQuantLinear
 ops = pytest.importorskip("edgewise.kernels").quant_matmul_ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="native kernels not built on this CPU")
 
-BYTES = {QT.Q4_K: 144, QT.Q5_K: 176, QT.Q6_K: 210}
+BYTES = {QT.Q3_K: 110, QT.Q4_K: 144, QT.Q5_K: 176, QT.Q6_K: 210}
+KQUANTS = [pytest.param(q, id=q.name) for q in (QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)]
 
 
 def random_rows(qtype: QT, n: int, k: int, seed: int) -> np.ndarray:
@@ -26,6 +27,8 @@ def random_rows(qtype: QT, n: int, k: int, seed: int) -> np.ndarray:
     d = (rng.standard_normal((n, k // 256)) * 0.01).astype(np.float16)
     if qtype == QT.Q6_K:
         raw[..., 208:210] = d[..., None].view(np.uint8)
+    elif qtype == QT.Q3_K:
+        raw[..., 108:110] = d[..., None].view(np.uint8)
     else:
         raw[..., 0:2] = d[..., None].view(np.uint8)
         raw[..., 2:4] = np.abs(rng.standard_normal((n, k // 256)) * 0.01).astype(np.float16)[..., None].view(np.uint8)
@@ -42,10 +45,19 @@ def k4_scale_min(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def unpack(raw: np.ndarray, qtype: QT, k: int):
     """-> integer codes q [N, K], per-element integer scale s [N, K], per-element min term m [N, K] (float),
-    super-scale d [N, K]: w = d * s * q - m (Q6_K: q already has 32 subtracted, m = 0)."""
+    super-scale d [N, K]: w = d * s * q - m (Q6_K, Q3_K: q already has its offset subtracted, m = 0)."""
     n = raw.shape[0]
     b = raw.reshape(n, k // 256, BYTES[qtype])
     f16 = lambda a: a.copy().view(np.float16)[..., 0].astype(np.float64)  # noqa: E731
+    if qtype == QT.Q3_K:  # blocks.h: high bits, 2-bit pairs, 12 scale bytes, d
+        hm, pairs, sc, d = b[..., 0:32].astype(np.int64), b[..., 32:96].astype(np.int64), b[..., 96:108].astype(np.int64), f16(b[..., 108:110])
+        q = np.zeros((n, k // 256, 8, 32), dtype=np.int64)
+        for c in range(8):  # block c of 32: pair bits 2 (c % 4) of bytes 32 (c // 4) + l, high bit c of byte l
+            q[:, :, c] = ((pairs[..., 32 * (c // 4) : 32 * (c // 4) + 32] >> (2 * (c % 4))) & 3) | (((hm >> c) & 1) << 2)
+        low = np.concatenate([sc[..., 0:8] & 15, sc[..., 0:8] >> 4], -1)  # scales 0-7, 8-15
+        top = np.stack([(sc[..., 8 + j % 4] >> (2 * (j // 4))) & 3 for j in range(16)], -1)  # bits 2 (j / 4) of byte 8 + j % 4
+        scale = (low | (top << 4)) - 32
+        return (q.reshape(n, k) - 4), np.repeat(scale, 16, -1).reshape(n, k), np.zeros((n, k)), np.repeat(d, 256, -1)
     if qtype in (QT.Q4_K, QT.Q5_K):
         d, dmin = f16(b[..., 0:2]), f16(b[..., 2:4])
         scale, mins = k4_scale_min(b[..., 4:16])
@@ -108,7 +120,7 @@ def numpy_model(x: np.ndarray, raw: np.ndarray, qtype: QT, act_bits: int) -> np.
     return out.astype(np.float32)
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K])
+@pytest.mark.parametrize("qtype", KQUANTS)
 def test_numpy_unpacking_equals_gguf_dequantize(qtype):
     """The numpy model reads the bytes as gguf does (so it is a fair model of what they mean)."""
     raw = random_rows(qtype, 5, 768, seed=int(qtype))
@@ -116,7 +128,7 @@ def test_numpy_unpacking_equals_gguf_dequantize(qtype):
     np.testing.assert_allclose(d * s * q - m, quants.dequantize(raw, qtype), rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K])
+@pytest.mark.parametrize("qtype", KQUANTS)
 def test_rows_dequantize_exactly(qtype):
     raw = random_rows(qtype, 9, 512, seed=1)
     layer = KQuantLinear.from_raw(raw, qtype, 512)
@@ -125,7 +137,7 @@ def test_rows_dequantize_exactly(qtype):
         layer.rows(torch.tensor([9]))
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K])
+@pytest.mark.parametrize("qtype", KQUANTS)
 @pytest.mark.parametrize("act_bits", [8, 16])
 @pytest.mark.parametrize("rows", [1, 3, 5, 8, 9, 12, 14, 15])  # exact up to EXACT_ROWS (8), 4 rows at a time; beyond, tiles of 4 and remainders
 @pytest.mark.parametrize("n, k", [(7, 256), (13, 768), (5, 8960)])  # one super-block, an odd count, a long row (35)
@@ -143,7 +155,7 @@ def test_kernel_matches_numpy_model(qtype, act_bits, rows, n, k):
     assert np.linalg.norm(ours - exact) / np.linalg.norm(exact) < (2.5e-2 if act_bits == 8 else 1e-4)
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K])
+@pytest.mark.parametrize("qtype", KQUANTS)
 @pytest.mark.parametrize("act_bits", [8, 16])
 def test_short_batches_equal_decode_bit_for_bit(qtype, act_bits):
     """Batch invariance (blocks.h, EXACT_ROWS): each row of a batch of up to EXACT_ROWS rows is the one-row product,
@@ -158,7 +170,7 @@ def test_short_batches_equal_decode_bit_for_bit(qtype, act_bits):
         assert torch.equal(layer(x[:rows]), one[:rows]), rows
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K])
+@pytest.mark.parametrize("qtype", KQUANTS)
 def test_int8_rows_equal_decode_bit_for_bit_at_any_batch_size(qtype):
     """The int8 path sums each super-block exactly in integers and scales it the same way whatever the tile: a row's
     product is bit for bit the one-row product at any batch size and any position in the batch (prefill included)."""

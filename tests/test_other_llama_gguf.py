@@ -4,6 +4,8 @@ counts, an untied Q8_0 output layer, Q4_0 and F16 weights), qwen2 (QKV biases, N
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,9 @@ from gguf import GGUFWriter, quants
 from gguf.constants import GGML_QUANT_SIZES
 
 from edgewise.errors import EdgewiseError
+from edgewise.kernels import quant_matmul_ops
 from edgewise.lm.runtime import LanguageModel
+from edgewise.lm.weights import KQuantLinear
 
 DIM, FFN, HEADS, KV_HEADS, LAYERS = 128, 256, 8, 2, 2
 QWEN3_HEAD_DIM = 128  # != DIM // HEADS: Qwen3 states its head size (transformers assumes 128, as every Qwen3 has)
@@ -79,7 +83,11 @@ def write_tiny(gguf, path, arch: str, down_type: QT = QT.Q4_0):
             add_q(p + "ffn_down.weight", rand(DIM, FFN), QT.Q4_0)
         else:
             block, size = GGML_QUANT_SIZES[down_type]
-            w.add_tensor(p + "ffn_down.weight", rng.integers(0, 256, (DIM, FFN // block * size), dtype=np.uint8), raw_dtype=down_type)
+            raw = rng.integers(0, 256, (DIM, FFN // block, size), dtype=np.uint8)
+            supers = {QT.Q3_K: 1, QT.Q2_K: 2}.get(down_type, 0)  # fp16 super-scales ending the block: Q3_K d; Q2_K d, dmin
+            if supers:  # random codes and scales under small finite super-scales
+                raw[..., size - 2 * supers :] = np.full(raw.shape[:2] + (supers,), 0.002, dtype=np.float16).view(np.uint8)
+            w.add_tensor(p + "ffn_down.weight", raw.reshape(DIM, -1), raw_dtype=down_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -124,8 +132,25 @@ def test_unsupported_tensor_type_is_named(gguf, tmp_path):
         LanguageModel.load(path, precision="quant", compile=False)
 
 
-def test_q3_k_is_dequantized_with_a_warning(gguf, tmp_path):
-    path = write_tiny(gguf, tmp_path / "q3k.gguf", "llama", down_type=QT.Q3_K)
-    with pytest.warns(UserWarning, match=r"2 Q3_K tensors are dequantized to bf16"):
+def test_q2_k_is_dequantized_with_a_warning(gguf, tmp_path):
+    path = write_tiny(gguf, tmp_path / "q2k.gguf", "llama", down_type=QT.Q2_K)
+    with pytest.warns(UserWarning, match=r"2 Q2_K tensors are dequantized to bf16"):
         lm = LanguageModel.load(path, precision="quant", compile=False)
     assert lm.model.blocks[0].ffn.down.weight.dtype == torch.bfloat16  # random bytes: only the path is checked here
+
+
+def test_q3_k_runs_on_the_k_quant_kernel(gguf, tmp_path):
+    """Q3_K stays in its GGUF blocks (KQuantLinear) and agrees with the fp32 dequantization (the kernel itself is
+    tested against gguf and a numpy model in test_kquant_kernels.py)."""
+    if quant_matmul_ops() is None:
+        pytest.skip("native kernels not built on this CPU")
+    path = write_tiny(gguf, tmp_path / "q3k.gguf", "llama", down_type=QT.Q3_K)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is dequantized
+        quant = LanguageModel.load(path, precision="quant", compile=False)
+    assert isinstance(quant.model.blocks[0].ffn.down, KQuantLinear) and quant.model.blocks[0].ffn.down.qtype == QT.Q3_K
+    fp32 = LanguageModel.load(path, precision="fp32", compile=False)
+    ids = fp32.tokenizer.encode("Three bits a weight, and the answer is the same.")
+    a = fp32.prefill(ids, fp32.new_cache(len(ids)), last_only=False)
+    b = quant.prefill(ids, quant.new_cache(len(ids)), last_only=False)
+    assert (a - b).abs().max() < 0.03 * a.abs().max()  # as test_quantized_path_matches_fp32: activation rounding

@@ -1,11 +1,11 @@
-// K-quant matrix multiplication for x86-64 AVX2: y = x @ W.T with W kept in GGUF's own Q4_K, Q5_K
-// or Q6_K super-blocks, bit for bit (formats: blocks.h).
+// K-quant matrix multiplication for x86-64 AVX2: y = x @ W.T with W kept in GGUF's own Q3_K, Q4_K,
+// Q5_K or Q6_K super-blocks, bit for bit (formats: blocks.h).
 //
-// A sub-block's weight is d * scale_s * q - dmin * min_s (Q4_K, Q5_K) or d * scale_s * (q - 32)
-// (Q6_K), so for an activation block b with step dx_b and code sum S_b, every 32-element dot is exact
+// A sub-block's weight is d * scale_s * q - dmin * min_s (Q4_K, Q5_K) or d * scale_s * (q - offset)
+// (Q6_K: offset 32; Q3_K: offset 4, scale_s signed), so for an activation block b with step dx_b and code sum S_b, every 32-element dot is exact
 // integer arithmetic and only the scales differ:
 //   sum_i w_i x_i = (d scale_s dx_b) * (q . xq)  -  dmin min_s (dx_b S_b)        (Q4_K, Q5_K)
-//                 = sum over its two halves h: (d scale_h dx_b) * (q_h . xq_h) - 32 d scale_h (dx_b S_bh)   (Q6_K)
+//                 = sum over its two halves h: (d scale_h dx_b) * (q_h . xq_h) - offset d scale_h (dx_b S_bh)   (Q6_K, Q3_K)
 // The integer dot q . xq takes unsigned codes (0..63) against signed activations: maddubs, then madd
 // (no saturation: 2 * 63 * 127 < 32767).
 //
@@ -117,9 +117,12 @@ EW_INLINE __m256i k4_nibbles(const uint8_t* qs, int b) {
 }
 
 
+// Each format also states kOffset (what its codes have subtracted, with per-16 scales: the half-scale
+// formats) and kOffsetShift = log2(kOffset), by which the int8 kernel multiplies in integers.
 struct Q4K {
   static constexpr int64_t kBytes = ew::Q4_K_BYTES;
   static constexpr bool kHalfScales = false;
+  static constexpr int kOffset = 0, kOffsetShift = 0;
   static EW_INLINE __m256i pick(int b) { return k4_pick(b); }
   struct Block {
     const uint8_t* p;
@@ -133,6 +136,7 @@ struct Q4K {
 struct Q5K {
   static constexpr int64_t kBytes = ew::Q5_K_BYTES;
   static constexpr bool kHalfScales = false;
+  static constexpr int kOffset = 0, kOffsetShift = 0;
   static EW_INLINE __m256i pick(int b) { return k4_pick(b); }
   struct Block {
     const uint8_t* p;
@@ -152,6 +156,7 @@ struct Q5K {
 struct Q6K {
   static constexpr int64_t kBytes = ew::Q6_K_BYTES;
   static constexpr bool kHalfScales = true;
+  static constexpr int kOffset = 32, kOffsetShift = 5;
   // block b = 4 h + c: half-block 2b's scale in lanes 0-7, 2b+1's in lanes 8-15, picked from a vector
   // holding the scales of half-blocks 8h..8h+7 in both 128-bit lanes
   static EW_INLINE __m256i pick(int b) {
@@ -183,6 +188,52 @@ struct Q6K {
       const __m256i low = _mm256_and_si256(bb >= 2 ? _mm256_srli_epi16(ql, 4) : ql, _mm256_set1_epi8(0x0F));
       const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * bb)), _mm256_set1_epi8(3));
       return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+    }
+  };
+};
+
+// Q3_K's 12 scale bytes as 16 signed int8 scales (blocks.h): the low nibbles of words 0-1 are scales
+// 0-7, their high nibbles 8-15; word 2's bit pairs 0-1, 2-3, 4-5, 6-7 of each byte are the top bits of
+// scales 0-3, 4-7, 8-11, 12-15.
+EW_INLINE __m128i k3_scales(const uint8_t* sc) {
+  // [w0, w1, w0, w1] >> [0, 0, 4, 4] & low nibbles | ([w2, w2, w2, w2] >> [0, 2, 4, 6] & 3s) << 4
+  uint32_t w[3];
+  std::memcpy(w, sc, 12);
+  const __m128i v = _mm_setr_epi32(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[0]), static_cast<int>(w[1]));
+  const __m128i low = _mm_and_si128(_mm_srlv_epi32(v, _mm_setr_epi32(0, 0, 4, 4)), _mm_set1_epi8(0x0f));
+  const __m128i top = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32(static_cast<int>(w[2])), _mm_setr_epi32(0, 2, 4, 6)), _mm_set1_epi8(3));
+  return _mm_sub_epi8(_mm_or_si128(low, _mm_slli_epi32(top, 4)), _mm_set1_epi8(32));
+}
+
+struct Q3K {
+  static constexpr int64_t kBytes = ew::Q3_K_BYTES;
+  static constexpr bool kHalfScales = true;
+  static constexpr int kOffset = 4, kOffsetShift = 2;
+  static EW_INLINE __m256i pick(int b) { return Q6K::pick(b); }  // the same order of 16 scales
+  struct Block {
+    const uint8_t* p;
+    __m256i hm;  // the 32 high-bit bytes: bit c of byte l is element l of block c's bit 2
+    explicit Block(const uint8_t* blk) : p(blk), hm(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk))) {}
+    EW_INLINE void scales(__m256& lo, __m256& hi) const {
+      const __m128i s = k3_scales(p + 96);
+      const __m256 d = _mm256_set1_ps(fp16_at(p + 108));
+      lo = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s)));
+      hi = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s, 8))));
+    }
+    EW_INLINE IntScales int_scales() const {
+      IntScales k;
+      k.sc8 = _mm_setzero_si128();
+      k.sc16 = _mm256_cvtepi8_epi16(k3_scales(p + 96));
+      k.minf = _mm256_setzero_ps();
+      k.d = fp16_at(p + 108);
+      return k;
+    }
+    EW_INLINE __m256i codes(int b) const {
+      const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 + 32 * (b / 4)));
+      // 16-bit shifts: the masks drop what crosses from the neighbouring byte
+      const __m256i low = _mm256_and_si256(_mm256_srl_epi16(pairs, _mm_cvtsi32_si128(2 * (b % 4))), _mm256_set1_epi8(3));
+      const __m256i high = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(b)), _mm256_set1_epi8(1));
+      return _mm256_or_si256(low, _mm256_slli_epi16(high, 2));
     }
   };
 };
@@ -239,7 +290,7 @@ inline void row_dot(const uint8_t* row, int64_t n_super, const Activations<int16
       }
     }
   }
-  const float offset = Format::kHalfScales ? 32.f : 1.f;  // Q6_K: q - 32; Q4_K/Q5_K: the mins
+  const float offset = Format::kHalfScales ? static_cast<float>(Format::kOffset) : 1.f;  // Q6_K, Q3_K: q - offset; Q4_K/Q5_K: the mins
   for (int t = 0; t < T; ++t) {
     __m256 sum = acc[t][0];
     for (int i = 1; i < A; ++i) sum = _mm256_add_ps(sum, acc[t][i]);
@@ -274,8 +325,8 @@ inline void rows_dot_k8(const uint8_t* row, int64_t n_super, const ew::Activatio
         const __m256i se = _mm256_mullo_epi16(ks.sc16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.e16.data() + 16 * i)));
         src[r][0] = _mm256_permute2x128_si256(se, se, 0x00);
         src[r][1] = _mm256_permute2x128_si256(se, se, 0x11);
-        // Q6_K's q - 32: start from -32 * sum over half-blocks of sc * e * (sum of x's codes)
-        isum[r] = _mm256_slli_epi32(_mm256_madd_epi16(se, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.sum16.data() + 16 * i))), 5);
+        // Q6_K's q - 32 (Q3_K's q - 4): start from -offset * sum over half-blocks of sc * e * (sum of x's codes)
+        isum[r] = _mm256_slli_epi32(_mm256_madd_epi16(se, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.sum16.data() + 16 * i))), Format::kOffsetShift);
         isum[r] = _mm256_sub_epi32(_mm256_setzero_si256(), isum[r]);
       } else {
         src[r][0] = src[r][1] = _mm256_broadcastsi128_si256(_mm_mullo_epi16(ks.sc8, _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.e8.data() + 8 * i))));
@@ -353,10 +404,11 @@ at::Tensor dispatch_bits(const at::Tensor& x, const at::Tensor& w, int64_t n, in
 
 int64_t super_bytes(int64_t qtype) {
   switch (qtype) {
+    case ew::GGML_Q3_K: return Q3K::kBytes;
     case ew::GGML_Q4_K: return Q4K::kBytes;
     case ew::GGML_Q5_K: return Q5K::kBytes;
     case ew::GGML_Q6_K: return Q6K::kBytes;
-    default: TORCH_CHECK(false, "kquant: ggml type ", qtype, " is not a K-quant edgewise runs (Q4_K = 12, Q5_K = 13, Q6_K = 14)");
+    default: TORCH_CHECK(false, "kquant: ggml type ", qtype, " is not a K-quant edgewise runs (Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14)");
   }
   return 0;
 }
@@ -369,6 +421,7 @@ at::Tensor kquant_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype
               "kquant_linear: w must be the GGUF's uint8 rows [N, K/256 * ", bytes, "]");
   TORCH_CHECK(act_bits == 8 || act_bits == 16, "kquant_linear: act_bits must be 8 or 16, got ", act_bits);
   switch (qtype) {
+    case ew::GGML_Q3_K: return dispatch_bits<Q3K>(x, w, n, k, act_bits);
     case ew::GGML_Q4_K: return dispatch_bits<Q4K>(x, w, n, k, act_bits);
     case ew::GGML_Q5_K: return dispatch_bits<Q5K>(x, w, n, k, act_bits);
     default: return dispatch_bits<Q6K>(x, w, n, k, act_bits);
@@ -394,7 +447,7 @@ void dequantize_row(const uint8_t* row, int64_t n_super, float* out) {
         if constexpr (Format::kHalfScales) {
           const int h = 2 * b + e / 16;
           const float s = h < 8 ? a[h] : c[h - 8];
-          o[e] = s * static_cast<float>(static_cast<int>(q[e]) - 32);
+          o[e] = s * static_cast<float>(static_cast<int>(q[e]) - Format::kOffset);
         } else {
           o[e] = a[b] * static_cast<float>(q[e]) - c[b];
         }
@@ -416,6 +469,7 @@ at::Tensor kquant_rows(const at::Tensor& w, const at::Tensor& ids, int64_t qtype
     const uint8_t* row = wp + ip[t] * w.size(1);
     float* o = out.data_ptr<float>() + t * k;
     switch (qtype) {
+      case ew::GGML_Q3_K: dequantize_row<Q3K>(row, k / QK_K, o); break;
       case ew::GGML_Q4_K: dequantize_row<Q4K>(row, k / QK_K, o); break;
       case ew::GGML_Q5_K: dequantize_row<Q5K>(row, k / QK_K, o); break;
       default: dequantize_row<Q6K>(row, k / QK_K, o);
