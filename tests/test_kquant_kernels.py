@@ -16,8 +16,8 @@ from edgewise.lm.weights import KQuantLinear
 ops = pytest.importorskip("edgewise.kernels").quant_matmul_ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="native kernels not built on this CPU")
 
-BYTES = {QT.Q3_K: 110, QT.Q4_K: 144, QT.Q5_K: 176, QT.Q6_K: 210}
-KQUANTS = [pytest.param(q, id=q.name) for q in (QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)]
+BYTES = {QT.Q2_K: 84, QT.Q3_K: 110, QT.Q4_K: 144, QT.Q5_K: 176, QT.Q6_K: 210}
+KQUANTS = [pytest.param(q, id=q.name) for q in (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)]
 
 
 def random_rows(qtype: QT, n: int, k: int, seed: int) -> np.ndarray:
@@ -29,6 +29,9 @@ def random_rows(qtype: QT, n: int, k: int, seed: int) -> np.ndarray:
         raw[..., 208:210] = d[..., None].view(np.uint8)
     elif qtype == QT.Q3_K:
         raw[..., 108:110] = d[..., None].view(np.uint8)
+    elif qtype == QT.Q2_K:
+        raw[..., 80:82] = d[..., None].view(np.uint8)
+        raw[..., 82:84] = np.abs(rng.standard_normal((n, k // 256)) * 0.01).astype(np.float16)[..., None].view(np.uint8)
     else:
         raw[..., 0:2] = d[..., None].view(np.uint8)
         raw[..., 2:4] = np.abs(rng.standard_normal((n, k // 256)) * 0.01).astype(np.float16)[..., None].view(np.uint8)
@@ -49,6 +52,11 @@ def unpack(raw: np.ndarray, qtype: QT, k: int):
     n = raw.shape[0]
     b = raw.reshape(n, k // 256, BYTES[qtype])
     f16 = lambda a: a.copy().view(np.float16)[..., 0].astype(np.float64)  # noqa: E731
+    if qtype == QT.Q2_K:  # blocks.h: (scale, min) nibbles per 16, 2-bit pairs as Q3_K's, d, dmin
+        sc, pairs, d, dmin = b[..., 0:16].astype(np.int64), b[..., 16:80].astype(np.int64), f16(b[..., 80:82]), f16(b[..., 82:84])
+        q = np.stack([(pairs[..., 32 * (c // 4) : 32 * (c // 4) + 32] >> (2 * (c % 4))) & 3 for c in range(8)], 2)
+        m = np.repeat(dmin[..., None] * (sc >> 4), 16, -1)
+        return q.reshape(n, k), np.repeat(sc & 15, 16, -1).reshape(n, k), m.reshape(n, k), np.repeat(d, 256, -1)
     if qtype == QT.Q3_K:  # blocks.h: high bits, 2-bit pairs, 12 scale bytes, d
         hm, pairs, sc, d = b[..., 0:32].astype(np.int64), b[..., 32:96].astype(np.int64), b[..., 96:108].astype(np.int64), f16(b[..., 108:110])
         q = np.zeros((n, k // 256, 8, 32), dtype=np.int64)

@@ -79,8 +79,8 @@ def write_tiny(gguf, path, arch: str, down_type: QT = QT.Q4_0):
             w.add_tensor(p + "attn_k_norm.weight", 1 + rand(hd, scale=0.2))
         add_q(p + "ffn_gate.weight", rand(FFN, DIM), QT.Q4_0)
         add_q(p + "ffn_up.weight", rand(FFN, DIM), QT.Q4_1)
-        if down_type == QT.Q4_0:
-            add_q(p + "ffn_down.weight", rand(DIM, FFN), QT.Q4_0)
+        if down_type in (QT.Q4_0, QT.Q5_1):
+            add_q(p + "ffn_down.weight", rand(DIM, FFN), down_type)
         else:
             block, size = GGML_QUANT_SIZES[down_type]
             raw = rng.integers(0, 256, (DIM, FFN // block, size), dtype=np.uint8)
@@ -132,25 +132,26 @@ def test_unsupported_tensor_type_is_named(gguf, tmp_path):
         LanguageModel.load(path, precision="quant", compile=False)
 
 
-def test_q2_k_is_dequantized_with_a_warning(gguf, tmp_path):
-    path = write_tiny(gguf, tmp_path / "q2k.gguf", "llama", down_type=QT.Q2_K)
-    with pytest.warns(UserWarning, match=r"2 Q2_K tensors are dequantized to bf16"):
+def test_q5_1_is_dequantized_with_a_warning(gguf, tmp_path):
+    path = write_tiny(gguf, tmp_path / "q51.gguf", "llama", down_type=QT.Q5_1)
+    with pytest.warns(UserWarning, match=r"2 Q5_1 tensors are dequantized to bf16"):
         lm = LanguageModel.load(path, precision="quant", compile=False)
-    assert lm.model.blocks[0].ffn.down.weight.dtype == torch.bfloat16  # random bytes: only the path is checked here
+    assert lm.model.blocks[0].ffn.down.weight.dtype == torch.bfloat16
 
 
-def test_q3_k_runs_on_the_k_quant_kernel(gguf, tmp_path):
-    """Q3_K stays in its GGUF blocks (KQuantLinear) and agrees with the fp32 dequantization (the kernel itself is
-    tested against gguf and a numpy model in test_kquant_kernels.py)."""
+@pytest.mark.parametrize("qtype", [QT.Q2_K, QT.Q3_K], ids=["Q2_K", "Q3_K"])
+def test_low_bit_k_quants_run_on_the_k_quant_kernel(gguf, tmp_path, qtype):
+    """Q2_K and Q3_K stay in their GGUF blocks (KQuantLinear) and agree with the fp32 dequantization (the kernel
+    itself is tested against gguf and a numpy model in test_kquant_kernels.py)."""
     if quant_matmul_ops() is None:
         pytest.skip("native kernels not built on this CPU")
-    path = write_tiny(gguf, tmp_path / "q3k.gguf", "llama", down_type=QT.Q3_K)
+    path = write_tiny(gguf, tmp_path / "lowbit.gguf", "llama", down_type=qtype)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing is dequantized
         quant = LanguageModel.load(path, precision="quant", compile=False)
-    assert isinstance(quant.model.blocks[0].ffn.down, KQuantLinear) and quant.model.blocks[0].ffn.down.qtype == QT.Q3_K
+    assert isinstance(quant.model.blocks[0].ffn.down, KQuantLinear) and quant.model.blocks[0].ffn.down.qtype == qtype
     fp32 = LanguageModel.load(path, precision="fp32", compile=False)
-    ids = fp32.tokenizer.encode("Three bits a weight, and the answer is the same.")
+    ids = fp32.tokenizer.encode("Two or three bits a weight, and the answer is the same.")
     a = fp32.prefill(ids, fp32.new_cache(len(ids)), last_only=False)
     b = quant.prefill(ids, quant.new_cache(len(ids)), last_only=False)
     assert (a - b).abs().max() < 0.03 * a.abs().max()  # as test_quantized_path_matches_fp32: activation rounding

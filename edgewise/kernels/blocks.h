@@ -10,6 +10,9 @@
 //   (nibbles: byte i holds element i in its low half and element i + 16 in its high half)
 //
 // K-quants: super-blocks of 256 weights, split into sub-blocks with their own integer scales.
+//   Q2_K (84 B / 256):  16 B of (scale, min) nibbles for 16 sub-blocks of 16 (scale low, min high),
+//                       64 B low 2-bit pairs laid out as Q3_K's, fp16 d, fp16 dmin.
+//                       w = d * scale_s * q - dmin * min_s, q in 0..3.
 //   Q3_K (110 B / 256): 32 B high bits, 64 B low 2-bit pairs, 12 B of 6-bit scales for 16 sub-blocks
 //                       of 16 (stored + 32), fp16 d.  w = d * (scale_s - 32) * (q - 4), q in 0..7.
 //                       Each half of 128 elements uses 32 B of the pairs: its 32-element block b
@@ -53,7 +56,7 @@ constexpr int64_t QK = 32;     // elements per block of the 32-formats, and per 
 constexpr int64_t QK_K = 256;  // elements per K-quant super-block
 
 constexpr int64_t Q4_0_BYTES = 18, Q4_1_BYTES = 20, Q8_0_BYTES = 34;
-constexpr int64_t Q3_K_BYTES = 110, Q4_K_BYTES = 144, Q5_K_BYTES = 176, Q6_K_BYTES = 210;
+constexpr int64_t Q2_K_BYTES = 84, Q3_K_BYTES = 110, Q4_K_BYTES = 144, Q5_K_BYTES = 176, Q6_K_BYTES = 210;
 
 // Batch invariance: a product of up to EXACT_ROWS activation rows is computed row by row, each row
 // exactly as decode computes its one row, bit for bit; only longer batches (prefill) tile rows
@@ -66,7 +69,7 @@ constexpr int64_t Q3_K_BYTES = 110, Q4_K_BYTES = 144, Q5_K_BYTES = 176, Q6_K_BYT
 constexpr int64_t EXACT_ROWS = 8;
 
 // ggml's type ids, as GGUF stores them (gguf.GGMLQuantizationType)
-enum GgmlType : int64_t { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8, GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14 };
+enum GgmlType : int64_t { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8, GGML_Q2_K = 10, GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14 };
 
 EW_INLINE float hsum(__m128 v) {
   v = _mm_add_ps(v, _mm_movehl_ps(v, v));

@@ -1,7 +1,7 @@
-// K-quant matrix multiplication for x86-64 AVX2: y = x @ W.T with W kept in GGUF's own Q3_K, Q4_K,
-// Q5_K or Q6_K super-blocks, bit for bit (formats: blocks.h).
+// K-quant matrix multiplication for x86-64 AVX2: y = x @ W.T with W kept in GGUF's own Q2_K, Q3_K,
+// Q4_K, Q5_K or Q6_K super-blocks, bit for bit (formats: blocks.h).
 //
-// A sub-block's weight is d * scale_s * q - dmin * min_s (Q4_K, Q5_K) or d * scale_s * (q - offset)
+// A sub-block's weight is d * scale_s * q - dmin * min_s (Q4_K, Q5_K; Q2_K per 16) or d * scale_s * (q - offset)
 // (Q6_K: offset 32; Q3_K: offset 4, scale_s signed), so for an activation block b with step dx_b and code sum S_b, every 32-element dot is exact
 // integer arithmetic and only the scales differ:
 //   sum_i w_i x_i = (d scale_s dx_b) * (q . xq)  -  dmin min_s (dx_b S_b)        (Q4_K, Q5_K)
@@ -84,13 +84,16 @@ EW_INLINE void k4_scales(const uint8_t* blk, __m256& scale, __m256& min) {
 
 // A super-block's scales for the int8 kernel (rows_dot_k8): the integer sub-block scales, which an
 // activation row's sub-scales e (blocks.h, ActivationsK) multiply (Q4_K/Q5_K: sc8, one per block of
-// 32; Q6_K: sc16, one per half-block of 16); d, the fp16 super-scale widened; minf, dmin * min per
-// block of 32 as floats (Q4_K/Q5_K).
+// 32; Q6_K/Q3_K/Q2_K: sc16, one per half-block of 16); d, the fp16 super-scale widened; minf, dmin * min
+// per block of 32 as floats (Q4_K/Q5_K); mn16 and dmin, the integer min per half-block and its fp16
+// super-scale (Q2_K).
 struct IntScales {
   __m128i sc8;
   __m256i sc16;
   __m256 minf;
   float d;
+  __m256i mn16 = _mm256_setzero_si256();
+  float dmin = 0.f;
 };
 
 EW_INLINE IntScales k4_int_scales(const uint8_t* blk) {
@@ -118,10 +121,11 @@ EW_INLINE __m256i k4_nibbles(const uint8_t* qs, int b) {
 
 
 // Each format also states kOffset (what its codes have subtracted, with per-16 scales: the half-scale
-// formats) and kOffsetShift = log2(kOffset), by which the int8 kernel multiplies in integers.
+// formats) and kOffsetShift = log2(kOffset), by which the int8 kernel multiplies in integers; and
+// kHalfMins, a min per 16 elements instead (Q2_K: its Block gives them as half_mins and in int_scales).
 struct Q4K {
   static constexpr int64_t kBytes = ew::Q4_K_BYTES;
-  static constexpr bool kHalfScales = false;
+  static constexpr bool kHalfScales = false, kHalfMins = false;
   static constexpr int kOffset = 0, kOffsetShift = 0;
   static EW_INLINE __m256i pick(int b) { return k4_pick(b); }
   struct Block {
@@ -135,7 +139,7 @@ struct Q4K {
 
 struct Q5K {
   static constexpr int64_t kBytes = ew::Q5_K_BYTES;
-  static constexpr bool kHalfScales = false;
+  static constexpr bool kHalfScales = false, kHalfMins = false;
   static constexpr int kOffset = 0, kOffsetShift = 0;
   static EW_INLINE __m256i pick(int b) { return k4_pick(b); }
   struct Block {
@@ -155,7 +159,7 @@ struct Q5K {
 
 struct Q6K {
   static constexpr int64_t kBytes = ew::Q6_K_BYTES;
-  static constexpr bool kHalfScales = true;
+  static constexpr bool kHalfScales = true, kHalfMins = false;
   static constexpr int kOffset = 32, kOffsetShift = 5;
   // block b = 4 h + c: half-block 2b's scale in lanes 0-7, 2b+1's in lanes 8-15, picked from a vector
   // holding the scales of half-blocks 8h..8h+7 in both 128-bit lanes
@@ -205,9 +209,16 @@ EW_INLINE __m128i k3_scales(const uint8_t* sc) {
   return _mm_sub_epi8(_mm_or_si128(low, _mm_slli_epi32(top, 4)), _mm_set1_epi8(32));
 }
 
+// Q2_K/Q3_K: block b's 2 low bits of element l are bits 2 (b % 4), 2 (b % 4) + 1 of byte l of the
+// 32 pair bytes of half b / 4 (16-bit shifts: the mask drops what crosses from the neighbouring byte).
+EW_INLINE __m256i k3_pairs(const uint8_t* pairs, int b) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs + 32 * (b / 4)));
+  return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(2 * (b % 4))), _mm256_set1_epi8(3));
+}
+
 struct Q3K {
   static constexpr int64_t kBytes = ew::Q3_K_BYTES;
-  static constexpr bool kHalfScales = true;
+  static constexpr bool kHalfScales = true, kHalfMins = false;
   static constexpr int kOffset = 4, kOffsetShift = 2;
   static EW_INLINE __m256i pick(int b) { return Q6K::pick(b); }  // the same order of 16 scales
   struct Block {
@@ -229,12 +240,42 @@ struct Q3K {
       return k;
     }
     EW_INLINE __m256i codes(int b) const {
-      const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 + 32 * (b / 4)));
-      // 16-bit shifts: the masks drop what crosses from the neighbouring byte
-      const __m256i low = _mm256_and_si256(_mm256_srl_epi16(pairs, _mm_cvtsi32_si128(2 * (b % 4))), _mm256_set1_epi8(3));
       const __m256i high = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(b)), _mm256_set1_epi8(1));
-      return _mm256_or_si256(low, _mm256_slli_epi16(high, 2));
+      return _mm256_or_si256(k3_pairs(p + 32, b), _mm256_slli_epi16(high, 2));
     }
+  };
+};
+
+struct Q2K {
+  static constexpr int64_t kBytes = ew::Q2_K_BYTES;
+  static constexpr bool kHalfScales = true, kHalfMins = true;
+  static constexpr int kOffset = 0, kOffsetShift = 0;
+  static EW_INLINE __m256i pick(int b) { return Q6K::pick(b); }
+  struct Block {
+    const uint8_t* p;
+    __m128i sc, mn;  // the 16 scales and mins, one byte each
+    explicit Block(const uint8_t* blk) : p(blk) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
+      sc = _mm_and_si128(v, _mm_set1_epi8(0x0f));
+      mn = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0f));
+    }
+    static EW_INLINE void widen(__m128i bytes, float by, __m256& lo, __m256& hi) {
+      lo = _mm256_mul_ps(_mm256_set1_ps(by), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)));
+      hi = _mm256_mul_ps(_mm256_set1_ps(by), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8))));
+    }
+    EW_INLINE void scales(__m256& lo, __m256& hi) const { widen(sc, fp16_at(p + 80), lo, hi); }
+    EW_INLINE void half_mins(__m256& lo, __m256& hi) const { widen(mn, fp16_at(p + 82), lo, hi); }
+    EW_INLINE IntScales int_scales() const {
+      IntScales k;
+      k.sc8 = _mm_setzero_si128();
+      k.sc16 = _mm256_cvtepu8_epi16(sc);
+      k.minf = _mm256_setzero_ps();
+      k.d = fp16_at(p + 80);
+      k.mn16 = _mm256_cvtepu8_epi16(mn);
+      k.dmin = fp16_at(p + 82);
+      return k;
+    }
+    EW_INLINE __m256i codes(int b) const { return k3_pairs(p + 16, b); }
   };
 };
 
@@ -271,8 +312,15 @@ inline void row_dot(const uint8_t* row, int64_t n_super, const Activations<int16
         _mm256_store_ps(lane_scale[t], _mm256_mul_ps(s0, dx_lo));
         _mm256_store_ps(lane_scale[t] + 8, _mm256_mul_ps(s1, dx_hi));
         const float* h = a.s16.data() + 2 * x0;  // dx * (sum of 16 codes), per half
-        macc[t] = _mm256_fmadd_ps(s0, _mm256_loadu_ps(h), macc[t]);
-        macc[t] = _mm256_fmadd_ps(s1, _mm256_loadu_ps(h + 8), macc[t]);
+        if constexpr (Format::kHalfMins) {  // Q2_K: dmin * min per half
+          __m256 m0, m1;
+          blk.half_mins(m0, m1);
+          macc[t] = _mm256_fmadd_ps(m0, _mm256_loadu_ps(h), macc[t]);
+          macc[t] = _mm256_fmadd_ps(m1, _mm256_loadu_ps(h + 8), macc[t]);
+        } else {  // the offset times d * scale, per half
+          macc[t] = _mm256_fmadd_ps(s0, _mm256_loadu_ps(h), macc[t]);
+          macc[t] = _mm256_fmadd_ps(s1, _mm256_loadu_ps(h + 8), macc[t]);
+        }
       }
     }
     const int16_t* xq = a.q.data() + sb * QK_K;
@@ -290,7 +338,7 @@ inline void row_dot(const uint8_t* row, int64_t n_super, const Activations<int16
       }
     }
   }
-  const float offset = Format::kHalfScales ? static_cast<float>(Format::kOffset) : 1.f;  // Q6_K, Q3_K: q - offset; Q4_K/Q5_K: the mins
+  const float offset = Format::kHalfScales && !Format::kHalfMins ? static_cast<float>(Format::kOffset) : 1.f;  // Q6_K, Q3_K: q - offset; else the mins
   for (int t = 0; t < T; ++t) {
     __m256 sum = acc[t][0];
     for (int i = 1; i < A; ++i) sum = _mm256_add_ps(sum, acc[t][i]);
@@ -325,9 +373,14 @@ inline void rows_dot_k8(const uint8_t* row, int64_t n_super, const ew::Activatio
         const __m256i se = _mm256_mullo_epi16(ks.sc16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.e16.data() + 16 * i)));
         src[r][0] = _mm256_permute2x128_si256(se, se, 0x00);
         src[r][1] = _mm256_permute2x128_si256(se, se, 0x11);
-        // Q6_K's q - 32 (Q3_K's q - 4): start from -offset * sum over half-blocks of sc * e * (sum of x's codes)
-        isum[r] = _mm256_slli_epi32(_mm256_madd_epi16(se, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.sum16.data() + 16 * i))), Format::kOffsetShift);
-        isum[r] = _mm256_sub_epi32(_mm256_setzero_si256(), isum[r]);
+        const __m256i sum16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.sum16.data() + 16 * i));
+        if constexpr (Format::kHalfMins) {  // Q2_K: dmin * D * sum over half-blocks of min * e * (sum of x's codes)
+          const __m256i me = _mm256_mullo_epi16(ks.mn16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.e16.data() + 16 * i)));
+          macc[r] = _mm256_fmadd_ps(_mm256_set1_ps(ks.dmin * a.d[i]), _mm256_cvtepi32_ps(_mm256_madd_epi16(me, sum16)), macc[r]);
+          isum[r] = _mm256_setzero_si256();
+        } else {  // Q6_K's q - 32 (Q3_K's q - 4): start from -offset * sum over half-blocks of sc * e * (sum of x's codes)
+          isum[r] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(se, sum16), Format::kOffsetShift));
+        }
       } else {
         src[r][0] = src[r][1] = _mm256_broadcastsi128_si256(_mm_mullo_epi16(ks.sc8, _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.e8.data() + 8 * i))));
         isum[r] = _mm256_setzero_si256();
@@ -404,11 +457,12 @@ at::Tensor dispatch_bits(const at::Tensor& x, const at::Tensor& w, int64_t n, in
 
 int64_t super_bytes(int64_t qtype) {
   switch (qtype) {
+    case ew::GGML_Q2_K: return Q2K::kBytes;
     case ew::GGML_Q3_K: return Q3K::kBytes;
     case ew::GGML_Q4_K: return Q4K::kBytes;
     case ew::GGML_Q5_K: return Q5K::kBytes;
     case ew::GGML_Q6_K: return Q6K::kBytes;
-    default: TORCH_CHECK(false, "kquant: ggml type ", qtype, " is not a K-quant edgewise runs (Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14)");
+    default: TORCH_CHECK(false, "kquant: ggml type ", qtype, " is not a K-quant edgewise runs (Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14)");
   }
   return 0;
 }
@@ -421,6 +475,7 @@ at::Tensor kquant_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype
               "kquant_linear: w must be the GGUF's uint8 rows [N, K/256 * ", bytes, "]");
   TORCH_CHECK(act_bits == 8 || act_bits == 16, "kquant_linear: act_bits must be 8 or 16, got ", act_bits);
   switch (qtype) {
+    case ew::GGML_Q2_K: return dispatch_bits<Q2K>(x, w, n, k, act_bits);
     case ew::GGML_Q3_K: return dispatch_bits<Q3K>(x, w, n, k, act_bits);
     case ew::GGML_Q4_K: return dispatch_bits<Q4K>(x, w, n, k, act_bits);
     case ew::GGML_Q5_K: return dispatch_bits<Q5K>(x, w, n, k, act_bits);
@@ -434,11 +489,14 @@ template <typename Format>
 void dequantize_row(const uint8_t* row, int64_t n_super, float* out) {
   for (int64_t sb = 0; sb < n_super; ++sb) {
     const typename Format::Block blk(row + sb * Format::kBytes);
-    __m256 s0, s1;
+    __m256 s0, s1, m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
     blk.scales(s0, s1);
-    alignas(32) float a[8], c[8];
+    if constexpr (Format::kHalfMins) blk.half_mins(m0, m1);
+    alignas(32) float a[8], c[8], ma[8], mc[8];
     _mm256_store_ps(a, s0);
     _mm256_store_ps(c, s1);
+    _mm256_store_ps(ma, m0);
+    _mm256_store_ps(mc, m1);
     for (int b = 0; b < kBlocksPerSuper; ++b) {
       alignas(32) uint8_t q[32];
       _mm256_store_si256(reinterpret_cast<__m256i*>(q), blk.codes(b));
@@ -447,7 +505,7 @@ void dequantize_row(const uint8_t* row, int64_t n_super, float* out) {
         if constexpr (Format::kHalfScales) {
           const int h = 2 * b + e / 16;
           const float s = h < 8 ? a[h] : c[h - 8];
-          o[e] = s * static_cast<float>(static_cast<int>(q[e]) - Format::kOffset);
+          o[e] = s * static_cast<float>(static_cast<int>(q[e]) - Format::kOffset) - (h < 8 ? ma[h] : mc[h - 8]);
         } else {
           o[e] = a[b] * static_cast<float>(q[e]) - c[b];
         }
@@ -469,6 +527,7 @@ at::Tensor kquant_rows(const at::Tensor& w, const at::Tensor& ids, int64_t qtype
     const uint8_t* row = wp + ip[t] * w.size(1);
     float* o = out.data_ptr<float>() + t * k;
     switch (qtype) {
+      case ew::GGML_Q2_K: dequantize_row<Q2K>(row, k / QK_K, o); break;
       case ew::GGML_Q3_K: dequantize_row<Q3K>(row, k / QK_K, o); break;
       case ew::GGML_Q4_K: dequantize_row<Q4K>(row, k / QK_K, o); break;
       case ew::GGML_Q5_K: dequantize_row<Q5K>(row, k / QK_K, o); break;

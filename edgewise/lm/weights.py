@@ -3,7 +3,7 @@
 Three precisions (`Precision`):
 - "quant": the GGUF's own quantized weights.
   - With edgewise's native kernels (`edgewise.kernels`, AVX2): Q4_1, Q4_0 and Q8_0 stay in their
-    GGUF blocks, bit for bit (`Q4Linear`, `Q8Linear`), and so do the K-quants Q3_K, Q4_K, Q5_K and Q6_K
+    GGUF blocks, bit for bit (`Q4Linear`, `Q8Linear`), and so do the K-quants Q2_K to Q6_K
     (`KQuantLinear`: the GGUF's super-block rows as they are); activations are fp32 and each kernel
     rounds them per block of 32 to int8 (as llama.cpp does) or int16, per layer (`act_bits`). The
     K-quants' int8 step per block of 32 is a 5-bit multiple of one scale per super-block, so that a
@@ -14,7 +14,7 @@ Three precisions (`Precision`):
     per-channel kernel (per-block scales re-expressed per row, a small requantization).
   - Q5_0 runs on the Q8_0 kernel: its 5-bit codes minus 16 are int8 codes under the same fp16
     scale, so the weights are exact (1.5x the bytes).
-  - Q2_K and Q5_1 are dequantized to bf16, with a warning; other quantized types
+  - Q5_1 is dequantized to bf16, with a warning; other quantized types
     (the IQ family, ...) are refused by name (`check_tensor_types`).
 - "bf16" and "fp32": every weight dequantized (the fp32 one is the reference path).
 """
@@ -39,11 +39,11 @@ Precision = Literal["quant", "bf16", "fp32"]
 PRECISIONS: tuple[str, ...] = ("quant", "bf16", "fp32")
 GROUP = 32  # elements per Q4/Q8 block, and the int4 kernel's group size
 INT4_INNER_K_TILES = 8  # fallback kernel; of 2, 4, 8 the fastest on the AVX2 test machine (1536x576: 91, 82, 75 us)
-KQUANT_TYPES = (QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)  # kernels/kquant_matmul.cpp
+KQUANT_TYPES = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)  # kernels/kquant_matmul.cpp
 NATIVE_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q5_0, *KQUANT_TYPES)  # on edgewise's kernels
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 Q8_CODE_TYPES = (QT.Q8_0, QT.Q5_0)  # both are integer codes times one fp16 scale per 32: Q5_0 runs as Q8_0 codes, exactly
-DEQUANTIZED_TYPES = (QT.Q2_K, QT.Q5_1)  # run as bf16, with a warning
+DEQUANTIZED_TYPES = (QT.Q5_1,)  # run as bf16, with a warning
 
 
 def check_tensor_types(gguf: GGUFFile) -> None:
@@ -240,7 +240,7 @@ class Q8Linear(nn.Module):
 
 
 class KQuantLinear(nn.Module):
-    """Q3_K, Q4_K, Q5_K or Q6_K rows as stored in GGUF (uint8 [N, K/256 * block bytes]), on the native kernel."""
+    """Q2_K, Q3_K, Q4_K, Q5_K or Q6_K rows as stored in GGUF (uint8 [N, K/256 * block bytes]), on the native kernel."""
 
     def __init__(self, raw: torch.Tensor, qtype: QT, in_features: int, act_bits: int = 16):
         super().__init__()
