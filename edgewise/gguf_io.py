@@ -6,6 +6,7 @@ unpack each one (see `edgewise.lm.weights`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,7 @@ class GGUFFile:
     path: Path
     metadata: dict[str, Any]
     tensors: dict[str, GGUFTensor]
+    value_types: dict[str, list[GGUFValueType]] = dataclasses.field(default_factory=dict)  # each key's GGUF type (an array's: [ARRAY, item type])
 
     def require(self, key: str, kind: type | None = None) -> Any:
         """A metadata value that must be present (and of type `kind`), else an error naming the file and the key."""
@@ -185,11 +187,13 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         raise EdgewiseError(f"{path}: corrupted or truncated GGUF header ({_plain(exc)}); download or assemble the file again") from None
 
     metadata: dict[str, Any] = {}
-    for key, field in reader.fields.items():
+    value_types: dict[str, list[GGUFValueType]] = {}
+    for key, kv in reader.fields.items():
         try:
-            metadata[key] = field.contents()
+            metadata[key] = kv.contents()
         except Exception as exc:
             raise EdgewiseError(f"{path}: unreadable GGUF metadata field '{key}' ({exc})") from None
+        value_types[key] = list(kv.types)
 
     tensors: dict[str, GGUFTensor] = {}
     for t in reader.tensors:  # each one's type, shape and bytes were checked by ArrayReader._build_tensors
@@ -197,4 +201,4 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         # GGUF lists dims fastest-first; PyTorch order is the reverse.
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         tensors[t.name] = GGUFTensor(t.name, qtype, shape, t.data, int(t.data_offset))
-    return GGUFFile(path, metadata, tensors)
+    return GGUFFile(path, metadata, tensors, value_types)

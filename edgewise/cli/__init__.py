@@ -3,6 +3,7 @@
 - `lm`: generate, chat, eval ppl (a model from RAM, a flash store, or streamed from its GGUF)
 - `flash`: flash convert, flash probe
 - `tiny`: tiny plan, compile, train, codegen, firmware
+- `compress`: compress (a smaller GGUF)
 - `args`: the argument types and progress bar they share
 
 Every user-facing failure is an `EdgewiseError`, printed as one line (`--debug` shows the traceback).
@@ -16,7 +17,7 @@ import sys
 import warnings
 
 from edgewise import __version__
-from edgewise.cli import flash, lm, tiny
+from edgewise.cli import compress, flash, lm, tiny
 from edgewise.errors import EdgewiseError
 
 EXAMPLES = """\
@@ -36,6 +37,7 @@ examples:
   edgewise flash probe smollm2.flash                   # measure this disk's direct-read throughput
   edgewise generate --flash smollm2.flash --dram-budget 100% "Once upon a time"
   edgewise eval ppl --flash smollm2.flash --dram-budget 50% --active-fraction 0.4 --text austen --ctx 256 --max-tokens 1024
+  edgewise compress qwen2.5-coder-1.5b qwen-q3k.gguf --type Q3_K   # a smaller GGUF, scales chosen on calibration text
   edgewise tiny plan --width 0.35 --resolution 128 --scheme scheme.json --png memory.png
   edgewise tiny train --scheme scheme.json --train-samples 2000 --epochs 2
   edgewise tiny compile mbv2-w0.35 --resolution 128 --scheme scheme.json --budget 256KB
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_commands(sub)
     flash.add_commands(sub)
     tiny.add_commands(sub)
+    compress.add_commands(sub)
     return parser
 
 

@@ -1,0 +1,67 @@
+"""`edgewise compress`: a model made smaller for the device, written as a standard GGUF (edgewise and llama.cpp run it)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgewise.cli.args import number, progress_bar
+
+
+def quant_type(text: str):
+    """An argparse type: a block format the compressor writes (Q4_K, q3_k, ...)."""
+    from gguf import GGMLQuantizationType as QT
+
+    from edgewise.compress.blocks import FORMATS
+
+    qtype = QT.__members__.get(text.upper())
+    if qtype not in FORMATS:
+        raise argparse.ArgumentTypeError(f"unknown type '{text}': choose one of {', '.join(q.name for q in FORMATS)}")
+    return qtype
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="quantize a model into a smaller standard GGUF, scales chosen by calibrated importance",
+        description="Quantize MODEL into OUT.gguf, a standard GGUF that edgewise and llama.cpp both run. Each matrix is "
+        "dequantized to fp32 (the reference) and written in --type's own block format; only the choice of scales and mins "
+        "is smarter: searched per block to minimise the squared error weighted by each input column's mean square on "
+        "--calib text (llama.cpp's importance matrix, computed here by edgewise's own forward). Vectors stay as they are, "
+        "the output head stays at Q6_K or better, and a matrix whose rows are no whole number of 256-blocks takes a "
+        "32-element format of about the same size (the plan table says which). Ends with a line "
+        "`out = PATH size_mb = X bpw = Y` (the file's MB; bits per weight of the tensors' bytes).",
+        epilog="examples:\n  edgewise compress qwen2.5-coder-1.5b qwen-q3k.gguf --type Q3_K\n"
+        "  edgewise compress ~/models/model.gguf small.gguf --type Q4_K --calib my_text.txt\n"
+        "  edgewise eval ppl --model qwen-q3k.gguf --text austen --ctx 512 --max-tokens 8192",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL", help="an embedded model's name or a GGUF file")
+    p.add_argument("out", metavar="OUT.gguf", help="the file to write (appears whole or not at all)")
+    p.add_argument("--type", dest="qtype", type=quant_type, required=True, metavar="TYPE", help="the block format: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q4_0, Q4_1, Q5_0 or Q8_0")
+    p.add_argument("--calib", default="shakespeare", metavar="shakespeare|austen|FILE|none", help="calibration text (default shakespeare); none: plain squared error")
+    p.add_argument("--calib-tokens", type=number(int, 1024), default=8192, help="calibration tokens, in windows of 512 (default 8192)")
+    p.add_argument("--plain", action="store_true", help="min-max scales, no search and no calibration: the baseline rounding")
+    p.set_defaults(handler=cmd_compress)
+
+
+def cmd_compress(args) -> int:
+    from edgewise.compress.pipeline import compress
+
+    calib = None if args.plain or args.calib.lower() == "none" else args.calib
+    result = compress(
+        args.model,
+        args.out,
+        args.qtype,
+        calib=calib,
+        calib_tokens=args.calib_tokens,
+        search=not args.plain,
+        log=lambda msg: print(msg, file=sys.stderr),
+        calib_progress=progress_bar("calibrating", unit="window"),
+        progress=progress_bar("quantizing", unit="weight"),
+    )
+    print(f"{result.source_bytes / 1e6:.1f} MB -> {result.out_bytes / 1e6:.1f} MB ({result.out_bytes / result.source_bytes:.2f}x)"
+          f"{f', calibrated on {result.calib_tokens} tokens of {calib}' if calib else ', no calibration'}", file=sys.stderr)
+    print(f"out = {result.out} size_mb = {result.out_bytes / 1e6:.2f} bpw = {result.bits_per_weight:.3f}")
+    return 0
+
