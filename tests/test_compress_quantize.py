@@ -11,9 +11,11 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
 from edgewise.cli import main
+from edgewise.data.text import load_text
 from edgewise.compress import pipeline
 from edgewise.compress.blocks import FORMATS, pack
-from edgewise.compress.calibrate import importance
+from edgewise.compress.calibrate import importance, second_moments
+from edgewise.compress.gptq import calibration_loss, gptq_quantize
 from edgewise.compress.pipeline import compress_gguf, plan_types
 from edgewise.compress.quantize import quantize_matrix
 from edgewise.errors import EdgewiseError
@@ -67,12 +69,34 @@ def weighted_error(w, raw, qtype, imp):
 
 
 @pytest.fixture(scope="module")
-def real_importance(model_path):
+def real_hessians(model_path):
+    """Each layer input's E[x x^T] on 1024 tokens of Shakespeare, through the runtime's forward."""
     lm = LanguageModel.load(model_path, compile=False)
-    from edgewise.data.text import load_text
-
     ids = lm.tokenizer.encode(load_text("shakespeare")[:12000])[:1024]
-    return importance(lm, ids, ctx=512)
+    return second_moments(lm, ids, ctx=512, full=True)
+
+
+@pytest.fixture(scope="module")
+def real_importance(real_hessians):
+    return {name: torch.diagonal(h).double().numpy() for name, h in real_hessians.items()}
+
+
+def test_importance_is_the_hessians_diagonal(model_path, real_hessians, monkeypatch):
+    assert real_hessians["blk.0.attn_q.weight"].shape == (576, 576) and real_hessians["blk.0.ffn_down.weight"].shape == (1536, 1536)
+    assert real_hessians["blk.0.attn_q.weight"] is real_hessians["blk.0.attn_v.weight"]  # one input, one statistic
+    monkeypatch.setattr("edgewise.compress.calibrate.MIN_CALIB_TOKENS", 64)  # short windows keep this test quick
+    lm = LanguageModel.load(model_path, compile=False)
+    ids = lm.tokenizer.encode(load_text("shakespeare")[:2000])[:256]
+    imp, full = importance(lm, ids, ctx=128), second_moments(lm, ids, ctx=128, full=True)
+    assert set(imp) == set(full) == set(real_hessians)
+    for name in ("blk.0.attn_q.weight", "blk.7.ffn_down.weight", "token_embd.weight"):
+        np.testing.assert_allclose(imp[name], torch.diagonal(full[name]).double().numpy(), rtol=1e-4)
+    # by hand: the first layer's attention input is the normed embedding
+    x = lm.model.blocks[0].attn_norm(lm.model.embedding.rows(torch.tensor(ids[:64]))).double()
+    np.testing.assert_allclose(second_moments(lm, ids[:64] * 2, ctx=64)["blk.0.attn_k.weight"].numpy(), (x**2).mean(0).numpy(), rtol=1e-4)
+    # the sink: each window's first row counts `sink_weight` times
+    sunk = (x[0] ** 2 * 63 + (x**2).sum(0)) / 64
+    np.testing.assert_allclose(second_moments(lm, ids[:64] * 2, ctx=64, sink_weight=64)["blk.0.attn_k.weight"].numpy(), sunk.numpy(), rtol=1e-4)
 
 
 @pytest.mark.parametrize("qtype", ALL)
@@ -92,6 +116,31 @@ def test_search_never_loses_to_min_max_rounding_on_a_real_layer(real_layers, rea
         searched_w = weighted_error(w, quantize_matrix(w, qtype, imp), qtype, imp)
         unweighted = weighted_error(w, quantize_matrix(w, qtype, None), qtype, imp)
         assert searched_w <= plain_w and (searched_w < unweighted or unweighted == 0), (name, searched_w, plain_w, unweighted)
+
+
+@pytest.mark.parametrize("qtype", [pytest.param(q, id=q.name) for q in (QT.Q4_0, QT.Q4_K, QT.Q3_K, QT.Q2_K)])
+def test_gptq_never_increases_the_calibration_loss_over_plain_rounding(real_layers, real_hessians, qtype):
+    """On real layers and their real Hessians: GPTQ's calibration loss tr(dW H dW^T) is below the searched rounding's,
+    which is below min-max rounding's; its bytes are ordinary blocks (gguf reads them)."""
+    fmt = FORMATS[qtype]
+    for name, w in real_layers.items():
+        if w.shape[1] % fmt.block:
+            continue
+        h = real_hessians[name]
+        imp = torch.diagonal(h).double().numpy()
+        loss = {
+            "plain": calibration_loss(w, quants.dequantize(quantize_matrix(w, qtype, None, search=False), qtype), h),
+            "search": calibration_loss(w, quants.dequantize(quantize_matrix(w, qtype, imp), qtype), h),
+            "gptq": calibration_loss(w, quants.dequantize(gptq_quantize(w, qtype, h), qtype), h),
+        }
+        assert loss["gptq"] <= loss["search"] <= loss["plain"], (name, loss)
+
+
+def test_gptq_with_an_identity_hessian_is_nearest_rounding():
+    """H = I decouples the columns: nothing to pass on, so GPTQ rounds each weight to its grid's nearest point."""
+    w = np.random.default_rng(2).standard_normal((8, 512)) * 0.05
+    for qtype in (QT.Q4_K, QT.Q4_0):
+        assert gptq_quantize(w, qtype, torch.eye(512), damp=0.0).tobytes() == quantize_matrix(w, qtype, np.ones(512)).tobytes()
 
 
 def test_low_bits_cost_more_error():
@@ -140,7 +189,7 @@ def test_compressed_file_follows_its_plan_and_runs(tiny_source, tmp_path, qtype)
         lm = LanguageModel.load(path, precision="fp32", compile=False)
         return float((lm.prefill(ids, lm.new_cache(len(ids)), last_only=False) - a).norm() / a.norm())
 
-    compress_gguf(src, tmp_path / "plain.gguf", qtype, search=False)
+    compress_gguf(src, tmp_path / "plain.gguf", qtype, rounding="plain")
     searched, plain = logit_error(out), logit_error(tmp_path / "plain.gguf")
     # random weights, a random F16 embedding requantized too: a 2-layer model's logits move by (measured) Q4_K 0.11
     # searched / 0.13 plain, Q3_K 0.24 / 0.29, Q4_0 0.20 / 0.24 (Q8_0: 0.013 / 0.015)
@@ -181,7 +230,7 @@ def test_cli_compresses_with_calibration_and_reports(tiny_source, tmp_path, caps
     captured = capsys.readouterr()
     last = captured.out.strip().splitlines()[-1]
     assert last.startswith(f"out = {out} size_mb = ") and " bpw = " in last
-    assert "ffn_down.weight" in captured.err and "calibrated on 1024 tokens of shakespeare" in captured.err
+    assert "ffn_down.weight" in captured.err and "calibrated on 1024 tokens of shakespeare" in captured.err and "gptq" in captured.err
     assert read_gguf(out).tensors["blk.0.ffn_down.weight"].qtype == QT.Q4_K
 
 
@@ -195,8 +244,10 @@ def test_bad_input_is_refused_before_work(tiny_source, tmp_path, capsys):
     short.write_text("Too short to calibrate on.")
     assert main(["compress", str(tiny_source), str(tmp_path / "o.gguf"), "--type", "Q4_K", "--calib", str(short)]) == 1
     assert "at least 1024" in capsys.readouterr().err
-    assert main(["compress", str(tiny_source), str(tiny_source), "--type", "Q4_K", "--calib", "none"]) == 1
+    assert main(["compress", str(tiny_source), str(tiny_source), "--type", "Q4_K", "--calib", "none", "--rounding", "search"]) == 1
     assert "overwrite the source" in capsys.readouterr().err
+    assert main(["compress", str(tiny_source), str(tmp_path / "o.gguf"), "--type", "Q4_K", "--calib", "none"]) == 1
+    assert "GPTQ rounding needs calibration text" in capsys.readouterr().err
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(tiny_source.read_bytes()[:5000])
     assert main(["compress", str(broken), str(tmp_path / "o.gguf"), "--type", "Q4_K"]) == 1
@@ -204,3 +255,23 @@ def test_bad_input_is_refused_before_work(tiny_source, tmp_path, capsys):
     assert not (tmp_path / "o.gguf").exists()
     with pytest.raises(EdgewiseError, match="1536 finite values"):
         quantize_matrix(np.zeros((2, 1536), np.float32), QT.Q4_K, np.full(1536, -1.0))
+
+
+@pytest.mark.parametrize("qtype", [pytest.param(q, id=q.name) for q in (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q4_0)])
+def test_llama_cpp_reads_what_compress_writes(tiny_source, tmp_path, qtype):
+    """Interop, when the peer (llama-cpp-python, `scripts/setup.sh --bench`) is installed: llama.cpp loads each written
+    type, its logits agree with edgewise's on the same file, and it generates."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = tmp_path / f"tiny-{qtype.name}.gguf"
+    compress_gguf(read_gguf(tiny_source), out, qtype)
+    lm = LanguageModel.load(out, precision="fp32", compile=False)
+    ids = lm.tokenizer.encode("Both runtimes read the same bytes.")
+    ours = lm.prefill(ids, lm.new_cache(len(ids)), last_only=False).numpy()
+    peer = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    peer.eval(ids)
+    theirs = np.array(peer.scores[: len(ids)])
+    # llama.cpp rounds activations to 8 bits for its quantized dot products: agreement, not equality
+    rel = np.linalg.norm(ours - theirs) / np.linalg.norm(ours)
+    assert rel < 0.05, rel
+    assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.8
+    assert len(peer.create_completion("Once", max_tokens=8, temperature=0.0)["choices"][0]["text"]) > 0

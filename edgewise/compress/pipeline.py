@@ -4,9 +4,10 @@
    head (or a tied embedding, which is also the output head) stays at Q6_K or better, as llama.cpp
    keeps it; a matrix whose rows are no whole number of the type's blocks falls back to a 32-element
    format of about the same size (`FALLBACK`); a tensor already in the target type keeps its bytes.
-2. Calibration (`calibrate.importance`): each linear layer's input statistics on the calibration text.
-3. Quantization (`quantize.quantize_matrix`) of each planned tensor from the fp32 dequantization of the
-   source, with scales searched per block under the importance weights.
+2. Calibration (`calibrate.second_moments`): each linear layer's input statistics on the calibration text.
+3. Quantization of each planned tensor from the fp32 dequantization of the source: GPTQ's error-compensating
+   rounding under the layer's Hessian (`gptq`), over grids whose scales are searched per block under the
+   importance weights (`quantize`); or that search alone; or plain min-max rounding, the baseline.
 4. `gguf_write.write_gguf`: the source's metadata, the new tensors, one atomic file.
 """
 
@@ -17,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType, LlamaFileType, quants
 
 from edgewise.compress.blocks import FORMATS
 from edgewise.compress.gguf_write import tensor_bytes, write_gguf
+from edgewise.compress.gptq import gptq_quantize
 from edgewise.compress.quantize import quantize_matrix
 from edgewise.errors import EdgewiseError
 from edgewise.gguf_io import GGUFFile, tensor_nbytes
@@ -90,18 +93,24 @@ def plan_table(plans: list[TensorPlan]) -> str:
     return "\n".join(lines)
 
 
+ROUNDINGS = ("gptq", "search", "plain")  # error-compensating; searched scales, nearest codes; min-max scales, nearest codes
+
+
 def compress_gguf(
     gguf: GGUFFile,
     out: str | Path,
     qtype: QT,
-    importances: dict[str, np.ndarray] | None = None,
-    search: bool = True,
+    moments: dict[str, torch.Tensor] | None = None,
+    rounding: str = "search",
     progress: Callable[[int, int], None] | None = None,
 ) -> list[TensorPlan]:
     """Write `gguf` compressed to `qtype` into `out` (atomically); returns the plan it followed.
 
-    `importances`: tensor name -> mean x^2 per input column (`calibrate.importance`); tensors without one are
-    quantized under plain squared error. `search=False`: min-max scales (the baseline)."""
+    `moments`: tensor name -> its input's second moments (`calibrate.second_moments`): the full Hessian [in, in]
+    for "gptq", else (or its diagonal is taken) the mean x^2 per column that weighs the scale search. A tensor
+    without them is quantized under plain squared error (GPTQ with H = I is that too). `rounding`: `ROUNDINGS`."""
+    if rounding not in ROUNDINGS:
+        raise EdgewiseError(f"unknown rounding '{rounding}': choose one of {', '.join(ROUNDINGS)}")
     plans = plan_types(gguf, qtype)
     total = sum(int(np.prod(p.shape)) for p in plans)
     done = 0
@@ -112,8 +121,13 @@ def compress_gguf(
             tensors[p.name] = (t.qtype, tensor_bytes(t.raw, t.shape))
         else:
             weight = quants.dequantize(t.raw, t.qtype).reshape(t.shape).astype(np.float32)
-            imp = (importances or {}).get(p.name)
-            tensors[p.name] = (p.target, quantize_matrix(weight, p.target, imp, search))
+            m = (moments or {}).get(p.name)
+            if rounding == "gptq" and m is not None and m.dim() == 2:
+                raw = gptq_quantize(weight, p.target, m, progress=lambda cols: progress(done + cols * p.shape[0], total) if progress else None)
+            else:
+                imp = None if m is None or rounding == "plain" else (torch.diagonal(m) if m.dim() == 2 else m).double().numpy()
+                raw = quantize_matrix(weight, p.target, imp, search=rounding != "plain")
+            tensors[p.name] = (p.target, raw)
         done += int(np.prod(p.shape))
         if progress is not None:
             progress(done, total)
@@ -142,13 +156,14 @@ def compress(
     calib: str | None = "shakespeare",
     calib_tokens: int = 8192,
     ctx: int = 512,
-    search: bool = True,
+    rounding: str = "gptq",
     log: Callable[[str], None] = lambda msg: None,
     calib_progress: Callable[[int, int], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> CompressResult:
-    """`edgewise compress MODEL OUT --type T`: the model (an embedded name or a GGUF path) quantized to `qtype`,
-    under importances from `calib_tokens` tokens of `calib` (a corpus name or a text file; None: plain squared error)."""
+    """`edgewise compress MODEL OUT --type T`: the model (an embedded name or a GGUF path) quantized to `qtype` by
+    `rounding` (`ROUNDINGS`), under statistics from `calib_tokens` tokens of `calib` (a corpus name or a text file;
+    None: plain squared error, which "gptq" cannot take)."""
     from edgewise.data.text import load_text
     from edgewise.gguf_io import read_gguf
     from edgewise.lm.tokenizer import TextTokenizer
@@ -156,6 +171,10 @@ def compress(
 
     if qtype not in FORMATS:
         raise EdgewiseError(f"unknown --type {qtype.name}: edgewise compress writes {', '.join(q.name for q in FORMATS)}")
+    if rounding not in ROUNDINGS:
+        raise EdgewiseError(f"unknown rounding '{rounding}': choose one of {', '.join(ROUNDINGS)}")
+    if rounding == "gptq" and calib is None:
+        raise EdgewiseError("GPTQ rounding needs calibration text (--calib); without it, use --rounding search or plain")
     out = Path(out)
     source_path = resolve_model(model)
     if out.is_dir():
@@ -167,17 +186,17 @@ def compress(
     gguf = read_gguf(source_path)
     plans = plan_types(gguf, qtype)
     log(plan_table(plans))
-    importances, n_calib = None, 0
-    if calib is not None:
-        from edgewise.compress.calibrate import MIN_CALIB_TOKENS, importance
+    moments, n_calib = None, 0
+    if calib is not None and rounding != "plain":
+        from edgewise.compress.calibrate import MIN_CALIB_TOKENS, SINK_WEIGHT, second_moments
         from edgewise.lm.runtime import LanguageModel
 
         ids = TextTokenizer.from_gguf(gguf).encode(load_text(calib)[: 16 * calib_tokens])[:calib_tokens]  # 16 chars a token is ample
         if len(ids) < MIN_CALIB_TOKENS:
             raise EdgewiseError(f"{calib}: {len(ids)} calibration tokens; the statistics need at least {MIN_CALIB_TOKENS} (a longer text, or --calib-tokens >= {MIN_CALIB_TOKENS})")
         lm = LanguageModel.load(source_path, compile=False)  # the runtime's own forward on the source's weights
-        importances = importance(lm, ids, ctx, progress=calib_progress)
+        moments = second_moments(lm, ids, ctx, full=rounding == "gptq", sink_weight=SINK_WEIGHT, progress=calib_progress)
         n_calib = len(ids) // min(ctx, lm.cfg.context_length) * min(ctx, lm.cfg.context_length)
         del lm
-    compress_gguf(gguf, out, qtype, importances, search, progress)
+    compress_gguf(gguf, out, qtype, moments, rounding, progress)
     return CompressResult(out, plans, source_path.stat().st_size, out.stat().st_size, n_calib)

@@ -20,6 +20,7 @@ that every improvement here is measured against.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -98,8 +99,28 @@ def _f16(v: np.ndarray) -> np.ndarray:
     return v.astype(np.float16).astype(np.float64)
 
 
-def quantize_blocks(x: np.ndarray, w: np.ndarray, fmt: BlockFormat, search: bool = True) -> np.ndarray:
-    """Blocks x [nb, block] (float) with importances w (same shape, >= 0) -> [nb, type_bytes] bytes."""
+@dataclass(frozen=True)
+class Grid:
+    """The points a block's codes may take, per sub-block: value = scale * q - minimum, q in [lo, hi]; `fields` are
+    what the packer stores for it (sub-block scales and mins: integers under d and dmin for the K-quants)."""
+
+    scale: np.ndarray  # [nb * sub-blocks, 1]
+    minimum: np.ndarray  # [nb * sub-blocks, 1]
+    fields: tuple  # (scales, mins, d, dmin) as `blocks.pack` takes them
+
+    def codes(self, x: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+        """The nearest grid point of each element of blocks x [nb, block]."""
+        return _codes(x.reshape(-1, fmt.sub), self.scale, self.minimum, fmt.lo, fmt.hi).reshape(x.shape)
+
+    def values(self, codes: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+        return (codes.reshape(-1, fmt.sub) * self.scale - self.minimum).reshape(codes.shape)
+
+    def pack(self, codes: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+        return pack(fmt, codes, *self.fields)
+
+
+def fit_grid(x: np.ndarray, w: np.ndarray, fmt: BlockFormat, search: bool = True) -> Grid:
+    """The grid of blocks x [nb, block] (float) under importances w (same shape, >= 0)."""
     nb, sub = x.shape[0], fmt.sub
     xs, ws = x.reshape(-1, sub), w.reshape(-1, sub)
     if fmt.affine:
@@ -109,8 +130,7 @@ def quantize_blocks(x: np.ndarray, w: np.ndarray, fmt: BlockFormat, search: bool
     per = fmt.block // sub
     if not fmt.super_scaled:  # one fp16 scale (and min) per block
         s, m = _f16(s), _f16(m)
-        codes = _codes(xs, s[:, None], m[:, None], fmt.lo, fmt.hi).reshape(nb, fmt.block)
-        return pack(fmt, codes, s.reshape(nb, 1), m.reshape(nb, 1) if fmt.affine else None, None, None)
+        return Grid(s[:, None], m[:, None], (s.reshape(nb, 1), m.reshape(nb, 1) if fmt.affine else None, None, None))
     # one level up: the sub-block scales (and mins) of a super-block as integers times fp16 d (and dmin)
     q_fit = _codes(xs, s[:, None], m[:, None], fmt.lo, fmt.hi)
     s_weight = (ws * q_fit * q_fit).sum(1).reshape(nb, per) + 1e-30  # d(error)/d(scale)^2 / 2
@@ -124,9 +144,13 @@ def quantize_blocks(x: np.ndarray, w: np.ndarray, fmt: BlockFormat, search: bool
         minimum = (dmin[:, None] * mc).reshape(-1, 1)
     else:
         dmin, mc, minimum = None, None, np.zeros((xs.shape[0], 1))
-    scale = (d[:, None] * sc).reshape(-1, 1)
-    codes = _codes(xs, scale, minimum, fmt.lo, fmt.hi).reshape(nb, fmt.block)
-    return pack(fmt, codes, sc, mc, d, dmin)
+    return Grid((d[:, None] * sc).reshape(-1, 1), minimum, (sc, mc, d, dmin))
+
+
+def quantize_blocks(x: np.ndarray, w: np.ndarray, fmt: BlockFormat, search: bool = True) -> np.ndarray:
+    """Blocks x [nb, block] (float) with importances w (same shape, >= 0) -> [nb, type_bytes] bytes."""
+    grid = fit_grid(x, w, fmt, search)
+    return grid.pack(grid.codes(x, fmt), fmt)
 
 
 def quantize_matrix(
