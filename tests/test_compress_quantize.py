@@ -11,13 +11,13 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
 from edgewise.cli import main
-from edgewise.data.text import load_text
 from edgewise.compress import pipeline
 from edgewise.compress.blocks import FORMATS, pack
 from edgewise.compress.calibrate import importance, second_moments
 from edgewise.compress.gptq import calibration_loss, gptq_quantize
 from edgewise.compress.pipeline import compress_gguf, plan_types
 from edgewise.compress.quantize import quantize_matrix
+from edgewise.data.text import load_text
 from edgewise.errors import EdgewiseError
 from edgewise.gguf_io import read_gguf
 from edgewise.lm.runtime import LanguageModel
