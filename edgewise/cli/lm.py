@@ -38,6 +38,11 @@ def add_commands(sub) -> None:
     ppl.add_argument("--text", required=True, metavar="shakespeare|austen|FILE", help="a bundled corpus or any UTF-8 file")
     ppl.add_argument("--ctx", type=number(int, 2), default=1024, help="window length in tokens (default 1024)")
     ppl.add_argument("--max-tokens", type=positive_int, default=None, help="score only the first M tokens of the text (default: all)")
+    ppl.add_argument(
+        "--scoring", choices=("all", "llama.cpp"), default="all",
+        help="all (default): every position of each window is scored; llama.cpp: llama-perplexity's rule, only the second "
+        "half of each window (and a BOS first where the tokenizer adds one), so the two tools agree on the same file",
+    )
     add_model_args(ppl, compile_default=False)
     add_flash_args(ppl)
     ppl.set_defaults(handler=cmd_eval_ppl)
@@ -275,9 +280,12 @@ def cmd_eval_ppl(args) -> int:
         args.ctx,
         args.max_tokens,
         progress=progress_bar("perplexity"),
+        scoring=args.scoring,
+        bos_id=lm.tokenizer.bos_id if lm.tokenizer.add_bos else None,
     )
     print(
-        f"{lm.path.name} [{args.precision}{_flash_label(args, lm)}] on {args.text}: {result.n_windows} windows x {result.ctx} tokens,"
+        f"{lm.path.name} [{args.precision}{_flash_label(args, lm)}] on {args.text}: {result.n_windows} windows x {result.ctx} tokens"
+        f"{', second halves scored (llama.cpp rule)' if args.scoring == 'llama.cpp' else ''},"
         f" {result.n_predicted} predictions, mean NLL {result.nll_sum / result.n_predicted:.4f}"
     )
     print(f"ppl = {result.ppl:.4f}")
