@@ -37,7 +37,7 @@ examples:
   edgewise flash probe smollm2.flash                   # measure this disk's direct-read throughput
   edgewise generate --flash smollm2.flash --dram-budget 100% "Once upon a time"
   edgewise eval ppl --flash smollm2.flash --dram-budget 50% --active-fraction 0.4 --text austen --ctx 256 --max-tokens 1024
-  edgewise compress qwen2.5-coder-1.5b qwen-q3k.gguf --type Q3_K   # a smaller GGUF, scales chosen on calibration text
+  edgewise compress smollm2-135m smol-q4_0.gguf --type Q4_0   # a smaller standard GGUF, rounded by GPTQ on calibration text
   edgewise tiny plan --width 0.35 --resolution 128 --scheme scheme.json --png memory.png
   edgewise tiny train --scheme scheme.json --train-samples 2000 --epochs 2
   edgewise tiny compile mbv2-w0.35 --resolution 128 --scheme scheme.json --budget 256KB

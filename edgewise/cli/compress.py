@@ -23,19 +23,19 @@ def quant_type(text: str):
 def add_commands(sub) -> None:
     p = sub.add_parser(
         "compress",
-        help="quantize a model into a smaller standard GGUF, scales chosen by calibrated importance",
+        help="quantize a model into a smaller standard GGUF, rounded by GPTQ on calibration text",
         description="Quantize MODEL into OUT.gguf, a standard GGUF that edgewise and llama.cpp both run. Each matrix is "
         "dequantized to fp32 (the reference) and written in --type's own block format; only the choice of scales and mins "
         "is smarter: scales searched per block to minimise the squared error weighted by each input column's mean square on "
         "--calib text (llama.cpp's importance matrix, computed here by edgewise's own forward), and codes rounded by GPTQ "
-        "under each layer's Hessian from the same text (it holds in x in x 4 bytes per distinct layer input: 9.8 GB for "
-        "Qwen2.5-Coder-1.5B, 0.4 GB for SmolLM2-135M). Vectors stay as they are, "
+        "under each layer's Hessian from the same text (one fp32 [in, in] matrix per distinct layer input is held: 0.4 GB "
+        "for SmolLM2-135M, 9.8 GB for Qwen2.5-Coder-1.5B). Vectors stay as they are, "
         "the output head stays at Q6_K or better, and a matrix whose rows are no whole number of 256-blocks takes a "
         "32-element format of about the same size (the plan table says which). Ends with a line "
         "`out = PATH size_mb = X bpw = Y` (the file's MB; bits per weight of the tensors' bytes).",
-        epilog="examples:\n  edgewise compress qwen2.5-coder-1.5b qwen-q3k.gguf --type Q3_K\n"
+        epilog="examples:\n  edgewise compress smollm2-135m smol-q4_0.gguf --type Q4_0      # several minutes on 2 cores\n"
         "  edgewise compress ~/models/model.gguf small.gguf --type Q4_K --calib my_text.txt\n"
-        "  edgewise eval ppl --model qwen-q3k.gguf --text austen --ctx 512 --max-tokens 8192",
+        "  edgewise eval ppl --model smol-q4_0.gguf --text austen --ctx 512 --max-tokens 8192",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", metavar="MODEL", help="an embedded model's name or a GGUF file")
