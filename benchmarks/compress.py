@@ -1,0 +1,225 @@
+"""edgewise compress against llama.cpp's own quantizer, at equal types, on the same source and calibration text.
+
+For each --types entry (edgewise's block type, and llama.cpp's file type of the same name or its uniform "_S"
+variant), five files from the same source GGUF:
+- llama.cpp: `llama-quantize --allow-requantize SRC OUT TYPE`, without and with an importance matrix from
+  `llama-imatrix` on the calibration text;
+- edgewise: `compress(..., rounding=plain|search|gptq)` on the same text (plain takes none).
+Each file's held-out perplexity is measured twice on the same text file: by edgewise's runtime (windows of --ctx,
+every position scored) and by `llama-perplexity` (its own rule: windows of --ctx, the second half of each scored),
+so each column ranks the files by one rule. The reference for every loss is the source GGUF, dequantized: the
+sources are already quantized (SmolLM2-135M is Q4_1, Qwen2.5-Coder-1.5B Q4_K_M); its own perplexity is row 1.
+
+Needs llama.cpp's tools: `scripts/build-llama-tools.sh` (about 9 minutes on 2 cores, once).
+
+    python benchmarks/compress.py                        # SmolLM2-135M: Q4_0 and Q2_K (about 15 minutes)
+    python benchmarks/compress.py --model qwen2.5-coder-1.5b --types Q4_K,Q3_K   # not run yet: 9.8 GB of Hessians
+
+Writes benchmarks/results/compress[_MODEL].md and a PNG of perplexity against file size. Its last lines:
+`ratio ppl edgewise/llama.cpp-imatrix [TYPE] [MODEL] = X` per type (below 1: edgewise's file is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as QT
+
+from edgewise.compress.calibrate import SINK_WEIGHT, second_moments
+from edgewise.compress.pipeline import compress_gguf
+from edgewise.data.text import load_text
+from edgewise.files import write_text_atomic
+from edgewise.gguf_io import read_gguf
+from edgewise.lm.runtime import LanguageModel
+from edgewise.metrics.perplexity import perplexity
+from edgewise.models import resolve_model
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ROOT / "build" / "llama-tools" / "bin"
+LLAMA_TYPES = {QT.Q4_0: "Q4_0", QT.Q4_1: "Q4_1", QT.Q5_0: "Q5_0", QT.Q8_0: "Q8_0", QT.Q6_K: "Q6_K", QT.Q5_K: "Q5_K_S", QT.Q4_K: "Q4_K_S", QT.Q3_K: "Q3_K_S", QT.Q2_K: "Q2_K"}
+
+
+def run(cmd: list[str], log: Path) -> str:
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        f.write(proc.stdout)
+    if proc.returncode:
+        sys.exit(f"{cmd[0]} failed (exit {proc.returncode}); see {log}")
+    return proc.stdout
+
+
+def edgewise_ppl(path: Path, text: str, ctx: int, check: bool = False) -> tuple[float, float]:
+    """Held-out perplexity on edgewise's runtime: every position scored, and by llama-perplexity's rule (second halves),
+    both from one forward pass per window (tokenizers that add no BOS see the same windows under both rules).
+    `check`: score the second rule again with `perplexity(scoring="llama.cpp")` and require the same number."""
+    lm = LanguageModel.load(path, compile=False)
+    cache = lm.new_cache(ctx)
+    ids = lm.tokenizer.encode(text)
+    bos = lm.tokenizer.bos_id if lm.tokenizer.add_bos else None
+    half = [0.0, 0]
+    first = ctx // 2
+
+    def logits_of(window):
+        out = lm.prefill(window, cache, last_only=False)
+        half[0] += float(F.cross_entropy(out[first:-1], torch.tensor(window[first + 1 :]), reduction="sum"))
+        half[1] += len(window) - 1 - first
+        return out
+
+    every = perplexity(logits_of, ids, ctx).ppl
+    if bos is not None or check:
+        rule = perplexity(lambda w: lm.prefill(w, cache, last_only=False), ids, ctx, scoring="llama.cpp", bos_id=bos).ppl
+        if bos is None and abs(rule / math.exp(half[0] / half[1]) - 1) > 1e-9:
+            sys.exit(f"second-half scoring disagrees with perplexity(scoring='llama.cpp'): {math.exp(half[0] / half[1])} vs {rule}")
+        return every, rule
+    return every, math.exp(half[0] / half[1])
+
+
+def llama_ppl(path: Path, text_file: Path, ctx: int, log: Path) -> float:
+    out = run([str(TOOLS / "llama-perplexity"), "-m", str(path), "-f", str(text_file), "-c", str(ctx), "-t", "2", "-b", str(ctx)], log)
+    for line in reversed(out.splitlines()):
+        if "Final estimate: PPL =" in line:
+            return float(line.split("PPL =")[1].split()[0])
+    sys.exit(f"llama-perplexity printed no final estimate; see {log}")
+
+
+def tensor_bpw(path: Path) -> float:
+    """Bits per weight of the tensors' bytes (as llama.cpp counts it; the file adds metadata)."""
+    g = read_gguf(path)
+    return 8 * sum(t.nbytes for t in g.tensors.values()) / sum(math.prod(t.shape) for t in g.tensors.values())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--types", default="Q4_0,Q2_K", help="comma-separated edgewise types (default Q4_0,Q2_K)")
+    ap.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (Shakespeare, the head of the text)")
+    ap.add_argument("--eval-chars", type=int, default=16000, help="held-out text: the head of Austen, this many characters")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--work", default=str(ROOT / "build" / "compress-bench"), help="folder for the files (kept for reuse)")
+    args = ap.parse_args()
+    if not (TOOLS / "llama-quantize").exists():
+        sys.exit(f"llama.cpp's tools are missing from {TOOLS}: run scripts/build-llama-tools.sh first (about 9 minutes)")
+    types = [QT[t.strip().upper()] for t in args.types.split(",")]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "tools.log"
+    src = resolve_model(args.model)
+    calib_file, eval_file = work / "calib.txt", work / "heldout.txt"
+    calib_file.write_text(load_text("shakespeare")[: 16 * args.calib_tokens])  # both quantizers read this file
+    eval_text = load_text("austen")[: args.eval_chars]
+    eval_file.write_text(eval_text)
+    chunks = args.calib_tokens // args.ctx
+
+    imatrix = work / f"{src.stem}.imatrix.gguf"
+    if not imatrix.exists():
+        run([str(TOOLS / "llama-imatrix"), "-m", str(src), "-f", str(calib_file), "-o", str(imatrix), "-c", str(args.ctx), "--chunks", str(chunks), "-t", "2"], log)
+
+    source = read_gguf(src)
+    cached: dict = {}
+
+    def moments():
+        """Every layer input's Hessian on the calibration file, as `edgewise compress` computes it (once for all files)."""
+        if not cached:
+            t0 = time.perf_counter()
+            lm = LanguageModel.load(src, compile=False)
+            ids = lm.tokenizer.encode(calib_file.read_text())[: args.calib_tokens]
+            cached["m"] = second_moments(lm, ids, args.ctx, full=True, sink_weight=SINK_WEIGHT)
+            cached["seconds"] = time.perf_counter() - t0
+        return cached["m"]
+
+    rows = [("source", "-", src, None)]
+    for qtype in types:
+        lt = LLAMA_TYPES[qtype]
+        for label, extra in (("llama.cpp", []), ("llama.cpp-imatrix", ["--imatrix", str(imatrix)])):
+            out = work / f"{src.stem}.{label}.{lt}.gguf"
+            t0, cached_file = time.perf_counter(), out.exists()
+            if not cached_file:
+                run([str(TOOLS / "llama-quantize"), "--allow-requantize", *extra, str(src), str(out), lt, "2"], log)
+            rows.append((label, lt, out, None if cached_file else time.perf_counter() - t0))
+        for rounding in ("plain", "search", "gptq"):
+            out = work / f"{src.stem}.edgewise-{rounding}.{qtype.name}.gguf"
+            t0, cached_file = time.perf_counter(), out.exists()
+            if not cached_file:
+                stats = None if rounding == "plain" else moments()
+                t0 = time.perf_counter()
+                compress_gguf(source, out, qtype, stats, rounding)
+            rows.append((f"edgewise-{rounding}", qtype.name, out, None if cached_file else time.perf_counter() - t0))
+
+    results = []
+    for label, t, path, secs in rows:
+        (ours, ours_half), theirs = edgewise_ppl(path, eval_text, args.ctx, check=label == "source"), llama_ppl(path, eval_file, args.ctx, log)
+        results.append((label, t, path.stat().st_size / 1e6, tensor_bpw(path), ours, theirs, secs, ours_half))
+        print(f"{label:20s} {t:7s} {results[-1][2]:8.2f} MB  ppl {ours:8.3f}  llama.cpp rule: edgewise {ours_half:8.3f} llama.cpp {theirs:8.3f}", flush=True)
+
+    base = results[0]
+    lines = [
+        f"# edgewise compress vs llama.cpp's quantizer: {src.name}",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores.",
+        f"Calibration: the first {args.calib_tokens} tokens of Shakespeare ({chunks} windows of {args.ctx}), the same file for",
+        "llama-imatrix and edgewise. Held-out: the first {:,} characters of Austen. The source is already quantized;".format(args.eval_chars),
+        "its dequantization is the reference, and its own perplexity is the first row.",
+        "`ppl edgewise`: edgewise's runtime, windows of {0}, every position scored; `half`: the same runtime by".format(args.ctx),
+        "llama-perplexity's rule (the second half of each window scored); `ppl llama.cpp`: llama-perplexity itself on the same",
+        "file and windows: the last two columns cross-check the runtimes. Files kept in " + str(work) + ".",
+        f"edgewise's calibration (every layer input's Hessian, shared by its search and gptq files) took {cached.get('seconds', 0):.0f} s;",
+        "the seconds column is each file's quantization alone (`-`: the file was made by an earlier run and reused).",
+        "",
+        "| method | type | MB | bits/weight | ppl edgewise | vs source | half, edgewise | ppl llama.cpp | vs source | seconds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, t, mb, bpw, ours, theirs, secs, ours_half in results:
+        lines.append(
+            f"| {label} | {t} | {mb:.2f} | {bpw:.3f} | {ours:.3f} | {ours / base[4] - 1:+.1%} | {ours_half:.3f} | {theirs:.3f} | {theirs / base[5] - 1:+.1%} | {'-' if secs is None else f'{secs:.0f}'} |"
+        )
+    lines.append("")
+    by = {(r[0], r[1]): r for r in results}
+    tail = []
+    for qtype in types:
+        ours, peer = by.get(("edgewise-gptq", qtype.name)), by.get(("llama.cpp-imatrix", LLAMA_TYPES[qtype]))
+        best = min((by[(m, qtype.name)] for m in ("edgewise-search", "edgewise-gptq")), key=lambda r: r[4])
+        tail.append(f"ratio ppl edgewise/llama.cpp-imatrix [{qtype.name}] [{args.model}] = {best[4] / peer[4]:.4f}"
+                    f" (edgewise-{best[0].split('-')[1]} {best[2]:.1f} MB, llama.cpp {peer[2]:.1f} MB; gptq {ours[4] / peer[4]:.4f})")
+    lines += ["```", *tail, "```", ""]
+    _plot(results, work / "compress.png", src.name)
+    name = "compress" if args.model == "smollm2-135m" else f"compress_{args.model}"
+    png = ROOT / "benchmarks" / "results" / f"{name}.png"
+    png.write_bytes((work / "compress.png").read_bytes())
+    lines.insert(2, f"![perplexity against size]({png.name})\n")
+    write_text_atomic(ROOT / "benchmarks" / "results" / f"{name}.md", "\n".join(lines))
+    print("\n".join(tail))
+    return 0
+
+
+def _plot(results, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, marker in (("llama.cpp", "s"), ("llama.cpp-imatrix", "D"), ("edgewise-plain", "x"), ("edgewise-search", "^"), ("edgewise-gptq", "o")):
+        pts = sorted((r[2], r[4], r[1]) for r in results if r[0] == method)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=method)
+    src = results[0]
+    ax.axhline(src[4], color="gray", linestyle=":", label="source")
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("held-out perplexity (edgewise runtime)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
