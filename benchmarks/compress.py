@@ -171,7 +171,8 @@ def main() -> int:
         "`ppl edgewise`: edgewise's runtime, windows of {0}, every position scored; `half`: the same runtime by".format(args.ctx),
         "llama-perplexity's rule (the second half of each window scored); `ppl llama.cpp`: llama-perplexity itself on the same",
         "file and windows: the last two columns cross-check the runtimes. Files kept in " + str(work) + ".",
-        f"edgewise's calibration (every layer input's Hessian, shared by its search and gptq files) took {cached.get('seconds', 0):.0f} s;",
+        (f"edgewise's calibration (every layer input's Hessian, shared by its search and gptq files) took {cached['seconds']:.0f} s;"
+         if cached else "edgewise's calibration and every file were made by earlier runs of this script and reused here (no times measured);"),
         "the seconds column is each file's quantization alone (`-`: the file was made by an earlier run and reused).",
         "",
         "| method | type | MB | bits/weight | ppl edgewise | vs source | half, edgewise | ppl llama.cpp | vs source | seconds |",
