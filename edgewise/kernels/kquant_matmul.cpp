@@ -157,6 +157,22 @@ struct Q5K {
   };
 };
 
+// Q6_K/Q3_K: 16 signed int8 sub-block scales under one fp16 d, as floats (d * scale, sub-blocks 0-7 in lo,
+// 8-15 in hi) and as the int8 path takes them (int16 scales, d applied once per super-block, no mins).
+EW_INLINE void signed_scales(__m128i s, float d, __m256& lo, __m256& hi) {
+  const __m256 dv = _mm256_set1_ps(d);
+  lo = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s)));
+  hi = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s, 8))));
+}
+EW_INLINE IntScales signed_int_scales(__m128i s, float d) {
+  IntScales k;
+  k.sc8 = _mm_setzero_si128();
+  k.sc16 = _mm256_cvtepi8_epi16(s);
+  k.minf = _mm256_setzero_ps();
+  k.d = d;
+  return k;
+}
+
 struct Q6K {
   static constexpr int64_t kBytes = ew::Q6_K_BYTES;
   static constexpr bool kHalfScales = true, kHalfMins = false;
@@ -171,20 +187,8 @@ struct Q6K {
     const uint8_t* p;
     explicit Block(const uint8_t* blk) : p(blk) {}
     // d * scale for sub-blocks 0..7 and 8..15
-    EW_INLINE void scales(__m256& lo, __m256& hi) const {
-      const __m128i s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192));
-      const __m256 d = _mm256_set1_ps(fp16_at(p + 208));
-      lo = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s)));
-      hi = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s, 8))));
-    }
-    EW_INLINE IntScales int_scales() const {
-      IntScales k;
-      k.sc8 = _mm_setzero_si128();
-      k.sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192)));
-      k.minf = _mm256_setzero_ps();
-      k.d = fp16_at(p + 208);
-      return k;
-    }
+    EW_INLINE void scales(__m256& lo, __m256& hi) const { signed_scales(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192)), fp16_at(p + 208), lo, hi); }
+    EW_INLINE IntScales int_scales() const { return signed_int_scales(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192)), fp16_at(p + 208)); }
     EW_INLINE __m256i codes(int b) const {
       const int half = b / 4, bb = b % 4;
       const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * half + 32 * (bb & 1)));
@@ -225,20 +229,8 @@ struct Q3K {
     const uint8_t* p;
     __m256i hm;  // the 32 high-bit bytes: bit c of byte l is element l of block c's bit 2
     explicit Block(const uint8_t* blk) : p(blk), hm(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk))) {}
-    EW_INLINE void scales(__m256& lo, __m256& hi) const {
-      const __m128i s = k3_scales(p + 96);
-      const __m256 d = _mm256_set1_ps(fp16_at(p + 108));
-      lo = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s)));
-      hi = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s, 8))));
-    }
-    EW_INLINE IntScales int_scales() const {
-      IntScales k;
-      k.sc8 = _mm_setzero_si128();
-      k.sc16 = _mm256_cvtepi8_epi16(k3_scales(p + 96));
-      k.minf = _mm256_setzero_ps();
-      k.d = fp16_at(p + 108);
-      return k;
-    }
+    EW_INLINE void scales(__m256& lo, __m256& hi) const { signed_scales(k3_scales(p + 96), fp16_at(p + 108), lo, hi); }
+    EW_INLINE IntScales int_scales() const { return signed_int_scales(k3_scales(p + 96), fp16_at(p + 108)); }
     EW_INLINE __m256i codes(int b) const {
       const __m256i high = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(b)), _mm256_set1_epi8(1));
       return _mm256_or_si256(k3_pairs(p + 32, b), _mm256_slli_epi16(high, 2));
