@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgewise.cli.args import number, progress_bar
+from edgewise.cli.args import number, positive_float, progress_bar, size_in_bytes
+from edgewise.sizes import UNITS
+
+MB = UNITS["m"]  # 2^20 bytes, as --size counts them
 
 
 def quant_type(text: str):
@@ -31,16 +34,27 @@ def add_commands(sub) -> None:
         "under each layer's Hessian from the same text (one fp32 [in, in] matrix per distinct layer input is held: 0.4 GB "
         "for SmolLM2-135M, 9.8 GB for Qwen2.5-Coder-1.5B). Vectors stay as they are, "
         "the output head stays at Q6_K or better, and a matrix whose rows are no whole number of 256-blocks takes a "
-        "32-element format of about the same size (the plan table says which). Ends with a line "
-        "`out = PATH size_mb = X bpw = Y` (the file's MB; bits per weight of the tensors' bytes).",
+        "32-element format of about the same size (the plan table says which).\n\n"
+        "With --size or --bpw instead of --type, each matrix gets its own type (mixed precision): every type below the "
+        "source's own bytes is quantized, each tensor's sensitivity is measured (the KL divergence of the model's "
+        "next-token distribution, on --sensitivity-tokens of the calibration text, when that tensor alone takes its "
+        "smallest type; larger types predicted from it by their rounding error), and the types with the least summed "
+        "KL that fit the size are chosen. The plan table prints each choice with its predicted KL. A size out of reach "
+        "is refused with the reachable range.\n\n"
+        "Ends with a line `out = PATH size_mb = X bpw = Y` (the file's MB of 2^20 bytes, as --size counts them; bits "
+        "per weight of the tensors' bytes).",
         epilog="examples:\n  edgewise compress smollm2-135m smol-q4_0.gguf --type Q4_0      # several minutes on 2 cores\n"
+        "  edgewise compress smollm2-135m smol-84.gguf --size 84MB       # mixed precision, about 15 minutes\n"
         "  edgewise compress ~/models/model.gguf small.gguf --type Q4_K --calib my_text.txt\n"
         "  edgewise eval ppl --model smol-q4_0.gguf --text austen --ctx 512 --max-tokens 8192",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", metavar="MODEL", help="an embedded model's name or a GGUF file")
     p.add_argument("out", metavar="OUT.gguf", help="the file to write (appears whole or not at all)")
-    p.add_argument("--type", dest="qtype", type=quant_type, required=True, metavar="TYPE", help="the block format: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q4_0, Q4_1, Q5_0 or Q8_0")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--type", dest="qtype", type=quant_type, metavar="TYPE", help="one block format for every matrix: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q4_0, Q4_1, Q5_0 or Q8_0")
+    target.add_argument("--size", type=size_in_bytes, metavar="SIZE", help="the output file's size, e.g. 84MB (2^20 bytes a MB): a type per matrix")
+    target.add_argument("--bpw", type=positive_float, metavar="BITS", help="bits per weight of the tensors, e.g. 4.5: a type per matrix")
     p.add_argument("--calib", default="shakespeare", metavar="shakespeare|austen|FILE|none", help="calibration text (default shakespeare); none: plain squared error")
     p.add_argument("--calib-tokens", type=number(int, 1024), default=8192, help="calibration tokens, in windows of 512 (default 8192)")
     p.add_argument(
@@ -49,6 +63,7 @@ def add_commands(sub) -> None:
         "under the layer's calibration Hessian (GPTQ); search: each weight to its nearest grid point; plain: min-max "
         "scales, nearest points, no calibration (the baseline)",
     )
+    p.add_argument("--sensitivity-tokens", type=number(int, 16), default=512, help="with --size/--bpw: calibration tokens each tensor's KL is measured on (default 512)")
     p.set_defaults(handler=cmd_compress)
 
 
@@ -56,6 +71,8 @@ def cmd_compress(args) -> int:
     from edgewise.compress.pipeline import compress
 
     calib = None if args.rounding == "plain" or args.calib.lower() == "none" else args.calib
+    if calib is None and args.qtype is None and args.calib.lower() != "none":
+        calib = args.calib  # a mixed plan measures sensitivity on calibration text even when rounding plainly
     result = compress(
         args.model,
         args.out,
@@ -63,12 +80,16 @@ def cmd_compress(args) -> int:
         calib=calib,
         calib_tokens=args.calib_tokens,
         rounding=args.rounding,
+        size=args.size,
+        bpw=args.bpw,
+        sensitivity_tokens=args.sensitivity_tokens,
         log=lambda msg: print(msg, file=sys.stderr),
         calib_progress=progress_bar("calibrating", unit="window"),
         progress=progress_bar("quantizing", unit="weight"),
+        sensitivity_progress=progress_bar("sensitivity", unit="tensor"),
     )
-    print(f"{result.source_bytes / 1e6:.1f} MB -> {result.out_bytes / 1e6:.1f} MB ({result.out_bytes / result.source_bytes:.2f}x)"
-          f", {args.rounding} rounding{f', calibrated on {result.calib_tokens} tokens of {calib}' if calib else ', no calibration'}", file=sys.stderr)
-    print(f"out = {result.out} size_mb = {result.out_bytes / 1e6:.2f} bpw = {result.bits_per_weight:.3f}")
+    print(f"{result.source_bytes / MB:.1f} MB -> {result.out_bytes / MB:.1f} MB ({result.out_bytes / result.source_bytes:.2f}x)"
+          f", {args.rounding} rounding{f', calibrated on {result.calib_tokens} tokens of {calib}' if result.calib_tokens else ', no calibration'}", file=sys.stderr)
+    print(f"out = {result.out} size_mb = {result.out_bytes / MB:.2f} bpw = {result.bits_per_weight:.3f}")
     return 0
 

@@ -24,10 +24,12 @@ from gguf import GGUFValueType, LlamaFileType, quants
 
 from edgewise.compress.blocks import FORMATS
 from edgewise.compress.gguf_write import tensor_bytes, write_gguf
-from edgewise.compress.gptq import gptq_quantize
+from edgewise.compress.gptq import calibration_loss, gptq_quantize
+from edgewise.compress.mixed import SENSITIVITY_TOKENS, KLProbe, Rung, choose, ladder, predict_kl, size_range
 from edgewise.compress.quantize import quantize_matrix
 from edgewise.errors import EdgewiseError
-from edgewise.gguf_io import GGUFFile, tensor_nbytes
+from edgewise.gguf_io import GGUFFile, GGUFTensor, tensor_nbytes
+from edgewise.sizes import UNITS
 
 OUTPUT_TYPE = QT.Q6_K  # the output head's floor (llama.cpp's choice for every type below it)
 FALLBACK = {QT.Q2_K: QT.Q4_0, QT.Q3_K: QT.Q4_0, QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_0, QT.Q6_K: QT.Q8_0}  # rows not whole super-blocks
@@ -45,6 +47,7 @@ class TensorPlan:
     source: QT
     target: QT
     why: str  # "" for the requested type, else the rule that chose another
+    kl: float | None = None  # a mixed plan's predicted loss of this choice (`mixed`: KL nats per token)
 
     @property
     def target_bytes(self) -> int:
@@ -76,24 +79,54 @@ def plan_types(gguf: GGUFFile, qtype: QT) -> list[TensorPlan]:
 
 
 def plan_table(plans: list[TensorPlan]) -> str:
-    """The plan as a table, tensors of the same role and types grouped (blk.N. dropped)."""
-    groups: dict[tuple[str, str, str, str], list[int]] = {}
+    """The plan as a table, tensors of the same role and types grouped (blk.N. dropped); a mixed plan adds each
+    group's predicted KL (nats per token, summed over its tensors)."""
+    groups: dict[tuple[str, str, str, str], list[float]] = {}
     for p in plans:
         role = p.name.split(".", 2)[2] if p.name.startswith("blk.") else p.name
         key = (role, p.source.name, p.target.name, p.why)
-        groups.setdefault(key, [0, 0])
+        groups.setdefault(key, [0, 0, 0.0])
         groups[key][0] += 1
         groups[key][1] += p.target_bytes
-    lines = [f"{'tensor':28s} {'n':>4s} {'from':>6s} {'to':>6s} {'MB':>8s}  note"]
-    for (role, src, dst, why), (n, nbytes) in groups.items():
-        lines.append(f"{role:28s} {n:4d} {src:>6s} {dst:>6s} {nbytes / 1e6:8.2f}  {why}")
+        groups[key][2] += p.kl or 0.0
+    mixed = any(p.kl is not None for p in plans)
+    kl_head = f" {'pred. KL':>9s}" if mixed else ""
+    lines = [f"{'tensor':28s} {'n':>4s} {'from':>6s} {'to':>6s} {'MB':>8s}{kl_head}  note"]
+    for (role, src, dst, why), (n, nbytes, kl) in sorted(groups.items(), key=lambda g: (g[0][0], -g[1][1])) if mixed else groups.items():
+        kl_cell = f" {kl:9.5f}" if mixed else ""
+        lines.append(f"{role:28s} {n:4d} {src:>6s} {dst:>6s} {nbytes / 1e6:8.2f}{kl_cell}  {why}")
     total = sum(p.target_bytes for p in plans)
     n_weights = sum(int(np.prod(p.shape)) for p in plans)
-    lines.append(f"{'total':28s} {len(plans):4d} {'':6s} {'':6s} {total / 1e6:8.2f}  {8 * total / n_weights:.3f} bits per weight")
+    kl_total = f" {sum(p.kl or 0.0 for p in plans):9.5f}" if mixed else ""
+    lines.append(f"{'total':28s} {len(plans):4d} {'':6s} {'':6s} {total / 1e6:8.2f}{kl_total}  {8 * total / n_weights:.3f} bits per weight")
     return "\n".join(lines)
 
 
+MB = UNITS["m"]  # sizes as --size counts them (`edgewise.sizes`)
 ROUNDINGS = ("gptq", "search", "plain")  # error-compensating; searched scales, nearest codes; min-max scales, nearest codes
+
+
+def source_weight(t: GGUFTensor) -> np.ndarray:
+    """The reference: the source tensor's fp32 dequantization."""
+    return quants.dequantize(t.raw, t.qtype).reshape(t.shape).astype(np.float32)
+
+
+def quantize_tensor(weight: np.ndarray, qtype: QT, moment: torch.Tensor | None, rounding: str, progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """One matrix's GGUF bytes in `qtype` by `rounding`, under its input's second moments `moment` (the Hessian
+    [in, in] for GPTQ, else its diagonal weighs the scale search; None: plain squared error)."""
+    if rounding == "gptq" and moment is not None and moment.dim() == 2:
+        return gptq_quantize(weight, qtype, moment, progress=progress)
+    imp = None if moment is None or rounding == "plain" else (torch.diagonal(moment) if moment.dim() == 2 else moment).double().numpy()
+    return quantize_matrix(weight, qtype, imp, search=rounding != "plain")
+
+
+def rounding_loss(weight: np.ndarray, raw: np.ndarray, qtype: QT, moment: torch.Tensor | None) -> float:
+    """The layer's calibration loss tr(dW H dW^T) (with only H's diagonal, or none, the weighted squared error)."""
+    deq = quants.dequantize(raw, qtype).reshape(weight.shape)
+    if moment is not None and moment.dim() == 2:
+        return calibration_loss(weight, deq, moment)
+    delta = deq.astype(np.float64) - weight
+    return float((delta * delta * (1.0 if moment is None else moment.double().numpy())).sum())
 
 
 def compress_gguf(
@@ -120,18 +153,75 @@ def compress_gguf(
         if p.target == t.qtype:
             tensors[p.name] = (t.qtype, tensor_bytes(t.raw, t.shape))
         else:
-            weight = quants.dequantize(t.raw, t.qtype).reshape(t.shape).astype(np.float32)
             m = (moments or {}).get(p.name)
-            if rounding == "gptq" and m is not None and m.dim() == 2:
-                raw = gptq_quantize(weight, p.target, m, progress=lambda cols: progress(done + cols * p.shape[0], total) if progress else None)
-            else:
-                imp = None if m is None or rounding == "plain" else (torch.diagonal(m) if m.dim() == 2 else m).double().numpy()
-                raw = quantize_matrix(weight, p.target, imp, search=rounding != "plain")
+            raw = quantize_tensor(source_weight(t), p.target, m, rounding, lambda cols: progress(done + cols * p.shape[0], total) if progress else None)
             tensors[p.name] = (p.target, raw)
         done += int(np.prod(p.shape))
         if progress is not None:
             progress(done, total)
     write_gguf(gguf, out, tensors, metadata={"general.file_type": (int(FILE_TYPES[qtype]), GGUFValueType.UINT32)})
+    return plans
+
+
+def mixed_rungs(gguf: GGUFFile) -> dict[str, list[Rung]]:
+    """Tensor name -> its rungs (`mixed.ladder`, then the source's own bytes), not yet quantized; a vector, or a
+    matrix no type fits below its bytes, has only the source's."""
+    return {t.name: [Rung(q, tensor_nbytes(q, t.shape)) for q in ladder(t)] + [Rung(t.qtype, t.nbytes)] for t in gguf.tensors.values()}
+
+
+def measure_rungs(
+    gguf: GGUFFile,
+    moments: dict[str, torch.Tensor],
+    windows: torch.Tensor,
+    rounding: str = "gptq",
+    progress: Callable[[int, int], None] | None = None,
+    sensitivity_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, list[Rung]]:
+    """Every tensor's rungs (`mixed_rungs`), each quantized by `rounding` with its calibration loss, and their
+    predicted KL: each tensor's lowest rung measured on the calibration `windows` [W, T] (token ids) by `KLProbe`,
+    the rest scaled from it (`mixed.predict_kl`). Then `write_mixed` makes a file of any size from them."""
+    rungs = mixed_rungs(gguf)
+    total = sum(int(np.prod(t.shape)) * (len(rungs[t.name]) - 1) for t in gguf.tensors.values())
+    done = 0
+    for name, rs in rungs.items():
+        t = gguf.tensors[name]
+        if len(rs) == 1:
+            continue
+        weight, m = source_weight(t), moments.get(name)
+        for r in rs[:-1]:
+            r.raw = quantize_tensor(weight, r.qtype, m, rounding, lambda cols: progress(done + cols * t.shape[0], total) if progress else None)
+            r.proxy = rounding_loss(weight, r.raw, r.qtype, m)
+            done += weight.size
+            if progress is not None:
+                progress(done, total)
+    probe = KLProbe(gguf, windows)
+    measured = [name for name, rs in rungs.items() if len(rs) > 1]
+    for i, name in enumerate(measured):
+        t, lowest = gguf.tensors[name], rungs[name][0]
+        predict_kl(rungs[name], probe.kl(GGUFTensor(name, lowest.qtype, t.shape, lowest.raw)))
+        if sensitivity_progress is not None:
+            sensitivity_progress(i + 1, len(measured))
+    return rungs
+
+
+def write_mixed(gguf: GGUFFile, out: str | Path, rungs: dict[str, list[Rung]], budget: int) -> list[TensorPlan]:
+    """Write `gguf` into `out` with the rung per tensor that `mixed.choose` picks for `budget` bytes of tensors;
+    returns the plan it followed."""
+    low = sum(rs[0].nbytes for rs in rungs.values())
+    if budget < low:
+        raise EdgewiseError(f"a budget of {budget / MB:.2f} MB of tensors is below the smallest mixed plan, {low / MB:.2f} MB")
+    pick = choose(rungs, budget)
+    plans, tensors, weights_of = [], {}, {}
+    for name, r in pick.items():
+        t = gguf.tensors[name]
+        why = "" if not r.is_source else "a vector: kept" if len(t.shape) < 2 else "source bytes kept"
+        plans.append(TensorPlan(name, t.shape, t.qtype, r.qtype, why, r.kl if len(rungs[name]) > 1 else None))
+        tensors[name] = (r.qtype, tensor_bytes(t.raw, t.shape) if r.is_source else r.raw)
+        if len(t.shape) >= 2:
+            weights_of[r.qtype] = weights_of.get(r.qtype, 0) + int(np.prod(t.shape))
+    main_type = max(weights_of, key=weights_of.get)  # the file's type in general.file_type: the one most weights take
+    metadata = {"general.file_type": (int(FILE_TYPES[main_type]), GGUFValueType.UINT32)} if main_type in FILE_TYPES else None
+    write_gguf(gguf, out, tensors, metadata=metadata)
     return plans
 
 
@@ -149,30 +239,62 @@ class CompressResult:
         return 8 * sum(p.target_bytes for p in self.plans) / sum(int(np.prod(p.shape)) for p in self.plans)
 
 
+def file_overhead(gguf: GGUFFile) -> int:
+    """Bytes of a file beyond its tensors' (header, metadata such as the vocabulary, alignment), with a margin for
+    the alignment of tensors whose sizes change: what a --size budget leaves for tensors is the size less this."""
+    return gguf.path.stat().st_size - sum(t.nbytes for t in gguf.tensors.values()) + 32 * len(gguf.tensors)
+
+
+def tensor_budget(gguf: GGUFFile, size: int | None = None, bpw: float | None = None) -> int:
+    """The tensors' bytes for a target file `size` or bits per weight `bpw`; refused, with the reachable range,
+    when no mixed plan reaches it or the source is already that small."""
+    low, high = size_range(gguf)
+    n_weights = sum(int(np.prod(t.shape)) for t in gguf.tensors.values())
+    overhead = file_overhead(gguf)
+    reach = (f"reachable from {gguf.path.name}: --size {(low + overhead) / MB:.2f}MB to {(high + overhead) / MB:.2f}MB, "
+             f"--bpw {8 * low / n_weights:.3f} to {8 * high / n_weights:.3f} (every matrix at its smallest type; the source)")
+    budget = size - overhead if size is not None else int(bpw * n_weights / 8)
+    if budget < low or budget >= high:
+        asked = f"--size {size / MB:.2f}MB" if size is not None else f"--bpw {bpw}"
+        raise EdgewiseError(f"{asked} is out of range: {reach}")
+    return budget
+
+
 def compress(
     model: str | Path | None,
     out: str | Path,
-    qtype: QT,
+    qtype: QT | None = None,
     calib: str | None = "shakespeare",
     calib_tokens: int = 8192,
     ctx: int = 512,
     rounding: str = "gptq",
+    size: int | None = None,
+    bpw: float | None = None,
+    sensitivity_tokens: int = SENSITIVITY_TOKENS,
     log: Callable[[str], None] = lambda msg: None,
     calib_progress: Callable[[int, int], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    sensitivity_progress: Callable[[int, int], None] | None = None,
 ) -> CompressResult:
-    """`edgewise compress MODEL OUT --type T`: the model (an embedded name or a GGUF path) quantized to `qtype` by
-    `rounding` (`ROUNDINGS`), under statistics from `calib_tokens` tokens of `calib` (a corpus name or a text file;
-    None: plain squared error, which "gptq" cannot take)."""
+    """`edgewise compress MODEL OUT --type T | --size S | --bpw B`: the model (an embedded name or a GGUF path)
+    quantized to `qtype`, or to a type per matrix chosen for a file of `size` bytes or `bpw` bits per weight
+    (`measure_rungs`, `write_mixed`: sensitivity measured on `sensitivity_tokens` of the calibration text), rounded by
+    `rounding` (`ROUNDINGS`) under statistics from `calib_tokens` tokens of `calib` (a corpus name or a text file;
+    None: plain squared error, which "gptq" and a mixed plan cannot take)."""
     from edgewise.data.text import load_text
     from edgewise.gguf_io import read_gguf
     from edgewise.lm.tokenizer import TextTokenizer
     from edgewise.models import resolve_model
 
-    if qtype not in FORMATS:
+    if (qtype is not None) + (size is not None) + (bpw is not None) != 1:
+        raise EdgewiseError("give exactly one of --type, --size or --bpw")
+    if qtype is not None and qtype not in FORMATS:
         raise EdgewiseError(f"unknown --type {qtype.name}: edgewise compress writes {', '.join(q.name for q in FORMATS)}")
     if rounding not in ROUNDINGS:
         raise EdgewiseError(f"unknown rounding '{rounding}': choose one of {', '.join(ROUNDINGS)}")
+    mixed = qtype is None
+    if mixed and calib is None:
+        raise EdgewiseError("a plan for --size or --bpw measures each tensor's sensitivity on calibration text: give --calib")
     if rounding == "gptq" and calib is None:
         raise EdgewiseError("GPTQ rounding needs calibration text (--calib); without it, use --rounding search or plain")
     out = Path(out)
@@ -184,10 +306,13 @@ def compress(
     if out.exists() and out.resolve() == source_path.resolve():
         raise EdgewiseError(f"{out}: the output would overwrite the source model; give another file name")
     gguf = read_gguf(source_path)
-    plans = plan_types(gguf, qtype)
-    log(plan_table(plans))
-    moments, n_calib = None, 0
-    if calib is not None and rounding != "plain":
+    if mixed:
+        budget = tensor_budget(gguf, size, bpw)
+    else:
+        plans = plan_types(gguf, qtype)
+        log(plan_table(plans))
+    moments, n_calib, ids = None, 0, []
+    if calib is not None and (rounding != "plain" or mixed):
         from edgewise.compress.calibrate import MIN_CALIB_TOKENS, SINK_WEIGHT, second_moments
         from edgewise.lm.runtime import LanguageModel
 
@@ -195,8 +320,16 @@ def compress(
         if len(ids) < MIN_CALIB_TOKENS:
             raise EdgewiseError(f"{calib}: {len(ids)} calibration tokens; the statistics need at least {MIN_CALIB_TOKENS} (a longer text, or --calib-tokens >= {MIN_CALIB_TOKENS})")
         lm = LanguageModel.load(source_path, compile=False)  # the runtime's own forward on the source's weights
+        ctx = min(ctx, lm.cfg.context_length)
         moments = second_moments(lm, ids, ctx, full=rounding == "gptq", sink_weight=SINK_WEIGHT, progress=calib_progress)
-        n_calib = len(ids) // min(ctx, lm.cfg.context_length) * min(ctx, lm.cfg.context_length)
+        n_calib = len(ids) // ctx * ctx
         del lm
-    compress_gguf(gguf, out, qtype, moments, rounding, progress)
+    if mixed:
+        width = min(ctx, sensitivity_tokens)
+        windows = torch.tensor(ids[: max(1, min(len(ids), sensitivity_tokens) // width) * width]).reshape(-1, width)
+        rungs = measure_rungs(gguf, moments or {}, windows, rounding, progress, sensitivity_progress)
+        plans = write_mixed(gguf, out, rungs, budget)
+        log(plan_table(plans))
+    else:
+        compress_gguf(gguf, out, qtype, moments, rounding, progress)
     return CompressResult(out, plans, source_path.stat().st_size, out.stat().st_size, n_calib)

@@ -1,0 +1,172 @@
+"""Mixed precision under a size budget: a type per matrix, chosen to lose the least at a target size.
+
+1. The ladder (`ladder`): the types a matrix may take, the K-quants where its rows are whole 256-blocks, else
+   the 32-element formats, each smaller than the source's own bytes; the source itself is the top rung (its
+   loss is zero: the source's fp32 dequantization is the reference).
+2. Every rung quantized (`pipeline.quantize_tensor`) and its calibration loss tr(dW H dW^T) computed: the
+   layer's output error, which ranks one matrix's rungs but not matrices against each other.
+3. Sensitivity (`KLProbe`): the model's own answer to "what does lowering this tensor alone cost?" The mean
+   KL divergence, per token of calibration text, from the reference's next-token distribution to that of
+   the model with this one tensor at its lowest rung. Higher rungs are predicted from it by the ratio of
+   their calibration losses (both are quadratic in the weight error: KL to second order, the loss exactly).
+4. The choice (`choose`): the per-tensor losses summed (additive to second order when errors are small and
+   independent), minimised under the byte budget: a multiple-choice knapsack, solved by dynamic programming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from edgewise.errors import EdgewiseError
+from edgewise.gguf_io import GGUFFile, GGUFTensor, tensor_nbytes
+
+LADDER_K = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0)  # rows of whole 256-element super-blocks
+LADDER_32 = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q8_0)  # rows of whole 32-element blocks
+SENSITIVITY_TOKENS = 512  # calibration tokens the KL is measured on (one window of 512: SmolLM2-135M, ~1 s a tensor here)
+
+
+@dataclass
+class Rung:
+    """One type a tensor may take: its bytes, and what taking it costs."""
+
+    qtype: QT
+    nbytes: int
+    raw: np.ndarray | None = None  # the quantized bytes; None for the source's own (kept as they are)
+    proxy: float = 0.0  # calibration loss tr(dW H dW^T) (0 for the source)
+    kl: float = 0.0  # predicted KL (nats per token) of the model with this tensor alone at this rung
+
+    @property
+    def is_source(self) -> bool:
+        return self.raw is None
+
+
+def ladder(t: GGUFTensor) -> list[QT]:
+    """The types below the source's bytes that matrix `t` may take (none for a vector), smallest first."""
+    if len(t.shape) < 2:
+        return []
+    types = LADDER_K if t.shape[-1] % 256 == 0 else LADDER_32 if t.shape[-1] % 32 == 0 else ()
+    fits = [q for q in types if q != t.qtype and tensor_nbytes(q, t.shape) < t.nbytes]
+    return sorted(fits, key=lambda q: tensor_nbytes(q, t.shape))
+
+
+def size_range(gguf: GGUFFile) -> tuple[int, int]:
+    """(smallest, largest) tensor bytes a mixed plan can reach: every matrix at its lowest rung; the source."""
+    low = sum(tensor_nbytes(ladder(t)[0], t.shape) if ladder(t) else t.nbytes for t in gguf.tensors.values())
+    return low, sum(t.nbytes for t in gguf.tensors.values())
+
+
+def predict_kl(rungs: list[Rung], measured: float) -> None:
+    """Set each rung's KL from the lowest rung's `measured` one, scaled by the ratio of calibration losses."""
+    lowest = rungs[0]
+    for r in rungs:
+        r.kl = 0.0 if r.is_source else measured * (r.proxy / lowest.proxy if lowest.proxy > 0 else 1.0)
+
+
+RESOLUTION = 1 << 18  # budget cells of the knapsack's table: a cell is budget / RESOLUTION bytes (336 for SmolLM2)
+
+
+def choose(rungs: dict[str, list[Rung]], budget: int) -> dict[str, Rung]:
+    """A rung per tensor with total bytes <= `budget` and the least summed KL: a multiple-choice knapsack solved
+    by dynamic programming over the budget in cells of budget / `RESOLUTION` bytes (each rung's bytes rounded up
+    to whole cells, so the plan always fits), then the bytes the rounding left filled by the single upgrades
+    that save the most loss."""
+    fixed = {name: rs[0] for name, rs in rungs.items() if len(rs) == 1}
+    free = [name for name in rungs if name not in fixed]
+    room = budget - sum(r.nbytes for r in fixed.values())
+    least = sum(min(r.nbytes for r in rungs[n]) for n in free)
+    if room < least:
+        raise EdgewiseError(f"the smallest plan takes {budget - room + least} bytes; the budget is {budget}")
+    unit = max(1, -(-room // RESOLUTION))
+    cells = room // unit
+    best = np.zeros(cells + 1)  # least loss of the tensors so far within b cells
+    choice = np.zeros((len(free), cells + 1), dtype=np.int8)
+    for i, name in enumerate(free):
+        new = np.full(cells + 1, np.inf)
+        for j, r in enumerate(rungs[name]):
+            w = -(-r.nbytes // unit)
+            if w > cells:
+                continue
+            cand = np.full(cells + 1, np.inf)
+            cand[w:] = best[: cells + 1 - w] + r.kl
+            better = cand < new
+            new[better], choice[i, better] = cand[better], j
+        best = new
+    pick, b = dict(fixed), cells
+    for i in range(len(free) - 1, -1, -1):
+        r = rungs[free[i]][choice[i, b]]
+        pick[free[i]] = r
+        b -= -(-r.nbytes // unit)
+    used = sum(r.nbytes for r in pick.values())
+    while True:  # the cells' rounding left some bytes: the single upgrade that saves the most loss, while one fits
+        up = max(
+            ((pick[n].kl - r.kl, n, r) for n in free for r in rungs[n] if r.kl < pick[n].kl and used + r.nbytes - pick[n].nbytes <= budget),
+            default=None, key=lambda c: c[0],
+        )
+        if up is None:
+            return pick
+        _, name, r = up
+        used += r.nbytes - pick[name].nbytes
+        pick[name] = r
+
+
+class KLProbe:
+    """The reference model on a few calibration windows, and the KL of its output when one tensor is replaced.
+
+    The reference (the source's fp32 dequantization) runs once: the residual stream entering every block is kept
+    ([W, T, D] fp32 each) with the output distribution. A tensor of block i is then measured by rebuilding block
+    i with it and running blocks i.. from the kept stream; the token embedding (and a tied head) from the start."""
+
+    def __init__(self, gguf: GGUFFile, windows: torch.Tensor, tick: Callable[[], object] | None = None):
+        from edgewise.lm.layerwise import LayerWalk
+        from edgewise.lm.model import load_norm
+        from edgewise.lm.weights import dequantize
+
+        self.gguf, self.windows, self.tick = gguf, windows, tick
+        self.walk = LayerWalk(gguf, "fp32", tick=tick)
+        self.cfg = self.walk.cfg
+        self.head_name = "token_embd.weight" if self.cfg.tied_embeddings else "output.weight"
+        self.blocks = [self.walk.block(i) for i in range(self.walk.n_layers)]
+        self.norm = load_norm(gguf, self.cfg, "output_norm.weight")
+        self.head = dequantize(gguf.tensor(self.head_name))  # [vocab, D] fp32
+        h = self.walk.embed(windows)
+        self.streams = [h]
+        for block in self.blocks:
+            h = self.walk.run_block(block, h)
+            self.streams.append(h)
+        self.ref = self._log_probs(h, self.head)
+
+    @torch.no_grad()
+    def _log_probs(self, h: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        x = self.norm(h.reshape(-1, h.shape[-1]))
+        return torch.log_softmax(x @ head.T, dim=-1)  # [W * T, vocab]
+
+    @torch.no_grad()
+    def kl(self, tensor: GGUFTensor) -> float:
+        """Mean KL(reference || model with `tensor` in place of the tensor of its name), nats per token."""
+        from edgewise.lm.layerwise import LayerWalk
+        from edgewise.lm.model import load_block
+        from edgewise.lm.weights import dequantize
+
+        name = tensor.name
+        overlay = dataclasses.replace(self.gguf, tensors={**self.gguf.tensors, name: tensor})
+        head = dequantize(tensor) if name == self.head_name else self.head
+        if name.startswith("blk."):
+            first = int(name.split(".")[1])
+            h = self.walk.run_block(load_block(overlay, self.cfg, first, "fp32", self.walk.bits).eval(), self.streams[first])
+            first += 1
+        elif name == "token_embd.weight":
+            h, first = LayerWalk(overlay, "fp32").embed(self.windows), 0
+        elif name == self.head_name:
+            h, first = self.streams[-1], len(self.blocks)
+        else:
+            raise EdgewiseError(f"{name}: no rule to measure this tensor's sensitivity (a matrix of a block, the embedding or the head)")
+        for block in self.blocks[first:]:
+            h = self.walk.run_block(block, h)
+        logp = self._log_probs(h, head)
+        return float((self.ref.exp() * (self.ref - logp)).sum(-1).mean())
