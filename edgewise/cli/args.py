@@ -48,17 +48,20 @@ def size_in_bytes(text: str) -> int:
     return n
 
 
-def progress_bar(desc: str, unit: str | None = None):
-    """A tqdm bar fed with (done, total); `unit` "B" counts bytes (MB/s shown)."""
+def progress_bar(desc: str, unit: str | None = None, postfix: tuple[str, ...] = ()):
+    """A tqdm bar fed with (done, total, *values of `postfix`); `unit` "B" counts bytes (MB/s shown)."""
     from tqdm import tqdm
 
     bar = None
     unit = unit or ("layer" if "load" in desc else "window" if "perplexity" in desc else "step")
 
-    def update(done: int, total: int) -> None:
+    def update(done: int, total: int, *shown: float) -> None:
+        """`shown`: values for the bar's `postfix` names (a loss, ...), in order."""
         nonlocal bar
         if bar is None:
             bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", leave=False, file=sys.stderr)
+        if shown and postfix:
+            bar.set_postfix({name: f"{value:.4g}" for name, value in zip(postfix, shown)}, refresh=False)
         bar.update(done - bar.n)
         if done == total:
             bar.close()

@@ -41,17 +41,22 @@ def add_commands(sub) -> None:
         "smallest type; larger types predicted from it by their rounding error), and the types with the least summed "
         "KL that fit the size are chosen. The plan table prints each choice with its predicted KL. A size out of reach "
         "is refused with the reachable range.\n\n"
+        "--prune-ffn and --drop-layers make the model smaller first (structured pruning: a dense model that any runtime "
+        "runs faster), --distill-steps recovers some of what pruning cost (a short fine-tune against the source's "
+        "next-token distribution on --calib); then the type, size or bpw quantizes the result, calibrated on it. "
+        "Pruning alone keeps the source's types.\n\n"
         "Ends with a line `out = PATH size_mb = X bpw = Y` (the file's MB of 2^20 bytes, as --size counts them; bits "
         "per weight of the tensors' bytes).",
         epilog="examples:\n  edgewise compress smollm2-135m smol-q4_0.gguf --type Q4_0      # several minutes on 2 cores\n"
         "  edgewise compress smollm2-135m smol-84.gguf --size 84MB       # mixed precision, about 15 minutes\n"
+        "  edgewise compress smollm2-135m smol-pruned.gguf --prune-ffn 0.33 --drop-layers 6 --distill-steps 100 --type Q4_0   # ~15 min\n"
         "  edgewise compress ~/models/model.gguf small.gguf --type Q4_K --calib my_text.txt\n"
         "  edgewise eval ppl --model smol-q4_0.gguf --text austen --ctx 512 --max-tokens 8192",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", metavar="MODEL", help="an embedded model's name or a GGUF file")
     p.add_argument("out", metavar="OUT.gguf", help="the file to write (appears whole or not at all)")
-    target = p.add_mutually_exclusive_group(required=True)
+    target = p.add_mutually_exclusive_group()
     target.add_argument("--type", dest="qtype", type=quant_type, metavar="TYPE", help="one block format for every matrix: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q4_0, Q4_1, Q5_0 or Q8_0")
     target.add_argument("--size", type=size_in_bytes, metavar="SIZE", help="the output file's size, e.g. 84MB (2^20 bytes a MB): a type per matrix")
     target.add_argument("--bpw", type=positive_float, metavar="BITS", help="bits per weight of the tensors, e.g. 4.5: a type per matrix")
@@ -63,6 +68,15 @@ def add_commands(sub) -> None:
         "under the layer's calibration Hessian (GPTQ); search: each weight to its nearest grid point; plain: min-max "
         "scales, nearest points, no calibration (the baseline)",
     )
+    shape = p.add_argument_group("pruning and distillation (before quantization)")
+    shape.add_argument("--prune-ffn", type=number(float, 0.0, high=0.95), default=0.0, metavar="FRACTION",
+                       help="remove this share of every FFN's neurons, the least important by E[h^2] * |W_down column|^2 on --calib (kept: a multiple of 256 where the width allows)")
+    shape.add_argument("--drop-layers", type=number(int, 0), default=0, metavar="N",
+                       help="remove the N layers whose skipping alone changes the model's output least (KL on --calib)")
+    shape.add_argument("--distill-steps", type=number(int, 0), default=0, metavar="N",
+                       help="then train the pruned model's matrices N steps (a window of 256 tokens each) to match the source's "
+                       "next-token distribution (KL); checkpointed to OUT.gguf.distill, so a rerun resumes")
+    shape.add_argument("--distill-lr", type=positive_float, default=1e-4, help="AdamW's peak learning rate (default 1e-4)")
     p.add_argument("--sensitivity-tokens", type=number(int, 16), default=512, help="with --size/--bpw: calibration tokens each tensor's KL is measured on (default 512)")
     p.set_defaults(handler=cmd_compress)
 
@@ -71,8 +85,8 @@ def cmd_compress(args) -> int:
     from edgewise.compress.pipeline import compress
 
     calib = None if args.rounding == "plain" or args.calib.lower() == "none" else args.calib
-    if calib is None and args.qtype is None and args.calib.lower() != "none":
-        calib = args.calib  # a mixed plan measures sensitivity on calibration text even when rounding plainly
+    if calib is None and args.calib.lower() != "none" and (args.qtype is None or args.prune_ffn or args.drop_layers or args.distill_steps):
+        calib = args.calib  # mixed plans, pruning and distillation read calibration text even when rounding plainly
     result = compress(
         args.model,
         args.out,
@@ -87,6 +101,11 @@ def cmd_compress(args) -> int:
         calib_progress=progress_bar("calibrating", unit="window"),
         progress=progress_bar("quantizing", unit="weight"),
         sensitivity_progress=progress_bar("sensitivity", unit="tensor"),
+        prune_ffn=args.prune_ffn,
+        drop_layers=args.drop_layers,
+        distill_steps=args.distill_steps,
+        distill_lr=args.distill_lr,
+        distill_progress=progress_bar("distilling", unit="step", postfix=("KL",)),
     )
     print(f"{result.source_bytes / MB:.1f} MB -> {result.out_bytes / MB:.1f} MB ({result.out_bytes / result.source_bytes:.2f}x)"
           f", {args.rounding} rounding{f', calibrated on {result.calib_tokens} tokens of {calib}' if result.calib_tokens else ', no calibration'}", file=sys.stderr)

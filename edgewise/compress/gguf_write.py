@@ -25,9 +25,10 @@ def write_gguf(
     out: str | Path,
     tensors: dict[str, tuple[GGMLQuantizationType, np.ndarray]],
     metadata: dict[str, tuple[object, GGUFValueType]] | None = None,
+    order: list[str] | None = None,
 ) -> Path:
     """`source`'s metadata (updated by `metadata`: key -> (value, type)) and `tensors` (name -> (type, bytes
-    [*shape[:-1], bytes per row]), in the source's tensor order) into `out`."""
+    [*shape[:-1], bytes per row])) into `out`, in the source's tensor order (or `order`: a pruned model's names)."""
     arch = source.require("general.architecture", str)
     out = Path(out)
     with atomic_path(out) as tmp:
@@ -39,7 +40,7 @@ def write_gguf(
             writer.add_key_value(key, value, types[0], sub_type=types[-1] if types[0] == GGUFValueType.ARRAY else None)
         for key, (value, vtype) in (metadata or {}).items():
             writer.add_key_value(key, value, vtype)
-        for name in source.tensors:
+        for name in order if order is not None else source.tensors:
             qtype, data = tensors[name]
             writer.add_tensor(name, data, raw_dtype=qtype)
         writer.write_header_to_file()

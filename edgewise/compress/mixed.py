@@ -146,6 +146,17 @@ class KLProbe:
         x = self.norm(h.reshape(-1, h.shape[-1]))
         return torch.log_softmax(x @ head.T, dim=-1)  # [W * T, vocab]
 
+    def _kl_from(self, h: torch.Tensor, first: int, head: torch.Tensor) -> float:
+        for block in self.blocks[first:]:
+            h = self.walk.run_block(block, h)
+        logp = self._log_probs(h, head)
+        return float((self.ref.exp() * (self.ref - logp)).sum(-1).mean())
+
+    @torch.no_grad()
+    def kl_skipping(self, layer: int) -> float:
+        """Mean KL(reference || the model without block `layer`), nats per token (`prune`: which layers to drop)."""
+        return self._kl_from(self.streams[layer], layer + 1, self.head)
+
     @torch.no_grad()
     def kl(self, tensor: GGUFTensor) -> float:
         """Mean KL(reference || model with `tensor` in place of the tensor of its name), nats per token."""
@@ -166,7 +177,4 @@ class KLProbe:
             h, first = self.streams[-1], len(self.blocks)
         else:
             raise EdgewiseError(f"{name}: no rule to measure this tensor's sensitivity (a matrix of a block, the embedding or the head)")
-        for block in self.blocks[first:]:
-            h = self.walk.run_block(block, h)
-        logp = self._log_probs(h, head)
-        return float((self.ref.exp() * (self.ref - logp)).sum(-1).mean())
+        return self._kl_from(h, first, head)

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,8 @@ from edgewise.compress.gptq import calibration_loss, gptq_quantize
 from edgewise.compress.mixed import SENSITIVITY_TOKENS, KLProbe, Rung, choose, ladder, predict_kl, size_range
 from edgewise.compress.quantize import quantize_matrix
 from edgewise.errors import EdgewiseError
-from edgewise.gguf_io import GGUFFile, GGUFTensor, tensor_nbytes
+from edgewise.gguf_io import GGUFFile, GGUFTensor, read_gguf, tensor_nbytes
+from edgewise.lm.config import ModelConfig
 from edgewise.sizes import UNITS
 
 OUTPUT_TYPE = QT.Q6_K  # the output head's floor (llama.cpp's choice for every type below it)
@@ -260,6 +263,66 @@ def tensor_budget(gguf: GGUFFile, size: int | None = None, bpw: float | None = N
     return budget
 
 
+def ffn_keep(ffn_dim: int, fraction: float) -> int:
+    """FFN neurons kept when `fraction` of them are pruned: a multiple of 256 (the K-quants' rows) where the width
+    allows, else of 32, and at least one such block."""
+    step = 256 if ffn_dim % 256 == 0 and ffn_dim >= 512 else 32
+    return max(step, int(round(ffn_dim * (1 - fraction) / step)) * step)
+
+
+def shape_model(
+    gguf: GGUFFile,
+    ids: list[int],
+    work: Path,
+    ctx: int,
+    rounding: str,
+    prune_ffn: float = 0.0,
+    drop_layers: int = 0,
+    distill_steps: int = 0,
+    distill_lr: float = 1e-4,
+    checkpoint: Path | None = None,
+    sensitivity_tokens: int = SENSITIVITY_TOKENS,
+    log: Callable[[str], None] = lambda msg: None,
+    calib_progress: Callable[[int, int], None] | None = None,
+    distill_progress: Callable[[int, int, float], None] | None = None,
+) -> GGUFFile:
+    """The source made smaller before quantization: `prune_ffn` of every FFN's neurons and the `drop_layers` least
+    important layers pruned (`prune`), then `distill_steps` of distillation against the source (`distill`). Files
+    go to `work` (a folder the caller removes). Returns the student."""
+    from edgewise.compress.calibrate import SINK_WEIGHT, second_moments
+    from edgewise.compress.distill import distill
+    from edgewise.compress.prune import ffn_importance, parameter_count, plan_pruning, prune_gguf
+    from edgewise.lm.config import ModelConfig
+    from edgewise.lm.runtime import LanguageModel
+
+    cfg = ModelConfig.from_gguf(gguf)
+    student = gguf
+    if prune_ffn > 0 or drop_layers > 0:
+        lm = LanguageModel.load(gguf.path, compile=False)
+        moments = second_moments(lm, ids, ctx, full=rounding == "gptq", sink_weight=SINK_WEIGHT, progress=calib_progress)
+        del lm
+        drop: tuple[int, ...] = ()
+        if drop_layers:
+            width = min(ctx, sensitivity_tokens)
+            probe = KLProbe(gguf, torch.tensor(ids[: max(1, sensitivity_tokens // width) * width]).reshape(-1, width))
+            kls = [probe.kl_skipping(i) for i in range(cfg.n_layers)]
+            del probe
+            drop = tuple(sorted(int(i) for i in np.argsort(kls)[:drop_layers]))
+            log("KL when each layer alone is skipped (nats per token): " + " ".join(f"{i}:{kl:.3f}" for i, kl in enumerate(kls)))
+            log(f"dropping layers {list(drop)}")
+        keep = ffn_keep(cfg.ffn_dim, prune_ffn)
+        pruned = prune_gguf(gguf, work / "pruned.gguf", plan_pruning(ffn_importance(gguf, moments), keep, drop), moments, rounding)
+        student = read_gguf(pruned)
+        log(f"pruned: FFN {cfg.ffn_dim} -> {keep} neurons a layer, {cfg.n_layers} -> {cfg.n_layers - len(drop)} layers, "
+            f"{parameter_count(gguf) / 1e6:.1f}M -> {parameter_count(student) / 1e6:.1f}M parameters")
+    if distill_steps:
+        result = distill(gguf, student, work / "distilled.gguf", ids, distill_steps, ctx=min(ctx, 256), lr=distill_lr, checkpoint=checkpoint, progress=distill_progress)
+        log(f"distilled {result.steps} steps{f' (resumed at {result.resumed_at})' if result.resumed_at else ''}: "
+            f"KL {result.first_kl:.3f} -> {result.last_kl:.3f} nats per token (the run's first step; its last tenth)")
+        student = read_gguf(result.out)
+    return student
+
+
 def compress(
     model: str | Path | None,
     out: str | Path,
@@ -271,28 +334,46 @@ def compress(
     size: int | None = None,
     bpw: float | None = None,
     sensitivity_tokens: int = SENSITIVITY_TOKENS,
+    prune_ffn: float = 0.0,
+    drop_layers: int = 0,
+    distill_steps: int = 0,
+    distill_lr: float = 1e-4,
     log: Callable[[str], None] = lambda msg: None,
     calib_progress: Callable[[int, int], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     sensitivity_progress: Callable[[int, int], None] | None = None,
+    distill_progress: Callable[[int, int, float], None] | None = None,
 ) -> CompressResult:
     """`edgewise compress MODEL OUT --type T | --size S | --bpw B`: the model (an embedded name or a GGUF path)
     quantized to `qtype`, or to a type per matrix chosen for a file of `size` bytes or `bpw` bits per weight
     (`measure_rungs`, `write_mixed`: sensitivity measured on `sensitivity_tokens` of the calibration text), rounded by
     `rounding` (`ROUNDINGS`) under statistics from `calib_tokens` tokens of `calib` (a corpus name or a text file;
-    None: plain squared error, which "gptq" and a mixed plan cannot take)."""
+    None: plain squared error, which "gptq" and a mixed plan cannot take).
+
+    First, optionally (`shape_model`): `prune_ffn` of every FFN's neurons and `drop_layers` layers pruned, and
+    `distill_steps` of distillation against the source (checkpointed beside `out`, so a rerun resumes); the
+    quantization then calibrates on that student. Pruning alone may skip the quantization (types kept)."""
+    import shutil
+
     from edgewise.data.text import load_text
-    from edgewise.gguf_io import read_gguf
     from edgewise.lm.tokenizer import TextTokenizer
     from edgewise.models import resolve_model
 
-    if (qtype is not None) + (size is not None) + (bpw is not None) != 1:
-        raise EdgewiseError("give exactly one of --type, --size or --bpw")
+    targets = (qtype is not None) + (size is not None) + (bpw is not None)
+    shaping = prune_ffn > 0 or drop_layers > 0 or distill_steps > 0
+    if targets > 1 or (targets == 0 and not shaping):
+        raise EdgewiseError("give exactly one of --type, --size or --bpw (or only pruning: --prune-ffn, --drop-layers)")
+    if distill_steps and not targets:
+        raise EdgewiseError("distillation trains the matrices in fp32: give --type, --size or --bpw to quantize them")
+    if not 0 <= prune_ffn < 1 or drop_layers < 0 or distill_steps < 0:
+        raise EdgewiseError(f"--prune-ffn must be in [0, 1) (got {prune_ffn}); --drop-layers and --distill-steps at least 0")
+    if shaping and calib is None:
+        raise EdgewiseError("pruning and distillation need calibration text (--calib): importance and the teacher's answers come from it")
     if qtype is not None and qtype not in FORMATS:
         raise EdgewiseError(f"unknown --type {qtype.name}: edgewise compress writes {', '.join(q.name for q in FORMATS)}")
     if rounding not in ROUNDINGS:
         raise EdgewiseError(f"unknown rounding '{rounding}': choose one of {', '.join(ROUNDINGS)}")
-    mixed = qtype is None
+    mixed = size is not None or bpw is not None
     if mixed and calib is None:
         raise EdgewiseError("a plan for --size or --bpw measures each tensor's sensitivity on calibration text: give --calib")
     if rounding == "gptq" and calib is None:
@@ -306,20 +387,47 @@ def compress(
     if out.exists() and out.resolve() == source_path.resolve():
         raise EdgewiseError(f"{out}: the output would overwrite the source model; give another file name")
     gguf = read_gguf(source_path)
+    ids: list[int] = []
+    if calib is not None and (rounding != "plain" or mixed or shaping):
+        from edgewise.compress.calibrate import MIN_CALIB_TOKENS
+
+        ids = TextTokenizer.from_gguf(gguf).encode(load_text(calib)[: 16 * calib_tokens])[:calib_tokens]  # 16 chars a token is ample
+        if len(ids) < MIN_CALIB_TOKENS:
+            raise EdgewiseError(f"{calib}: {len(ids)} calibration tokens; the statistics need at least {MIN_CALIB_TOKENS} (a longer text, or --calib-tokens >= {MIN_CALIB_TOKENS})")
+    if targets and not shaping:
+        return _quantize(gguf, out, qtype, size, bpw, ids, ctx, rounding, sensitivity_tokens, log, calib_progress, progress, sensitivity_progress)
+    work = out.parent / f".tmp-{os.getpid()}-shape-{out.name}"
+    work.mkdir()
+    try:
+        student = shape_model(gguf, ids, work, min(ctx, ModelConfig.from_gguf(gguf).context_length), rounding, prune_ffn, drop_layers, distill_steps, distill_lr,
+                              out.parent / f"{out.name}.distill", sensitivity_tokens, log, calib_progress, distill_progress)
+        if targets:
+            result = _quantize(student, out, qtype, size, bpw, ids, ctx, rounding, sensitivity_tokens, log, calib_progress, progress, sensitivity_progress)
+        else:
+            os.replace(student.path, out)
+            plans = [TensorPlan(t.name, t.shape, t.qtype, t.qtype, "pruned") for t in read_gguf(out).tensors.values()]
+            result = CompressResult(out, plans, gguf.path.stat().st_size, out.stat().st_size, len(ids))
+        (out.parent / f"{out.name}.distill").unlink(missing_ok=True)
+        return dataclasses.replace(result, source_bytes=gguf.path.stat().st_size)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _quantize(gguf: GGUFFile, out: Path, qtype: QT | None, size: int | None, bpw: float | None, ids: list[int], ctx: int, rounding: str,
+              sensitivity_tokens: int, log, calib_progress, progress, sensitivity_progress) -> CompressResult:
+    """`compress`'s quantization of `gguf` (the source, or the student `shape_model` made) into `out`."""
+    mixed = qtype is None
     if mixed:
         budget = tensor_budget(gguf, size, bpw)
     else:
         plans = plan_types(gguf, qtype)
         log(plan_table(plans))
-    moments, n_calib, ids = None, 0, []
-    if calib is not None and (rounding != "plain" or mixed):
-        from edgewise.compress.calibrate import MIN_CALIB_TOKENS, SINK_WEIGHT, second_moments
+    moments, n_calib = None, 0
+    if ids:
+        from edgewise.compress.calibrate import SINK_WEIGHT, second_moments
         from edgewise.lm.runtime import LanguageModel
 
-        ids = TextTokenizer.from_gguf(gguf).encode(load_text(calib)[: 16 * calib_tokens])[:calib_tokens]  # 16 chars a token is ample
-        if len(ids) < MIN_CALIB_TOKENS:
-            raise EdgewiseError(f"{calib}: {len(ids)} calibration tokens; the statistics need at least {MIN_CALIB_TOKENS} (a longer text, or --calib-tokens >= {MIN_CALIB_TOKENS})")
-        lm = LanguageModel.load(source_path, compile=False)  # the runtime's own forward on the source's weights
+        lm = LanguageModel.load(gguf.path, compile=False)  # the runtime's own forward on the source's weights
         ctx = min(ctx, lm.cfg.context_length)
         moments = second_moments(lm, ids, ctx, full=rounding == "gptq", sink_weight=SINK_WEIGHT, progress=calib_progress)
         n_calib = len(ids) // ctx * ctx
@@ -332,4 +440,4 @@ def compress(
         log(plan_table(plans))
     else:
         compress_gguf(gguf, out, qtype, moments, rounding, progress)
-    return CompressResult(out, plans, source_path.stat().st_size, out.stat().st_size, n_calib)
+    return CompressResult(out, plans, gguf.path.stat().st_size, out.stat().st_size, n_calib)
