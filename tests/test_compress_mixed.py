@@ -71,6 +71,11 @@ def test_choose_keeps_the_budget_and_finds_the_exhaustive_optimum():
     pick = choose(rungs, budget)
     used = sum(r.nbytes for r in pick.values())
     assert used <= budget and sum(r.kl for r in pick.values()) < 300
+    # a budget of exactly the smallest rungs, whose bytes round up past the cells: still the smallest plan
+    rungs = {f"t{i}": [Rung(QT.Q4_0, 1_000_001 + 7 * i, kl=1.0), Rung(QT.Q8_0, 3_000_000)] for i in range(40)}
+    least = sum(rs[0].nbytes for rs in rungs.values())
+    pick = choose(rungs, least)
+    assert sum(r.nbytes for r in pick.values()) == least
     with pytest.raises(EdgewiseError, match="smallest plan"):
         choose({"a": [Rung(QT.Q4_0, 10), Rung(QT.Q8_0, 20)]}, 9)
 

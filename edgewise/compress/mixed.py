@@ -98,10 +98,13 @@ def choose(rungs: dict[str, list[Rung]], budget: int) -> dict[str, Rung]:
             new[better], choice[i, better] = cand[better], j
         best = new
     pick, b = dict(fixed), cells
-    for i in range(len(free) - 1, -1, -1):
-        r = rungs[free[i]][choice[i, b]]
-        pick[free[i]] = r
-        b -= -(-r.nbytes // unit)
+    if not np.isfinite(best[cells]):  # the smallest rungs fit in bytes but not once rounded up to cells: start from them
+        pick.update({n: min(rungs[n], key=lambda r: (r.nbytes, r.kl)) for n in free})
+    else:
+        for i in range(len(free) - 1, -1, -1):
+            r = rungs[free[i]][choice[i, b]]
+            pick[free[i]] = r
+            b -= -(-r.nbytes // unit)
     used = sum(r.nbytes for r in pick.values())
     while True:  # the cells' rounding left some bytes: the single upgrade that saves the most loss, while one fits
         up = max(

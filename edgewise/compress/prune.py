@@ -113,7 +113,7 @@ def prune_gguf(
                     m = (moments or {}).get(name)
                     if m is not None:
                         m = m[keep][:, keep] if m.dim() == 2 else m[keep]
-                    data = (qtype, quantize_tensor(weight, qtype, m, rounding if m is not None or rounding != "gptq" else "search"))
+                    data = (qtype, quantize_tensor(weight, qtype, m, rounding))  # without statistics: plain squared error
             else:
                 data = (t.qtype, tensor_bytes(t.raw, t.shape))
             tensors[new_name] = data
