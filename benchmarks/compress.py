@@ -1,10 +1,15 @@
-"""edgewise compress against llama.cpp's own quantizer, at equal types, on the same source and calibration text.
+"""edgewise compress against llama.cpp's own quantizer, at equal types and at equal sizes, on the same source and
+calibration text.
 
 For each --types entry (edgewise's block type, and llama.cpp's file type of the same name or its uniform "_S"
-variant), five files from the same source GGUF:
+variant), files from the same source GGUF:
 - llama.cpp: `llama-quantize --allow-requantize SRC OUT TYPE`, without and with an importance matrix from
-  `llama-imatrix` on the calibration text;
-- edgewise: `compress(..., rounding=plain|search|gptq)` on the same text (plain takes none).
+  `llama-imatrix` on the calibration text; and with the matrix and the output head (a tied embedding) lowered to
+  the type too (`--output-tensor-type`, `--token-embedding-type`: llama.cpp's smallest file of that type);
+- edgewise: `compress(..., rounding=plain|search|gptq)` on the same text (plain takes none);
+- edgewise-mixed: a type per matrix (`measure_rungs` once, then `write_mixed`), one file at the size of each
+  llama.cpp-imatrix file that a mixed plan can reach (equal size or smaller).
+Each file's decode speed on edgewise's runtime (eager, 2 threads, median of 3 runs of 48 tokens) is reported too.
 Each file's held-out perplexity is measured twice on the same text file: by edgewise's runtime (windows of --ctx,
 every position scored) and by `llama-perplexity` (its own rule: windows of --ctx, the second half of each scored),
 so each column ranks the files by one rule. The reference for every loss is the source GGUF, dequantized: the
@@ -12,11 +17,14 @@ sources are already quantized (SmolLM2-135M is Q4_1, Qwen2.5-Coder-1.5B Q4_K_M);
 
 Needs llama.cpp's tools: `scripts/build-llama-tools.sh` (about 9 minutes on 2 cores, once).
 
-    python benchmarks/compress.py                        # SmolLM2-135M: Q4_0 and Q2_K (about 15 minutes)
+    python benchmarks/compress.py                        # SmolLM2-135M: Q4_0 and Q2_K (about 40 minutes)
     python benchmarks/compress.py --model qwen2.5-coder-1.5b --types Q4_K,Q3_K   # not run yet: 9.8 GB of Hessians
 
-Writes benchmarks/results/compress[_MODEL].md and a PNG of perplexity against file size. Its last lines:
-`ratio ppl edgewise/llama.cpp-imatrix [TYPE] [MODEL] = X` per type (below 1: edgewise's file is better).
+Writes benchmarks/results/compress[_MODEL].md and a PNG of perplexity against file size (MiB). Its last lines:
+`ratio ppl edgewise/llama.cpp-imatrix [TYPE] [MODEL] = X` per type (below 1: edgewise's file is better), then
+`ratio ppl edgewise/llama.cpp-imatrix at B bpw [MODEL] = X` for B = 3.5 and 4.5: the llama.cpp-imatrix file
+nearest B bits per weight (within 0.3), against the best edgewise file of equal or smaller size; where neither
+tool can make a file that small, the line says so and why.
 """
 
 from __future__ import annotations
@@ -34,8 +42,11 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 
 from edgewise.compress.calibrate import SINK_WEIGHT, second_moments
-from edgewise.compress.pipeline import compress_gguf
+from edgewise.compress.mixed import SENSITIVITY_TOKENS, size_range
+from edgewise.compress.blocks import FORMATS
+from edgewise.compress.pipeline import FALLBACK, MB, compress, compress_gguf, measure_rungs, tensor_budget, write_mixed
 from edgewise.data.text import load_text
+from edgewise.errors import EdgewiseError
 from edgewise.files import write_text_atomic
 from edgewise.gguf_io import read_gguf
 from edgewise.lm.runtime import LanguageModel
@@ -91,6 +102,34 @@ def llama_ppl(path: Path, text_file: Path, ctx: int, log: Path) -> float:
     sys.exit(f"llama-perplexity printed no final estimate; see {log}")
 
 
+def decode_tok_s(path: Path, runs: int = 3, tokens: int = 48) -> float:
+    """Median decode tok/s on edgewise's runtime (eager: no AOT compile per file; 2 threads fixed)."""
+    lm = LanguageModel.load(path, compile=False, threads=2)
+    ids = lm.tokenizer.encode("It is a truth universally acknowledged, that a single man in possession of a good fortune")
+    speeds = []
+    for _ in range(runs):
+        for _token in lm.generate(ids, tokens, stop_at_eot=False):
+            pass
+        speeds.append(lm.last_stats.decode_tok_s)
+    return sorted(speeds)[len(speeds) // 2]
+
+
+def check_predictions(source, rungs: dict, windows: torch.Tensor, n: int = 6) -> list[tuple[str, str, float, float]]:
+    """The KL of rungs above the lowest, as predicted (lowest rung's KL times the ratio of calibration losses) and as
+    measured by the same probe, for `n` tensors spread over the model that have such rungs."""
+    from edgewise.compress.mixed import KLProbe
+    from edgewise.gguf_io import GGUFTensor
+
+    names = [name for name, rs in rungs.items() if sum(not r.is_source for r in rs) >= 2]
+    probe = KLProbe(source, windows)
+    out = []
+    for name in names[:: max(1, len(names) // n)][:n]:
+        for r in [r for r in rungs[name] if not r.is_source][1:]:
+            measured = probe.kl(GGUFTensor(name, r.qtype, source.tensors[name].shape, r.raw))
+            out.append((name, r.qtype.name, r.kl, measured))
+    return out
+
+
 def tensor_bpw(path: Path) -> float:
     """Bits per weight of the tensors' bytes (as llama.cpp counts it; the file adds metadata)."""
     g = read_gguf(path)
@@ -104,6 +143,9 @@ def main() -> int:
     ap.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (Shakespeare, the head of the text)")
     ap.add_argument("--eval-chars", type=int, default=16000, help="held-out text: the head of Austen, this many characters")
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--prune", default="0.33,6,100", metavar="FFN,LAYERS,STEPS",
+                    help="the pruned rows: share of FFN neurons removed, layers dropped, distillation steps (default 0.33,6,100; 'none' skips)")
+    ap.add_argument("--prune-type", default="Q4_0", help="the pruned model's quantization type (default Q4_0)")
     ap.add_argument("--work", default=str(ROOT / "build" / "compress-bench"), help="folder for the files (kept for reuse)")
     args = ap.parse_args()
     if not (TOOLS / "llama-quantize").exists():
@@ -124,6 +166,7 @@ def main() -> int:
         run([str(TOOLS / "llama-imatrix"), "-m", str(src), "-f", str(calib_file), "-o", str(imatrix), "-c", str(args.ctx), "--chunks", str(chunks), "-t", "2"], log)
 
     source = read_gguf(src)
+    n_weights = sum(math.prod(t.shape) for t in source.tensors.values())
     cached: dict = {}
 
     def moments():
@@ -139,7 +182,10 @@ def main() -> int:
     rows = [("source", "-", src, None)]
     for qtype in types:
         lt = LLAMA_TYPES[qtype]
-        for label, extra in (("llama.cpp", []), ("llama.cpp-imatrix", ["--imatrix", str(imatrix)])):
+        head_cols = source.tensors["output.weight" if "output.weight" in source.tensors else "token_embd.weight"].shape[-1]
+        head_type = (FALLBACK.get(qtype, qtype) if head_cols % FORMATS[qtype].block else qtype).name.lower()  # llama-quantize has no fallback here
+        low_head = ["--output-tensor-type", head_type, "--token-embedding-type", head_type]
+        for label, extra in (("llama.cpp", []), ("llama.cpp-imatrix", ["--imatrix", str(imatrix)]), ("llama.cpp-imatrix-head", ["--imatrix", str(imatrix), *low_head])):
             out = work / f"{src.stem}.{label}.{lt}.gguf"
             t0, cached_file = time.perf_counter(), out.exists()
             if not cached_file:
@@ -154,11 +200,51 @@ def main() -> int:
                 compress_gguf(source, out, qtype, stats, rounding)
             rows.append((f"edgewise-{rounding}", qtype.name, out, None if cached_file else time.perf_counter() - t0))
 
+    # mixed precision at the size of each llama.cpp-imatrix file a mixed plan reaches: one measurement, every size
+    low, high = size_range(source)
+    rungs: dict = {}
+    for label, t, path, _ in list(rows):
+        if not label.startswith("llama.cpp-imatrix"):
+            continue
+        size = path.stat().st_size
+        out = work / f"{src.stem}.edgewise-mixed.{size}.gguf"
+        try:
+            budget = tensor_budget(source, size=size)
+        except EdgewiseError as exc:
+            print(f"no mixed file at {size / MB:.2f} MiB ({label} {t}): {exc}", flush=True)
+            continue
+        t0, cached_file = time.perf_counter(), out.exists()
+        if not cached_file:
+            if not rungs:
+                lm = LanguageModel.load(src, compile=False)
+                ids = lm.tokenizer.encode(calib_file.read_text())[: args.calib_tokens]
+                windows = torch.tensor(ids[:SENSITIVITY_TOKENS]).reshape(-1, min(args.ctx, SENSITIVITY_TOKENS))
+                t1 = time.perf_counter()
+                rungs.update(measure_rungs(source, moments(), windows, "gptq"))
+                cached["mixed_seconds"] = time.perf_counter() - t1
+                cached["check"] = check_predictions(source, rungs, windows)
+            t0 = time.perf_counter()
+            write_mixed(source, out, rungs, budget)
+        rows.append(("edgewise-mixed", f"={label.removeprefix('llama.cpp-')} {t}", out, None if cached_file else time.perf_counter() - t0))
+
+    # structured pruning, without and with distillation, then quantized (the same calibration file throughout)
+    if args.prune != "none":
+        frac, drop, steps = args.prune.split(",")
+        for label, distill_steps in (("edgewise-pruned", 0), ("edgewise-pruned+distilled", int(steps))):
+            tag = f"{args.prune_type}, FFN -{float(frac):.0%}, -{drop} layers" + (f", {distill_steps} steps" if distill_steps else "")
+            out = work / f"{src.stem}.{label}.{frac}-{drop}-{distill_steps}.{args.prune_type}.gguf"
+            t0, cached_file = time.perf_counter(), out.exists()
+            if not cached_file:
+                compress(src, out, QT[args.prune_type], calib=str(calib_file), calib_tokens=args.calib_tokens, ctx=args.ctx, rounding="gptq",
+                         prune_ffn=float(frac), drop_layers=int(drop), distill_steps=distill_steps, log=lambda m: print(m, flush=True))
+            rows.append((label, tag, out, None if cached_file else time.perf_counter() - t0))
+
     results = []
     for label, t, path, secs in rows:
         (ours, ours_half), theirs = edgewise_ppl(path, eval_text, args.ctx, check=label == "source"), llama_ppl(path, eval_file, args.ctx, log)
-        results.append((label, t, path.stat().st_size / 1e6, tensor_bpw(path), ours, theirs, secs, ours_half))
-        print(f"{label:20s} {t:7s} {results[-1][2]:8.2f} MB  ppl {ours:8.3f}  llama.cpp rule: edgewise {ours_half:8.3f} llama.cpp {theirs:8.3f}", flush=True)
+        speed = decode_tok_s(path)
+        results.append((label, t, path.stat().st_size / MB, tensor_bpw(path), ours, theirs, secs, ours_half, speed))
+        print(f"{label:22s} {t:9s} {results[-1][2]:8.2f} MiB  ppl {ours:8.3f}  llama.cpp rule: edgewise {ours_half:8.3f} llama.cpp {theirs:8.3f}  decode {speed:5.1f} tok/s", flush=True)
 
     base = results[0]
     lines = [
@@ -171,25 +257,62 @@ def main() -> int:
         "`ppl edgewise`: edgewise's runtime, windows of {0}, every position scored; `half`: the same runtime by".format(args.ctx),
         "llama-perplexity's rule (the second half of each window scored); `ppl llama.cpp`: llama-perplexity itself on the same",
         "file and windows: the last two columns cross-check the runtimes. Files kept in " + str(work) + ".",
-        (f"edgewise's calibration (every layer input's Hessian, shared by its search and gptq files) took {cached['seconds']:.0f} s;"
-         if cached else "edgewise's calibration and every file were made by earlier runs of this script and reused here (no times measured);"),
+        (f"edgewise's calibration (every layer input's Hessian, shared by its search, gptq and mixed files) took {cached['seconds']:.0f} s;"
+         if "seconds" in cached else "edgewise's calibration and every file were made by earlier runs of this script and reused here (no times measured);"),
         "the seconds column is each file's quantization alone (`-`: the file was made by an earlier run and reused).",
+        (f"The mixed files' measurement (every type below the source quantized by GPTQ, each tensor's KL measured on {SENSITIVITY_TOKENS} "
+         f"calibration tokens) took {cached['mixed_seconds']:.0f} s once; their seconds are the choice and the write." if "mixed_seconds" in cached else
+         "The mixed files were made by earlier runs (the measurement time is not repeated here)."),
+        "`llama.cpp-imatrix-head`: llama.cpp with the matrix and the output head (here the tied embedding) in the type too;"
+        " `edgewise-mixed =imatrix T`: a type per matrix at the size of the llama.cpp-imatrix file of type T (equal or smaller; `=imatrix-head T`: of that file).",
+        f"A mixed plan of {src.name} reaches {8 * low / n_weights:.2f} to {8 * high / n_weights:.2f} bits per weight "
+        "(every matrix at its smallest type; the source). decode: edgewise's runtime, eager, 2 threads, median of 3 runs of 48 tokens.",
         "",
-        "| method | type | MB | bits/weight | ppl edgewise | vs source | half, edgewise | ppl llama.cpp | vs source | seconds |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | type | MiB | bits/weight | ppl edgewise | vs source | half, edgewise | ppl llama.cpp | vs source | decode tok/s | seconds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for label, t, mb, bpw, ours, theirs, secs, ours_half in results:
+    for label, t, mb, bpw, ours, theirs, secs, ours_half, speed in results:
         lines.append(
-            f"| {label} | {t} | {mb:.2f} | {bpw:.3f} | {ours:.3f} | {ours / base[4] - 1:+.1%} | {ours_half:.3f} | {theirs:.3f} | {theirs / base[5] - 1:+.1%} | {'-' if secs is None else f'{secs:.0f}'} |"
+            f"| {label} | {t} | {mb:.2f} | {bpw:.3f} | {ours:.3f} | {ours / base[4] - 1:+.1%} | {ours_half:.3f} | {theirs:.3f} | {theirs / base[5] - 1:+.1%} | {speed:.1f} | {'-' if secs is None else f'{secs:.0f}'} |"
         )
     lines.append("")
+    if cached.get("check"):
+        lines += ["Mixed precision's loss model: the KL of a tensor at a type above its smallest, predicted from the smallest type's",
+                  "measured KL by the ratio of calibration losses, against the same probe's measurement:", "",
+                  "| tensor | type | predicted KL | measured KL | ratio |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {name} | {t} | {pred:.5f} | {meas:.5f} | {pred / meas if meas else float('nan'):.2f} |" for name, t, pred, meas in cached["check"]]
+        lines.append("")
     by = {(r[0], r[1]): r for r in results}
     tail = []
     for qtype in types:
         ours, peer = by.get(("edgewise-gptq", qtype.name)), by.get(("llama.cpp-imatrix", LLAMA_TYPES[qtype]))
         best = min((by[(m, qtype.name)] for m in ("edgewise-search", "edgewise-gptq")), key=lambda r: r[4])
         tail.append(f"ratio ppl edgewise/llama.cpp-imatrix [{qtype.name}] [{args.model}] = {best[4] / peer[4]:.4f}"
-                    f" (edgewise-{best[0].split('-')[1]} {best[2]:.1f} MB, llama.cpp {peer[2]:.1f} MB; gptq {ours[4] / peer[4]:.4f})")
+                    f" (edgewise-{best[0].split('-')[1]} {best[2]:.1f} MiB, llama.cpp {peer[2]:.1f} MiB; gptq {ours[4] / peer[4]:.4f})")
+    peers = [r for r in results if r[0].startswith("llama.cpp-imatrix")]
+    ours_all = [r for r in results if r[0].startswith("edgewise-") and r[0] != "edgewise-plain"]
+    for target in (3.5, 4.5):
+        near = [r for r in peers if abs(r[3] - target) <= 0.3]
+        if not near:
+            nearest = min(peers, key=lambda r: abs(r[3] - target))
+            tail.append(f"ratio ppl edgewise/llama.cpp-imatrix at {target} bpw [{args.model}] = n/a: llama.cpp's nearest file is {nearest[3]:.2f} bpw "
+                        f"and a mixed edgewise plan reaches {8 * low / n_weights:.2f}-{8 * high / n_weights:.2f} bpw (rows that are no whole 256-blocks take no K-quant)"
+                        if target < 8 * low / n_weights else
+                        f"ratio ppl edgewise/llama.cpp-imatrix at {target} bpw [{args.model}] = n/a: llama.cpp's nearest file is {nearest[3]:.2f} bpw")
+            continue
+        peer = min(near, key=lambda r: abs(r[3] - target))
+        fits = [r for r in ours_all if r[2] <= peer[2] + 1e-9]
+        if not fits:
+            tail.append(f"ratio ppl edgewise/llama.cpp-imatrix at {target} bpw [{args.model}] = n/a: no edgewise file at or below {peer[2]:.1f} MiB")
+            continue
+        best = min(fits, key=lambda r: r[4])
+        tail.append(f"ratio ppl edgewise/llama.cpp-imatrix at {target} bpw [{args.model}] = {best[4] / peer[4]:.4f}"
+                    f" ({best[0]} {best[1]} {best[3]:.2f} bpw {best[2]:.1f} MiB vs {peer[0]} {peer[1]} {peer[3]:.2f} bpw {peer[2]:.1f} MiB)")
+    pruned = [r for r in results if r[0] == "edgewise-pruned+distilled"]
+    if pruned:
+        r = pruned[-1]
+        tail.append(f"pruned+distilled [{args.model}]: size = {r[2]:.1f} MB, ppl = {r[4]:.2f}, decode tok/s = {r[8]:.1f}"
+                    f" (source: {base[2]:.1f} MB, ppl {base[4]:.2f}, {base[8]:.1f} tok/s: {r[8] / base[8]:.2f}x the speed, ppl {r[4] / base[4] - 1:+.0%}; {r[1]})")
     lines += ["```", *tail, "```", ""]
     _plot(results, work / "compress.png", src.name)
     name = "compress" if args.model == "smollm2-135m" else f"compress_{args.model}"
@@ -208,13 +331,14 @@ def _plot(results, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, marker in (("llama.cpp", "s"), ("llama.cpp-imatrix", "D"), ("edgewise-plain", "x"), ("edgewise-search", "^"), ("edgewise-gptq", "o")):
+    for method, marker in (("llama.cpp", "s"), ("llama.cpp-imatrix", "D"), ("llama.cpp-imatrix-head", "d"), ("edgewise-plain", "x"), ("edgewise-search", "^"),
+                           ("edgewise-gptq", "o"), ("edgewise-mixed", "*"), ("edgewise-pruned", "v"), ("edgewise-pruned+distilled", "P")):
         pts = sorted((r[2], r[4], r[1]) for r in results if r[0] == method)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=method)
     src = results[0]
     ax.axhline(src[4], color="gray", linestyle=":", label="source")
-    ax.set_xlabel("file size (MB)")
+    ax.set_xlabel("file size (MiB)")
     ax.set_ylabel("held-out perplexity (edgewise runtime)")
     ax.set_title(title)
     ax.legend(fontsize=8)
