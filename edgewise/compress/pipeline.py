@@ -97,11 +97,11 @@ def plan_table(plans: list[TensorPlan]) -> str:
     lines = [f"{'tensor':28s} {'n':>4s} {'from':>6s} {'to':>6s} {'MB':>8s}{kl_head}  note"]
     for (role, src, dst, why), (n, nbytes, kl) in sorted(groups.items(), key=lambda g: (g[0][0], -g[1][1])) if mixed else groups.items():
         kl_cell = f" {kl:9.5f}" if mixed else ""
-        lines.append(f"{role:28s} {n:4d} {src:>6s} {dst:>6s} {nbytes / 1e6:8.2f}{kl_cell}  {why}")
+        lines.append(f"{role:28s} {n:4d} {src:>6s} {dst:>6s} {nbytes / MB:8.2f}{kl_cell}  {why}")
     total = sum(p.target_bytes for p in plans)
     n_weights = sum(int(np.prod(p.shape)) for p in plans)
     kl_total = f" {sum(p.kl or 0.0 for p in plans):9.5f}" if mixed else ""
-    lines.append(f"{'total':28s} {len(plans):4d} {'':6s} {'':6s} {total / 1e6:8.2f}{kl_total}  {8 * total / n_weights:.3f} bits per weight")
+    lines.append(f"{'total':28s} {len(plans):4d} {'':6s} {'':6s} {total / MB:8.2f}{kl_total}  {8 * total / n_weights:.3f} bits per weight (MB: 2^20 bytes)")
     return "\n".join(lines)
 
 
