@@ -12,9 +12,9 @@ from gguf import GGMLQuantizationType as QT
 
 from edgewise.cli import main
 from edgewise.compress.gguf_write import tensor_bytes, write_gguf
-from edgewise.compress.mixed import KLProbe, Rung, choose, ladder, predict_kl, size_range
+from edgewise.compress.mixed import KLProbe, Rung, choose, ladder, mixed_rungs, predict_kl, size_range
 from edgewise.compress import pipeline
-from edgewise.compress.pipeline import compress, file_overhead, mixed_rungs, quantize_tensor, source_weight, tensor_budget, write_mixed
+from edgewise.compress.pipeline import compress, file_overhead, quantize_tensor, source_weight, tensor_budget, write_mixed
 from edgewise.errors import EdgewiseError
 from edgewise.gguf_io import GGUFTensor, read_gguf
 from edgewise.lm.runtime import LanguageModel

@@ -55,10 +55,16 @@ def ladder(t: GGUFTensor) -> list[QT]:
     return sorted(fits, key=lambda q: tensor_nbytes(q, t.shape))
 
 
+def mixed_rungs(gguf: GGUFFile) -> dict[str, list[Rung]]:
+    """Tensor name -> its rungs (`ladder`, then the source's own bytes), not yet quantized; a vector, or a matrix
+    no type fits below its bytes, has only the source's."""
+    return {t.name: [Rung(q, tensor_nbytes(q, t.shape)) for q in ladder(t)] + [Rung(t.qtype, t.nbytes)] for t in gguf.tensors.values()}
+
+
 def size_range(gguf: GGUFFile) -> tuple[int, int]:
     """(smallest, largest) tensor bytes a mixed plan can reach: every matrix at its lowest rung; the source."""
-    low = sum(tensor_nbytes(ladder(t)[0], t.shape) if ladder(t) else t.nbytes for t in gguf.tensors.values())
-    return low, sum(t.nbytes for t in gguf.tensors.values())
+    rungs = mixed_rungs(gguf).values()
+    return sum(rs[0].nbytes for rs in rungs), sum(rs[-1].nbytes for rs in rungs)
 
 
 def predict_kl(rungs: list[Rung], measured: float) -> None:

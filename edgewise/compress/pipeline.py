@@ -27,7 +27,7 @@ from gguf import GGUFValueType, LlamaFileType, quants
 from edgewise.compress.blocks import FORMATS
 from edgewise.compress.gguf_write import tensor_bytes, write_gguf
 from edgewise.compress.gptq import calibration_loss, gptq_quantize
-from edgewise.compress.mixed import SENSITIVITY_TOKENS, KLProbe, Rung, choose, ladder, predict_kl, size_range
+from edgewise.compress.mixed import SENSITIVITY_TOKENS, KLProbe, Rung, choose, mixed_rungs, predict_kl, size_range
 from edgewise.compress.quantize import quantize_matrix
 from edgewise.errors import EdgewiseError
 from edgewise.gguf_io import GGUFFile, GGUFTensor, read_gguf, tensor_nbytes
@@ -166,12 +166,6 @@ def compress_gguf(
     return plans
 
 
-def mixed_rungs(gguf: GGUFFile) -> dict[str, list[Rung]]:
-    """Tensor name -> its rungs (`mixed.ladder`, then the source's own bytes), not yet quantized; a vector, or a
-    matrix no type fits below its bytes, has only the source's."""
-    return {t.name: [Rung(q, tensor_nbytes(q, t.shape)) for q in ladder(t)] + [Rung(t.qtype, t.nbytes)] for t in gguf.tensors.values()}
-
-
 def measure_rungs(
     gguf: GGUFFile,
     moments: dict[str, torch.Tensor],
@@ -210,10 +204,7 @@ def measure_rungs(
 def write_mixed(gguf: GGUFFile, out: str | Path, rungs: dict[str, list[Rung]], budget: int) -> list[TensorPlan]:
     """Write `gguf` into `out` with the rung per tensor that `mixed.choose` picks for `budget` bytes of tensors;
     returns the plan it followed."""
-    low = sum(rs[0].nbytes for rs in rungs.values())
-    if budget < low:
-        raise EdgewiseError(f"a budget of {budget / MB:.2f} MB of tensors is below the smallest mixed plan, {low / MB:.2f} MB")
-    pick = choose(rungs, budget)
+    pick = choose(rungs, budget)  # refuses a budget below the smallest plan
     plans, tensors, weights_of = [], {}, {}
     for name, r in pick.items():
         t = gguf.tensors[name]
