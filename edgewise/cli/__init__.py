@@ -4,6 +4,7 @@
 - `flash`: flash convert, flash probe
 - `tiny`: tiny plan, compile, train, codegen, firmware
 - `compress`: compress (a smaller GGUF)
+- `tune`: tune (a model learns its user's writing: an adapter), suggest (a keyboard's next words)
 - `args`: the argument types and progress bar they share
 
 Every user-facing failure is an `EdgewiseError`, printed as one line (`--debug` shows the traceback).
@@ -17,7 +18,7 @@ import sys
 import warnings
 
 from edgewise import __version__
-from edgewise.cli import compress, flash, lm, tiny
+from edgewise.cli import compress, flash, lm, tiny, tune
 from edgewise.errors import EdgewiseError
 
 EXAMPLES = """\
@@ -38,6 +39,8 @@ examples:
   edgewise generate --flash smollm2.flash --dram-budget 100% "Once upon a time"
   edgewise eval ppl --flash smollm2.flash --dram-budget 50% --active-fraction 0.4 --text austen --ctx 256 --max-tokens 1024
   edgewise compress smollm2-135m smol-q4_0.gguf --type Q4_0   # a smaller standard GGUF, rounded by GPTQ on calibration text
+  edgewise tune --text my-notes/ --budget 64MB --out me.adapter   # learn your writing, on the device, in 64 MB
+  edgewise suggest --adapter me.adapter "See you at the"          # a keyboard's next words
   edgewise tiny plan --width 0.35 --resolution 128 --scheme scheme.json --png memory.png
   edgewise tiny train --scheme scheme.json --train-samples 2000 --epochs 2
   edgewise tiny compile mbv2-w0.35 --resolution 128 --scheme scheme.json --budget 256KB
@@ -62,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     flash.add_commands(sub)
     tiny.add_commands(sub)
     compress.add_commands(sub)
+    tune.add_commands(sub)
     return parser
 
 

@@ -56,6 +56,7 @@ def add_model_args(p: argparse.ArgumentParser, compile_default: bool = True) -> 
         metavar="NAME|PATH.gguf",
         help=f"an embedded model ({model_names()}; default {DEFAULT_MODEL}) or a GGUF file of a llama, qwen2, qwen3 or gemma3 model",
     )
+    p.add_argument("--adapter", metavar="ADAPTER", help="apply an adapter from `edgewise tune`, trained on this --model (decodes eagerly)")
     p.add_argument(
         "--threads",
         type=positive_int,
@@ -125,6 +126,7 @@ def _load(args, compile: bool):
         log=lambda msg: print(msg, file=sys.stderr),
         wait_for_compile=getattr(args, "wait_compile", False),
         threads=args.threads,
+        adapter=args.adapter,
     )
 
 
@@ -188,6 +190,8 @@ def cmd_generate(args) -> int:
     if not args.prompt.strip():
         raise EdgewiseError("empty prompt: give some text to continue, e.g. edgewise generate \"Once upon a time\"")
     lookup = _lookup(args)
+    if args.adapter and (args.flash or args.stream_budget):
+        raise EdgewiseError("--adapter applies to a model run from RAM: drop --flash / --stream-budget")
     if args.flash and args.stream_budget:
         raise EdgewiseError("--flash (a converted store) and --stream-budget (a GGUF streamed as it is) are two engines: give one")
     if args.flash:
@@ -268,6 +272,8 @@ def cmd_eval_ppl(args) -> int:
     from edgewise.metrics.perplexity import perplexity
 
     text = load_text(args.text)
+    if args.adapter and args.flash:
+        raise EdgewiseError("--adapter applies to a model run from RAM: drop --flash")
     lm = _open_flash(args) if args.flash else _load(args, compile=False)
     if args.ctx > lm.cfg.context_length:
         raise EdgewiseError(f"--ctx {args.ctx} is longer than the model's context of {lm.cfg.context_length} tokens")

@@ -49,6 +49,38 @@ def load_text(name_or_path: str | os.PathLike[str]) -> str:
     return _read_utf8(Path(name_or_path))
 
 
+USER_TEXT_SUFFIXES = (".txt", ".md")
+
+
+def load_user_text(name_or_path: str | os.PathLike[str]) -> str:
+    """A user's writing: a corpus name, a UTF-8 file, or a folder whose `.txt` and `.md` files (recursively, in
+    sorted path order) are joined by blank lines. Binary or empty input is refused, naming the file."""
+    path = Path(name_or_path)
+    if str(name_or_path) in CORPORA or not path.is_dir():
+        text = load_text(name_or_path)
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in USER_TEXT_SUFFIXES and p.is_file())
+        if not files:
+            raise EdgewiseError(f"{path}: no {' or '.join(USER_TEXT_SUFFIXES)} files in this folder: give a text file or a folder of them")
+        text = "\n\n".join(_read_utf8(f) for f in files)
+    for f in files:
+        if f.is_file() and "\x00" in _read_utf8(f):
+            raise EdgewiseError(f"{f} holds NUL bytes: a binary file, not text; give plain UTF-8 text")
+    if not text.strip():
+        raise EdgewiseError(f"{path}: the text is empty; give the writing to learn from")
+    return text
+
+
+def split_chapters(text: str) -> list[str]:
+    """`text` cut before each line that starts a chapter ("CHAPTER 12", "Chapter XII"); one piece when none does."""
+    starts = [m.start() for m in re.finditer(r"^(?:CHAPTER|Chapter) [0-9IVXLC]+\b", text, flags=re.M)]
+    if not starts:
+        return [text]
+    bounds = [0, *starts[1:], len(text)] if starts[0] < 200 else [0, *starts, len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:]) if text[a:b].strip()]
+
+
 def _read_utf8(path: Path) -> str:
     if path.is_dir():
         raise EdgewiseError(f"{path} is a directory: give the path of a UTF-8 text file")

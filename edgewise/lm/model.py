@@ -200,6 +200,16 @@ class Llama(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], last_only: bool = False) -> torch.Tensor:
         """tokens, positions [T] int64; mask [T, L] fp32 additive; returns fp32 logits [T or 1, vocab]."""
+        h = self.hidden(tokens, positions, mask, k_caches, v_caches)
+        if last_only:
+            h = h[-1:]
+        return self.output(h.to(self.act_dtype)).float()
+
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+               run_block: Callable | None = None) -> torch.Tensor:
+        """The final norm's output [T, D] (fp32), the output layer's input. `run_block(i, block, *args)` runs block i
+        instead of `block(*args)`: training runs the blocks below its lowest trained layer without gradients, and
+        recomputes the others in the backward (`edgewise.personalize`)."""
         h = self.embedding.rows(tokens)
         if self.embedding_scale != 1.0:
             h = h * self.embedding_scale
@@ -207,14 +217,11 @@ class Llama(nn.Module):
         if self.has_local:
             rope_local = (self.rope_cos_local.index_select(0, positions), self.rope_sin_local.index_select(0, positions))
             mask_local = sliding_window_mask(mask, positions, self.cfg.sliding_window)
-        for block, k_cache, v_cache in zip(self.blocks, k_caches, v_caches):
-            if block.local:
-                h = block(h, *rope_local, positions, mask_local, k_cache, v_cache, self.act_dtype)
-            else:
-                h = block(h, *rope, positions, mask, k_cache, v_cache, self.act_dtype)
-        if last_only:
-            h = h[-1:]
-        return self.output(self.norm(h).to(self.act_dtype)).float()
+        for i, (block, k_cache, v_cache) in enumerate(zip(self.blocks, k_caches, v_caches)):
+            args = (h, *rope_local, positions, mask_local) if block.local else (h, *rope, positions, mask)
+            args = (*args, k_cache, v_cache, self.act_dtype)
+            h = block(*args) if run_block is None else run_block(i, block, *args)
+        return self.norm(h)
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache.allocate(self.cfg, capacity, cache_dtype(self.precision))

@@ -115,6 +115,7 @@ class LanguageModel:
         log: Callable[[str], None] = lambda msg: None,
         wait_for_compile: bool = False,
         threads: int | None = None,
+        adapter: str | Path | None = None,
     ) -> "LanguageModel":
         """Load a GGUF: a path, or an embedded model's name (`edgewise.models`; the default model when None).
 
@@ -123,7 +124,10 @@ class LanguageModel:
         model decodes eagerly, switching over when the step is ready (first token in seconds).
 
         `threads`: a fixed number of decode threads; by default a `ThreadGovernor` adapts them, while
-        decoding, to the cores other processes leave free."""
+        decoding, to the cores other processes leave free.
+
+        `adapter`: an adapter file of `edgewise tune`, trained on this very GGUF, applied to the decoder (which then
+        decodes eagerly: the compiled step is the base's)."""
         if precision not in PRECISIONS:
             raise EdgewiseError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
         governor = ThreadGovernor(requested=threads)  # validates `threads` before any heavy work
@@ -132,6 +136,11 @@ class LanguageModel:
         gguf = read_gguf(path)
         tokenizer = TextTokenizer.from_gguf(gguf)  # a corrupted vocabulary is refused before the weights load
         model = Llama.from_gguf(gguf, precision, progress=progress)
+        if adapter is not None:
+            from edgewise.personalize.adapter import apply_adapter
+
+            apply_adapter(model, adapter, path)
+            compile = False
         decoder, compile_s, background = None, 0.0, None
         if compile and wait_for_compile:
             decoder, compile_s = load_or_compile(model, cache_dir, log=log)
