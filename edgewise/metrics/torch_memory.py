@@ -53,7 +53,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from edgewise.errors import EdgewiseError
-from edgewise.metrics.memory import current_rss_mb
+from edgewise.metrics.memory import current_rss_mb, reset_peak_rss, rss_high_water_mb
 
 MEMORY_EVENT = "[memory]"  # the profiler's name for an allocator event (torch.autograd.profiler_util.MEMORY_EVENT_NAME)
 CPU_DEVICES = (DeviceType.CPU, DeviceType.MKLDNN, DeviceType.IDEEP)  # what torch's profiler counts as CPU memory
@@ -222,11 +222,7 @@ def profile_full_finetune(
 
 def _hwm_bytes() -> int:
     """VmHWM: this process's own peak RSS (unlike ru_maxrss, not inherited from the parent at exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return round(rss_high_water_mb() * 2**20)
 
 
 def _rss_bytes() -> int:
@@ -243,16 +239,6 @@ def _rss_parts() -> tuple[int, int]:
     return parts.get("RssAnon", 0), parts.get("RssFile", 0)
 
 
-def _reset_hwm() -> bool:
-    """Set the peak-RSS mark to the current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def rss_full_finetune(
     build_model: Callable[[], nn.Module], input_shape: tuple[int, ...], n_classes: int,
     *, steps: int = 2, lr: float = 0.01, momentum: float = 0.0, seed: int = 0,
@@ -265,7 +251,7 @@ def rss_full_finetune(
     anon_before, file_before = _rss_parts()
     peaks, resets = [], []
     for _ in range(steps):
-        resets.append(_reset_hwm())
+        resets.append(reset_peak_rss())
         train_step(model, optimizer, x, y)
         peaks.append(_hwm_bytes())
     anon_after, file_after = _rss_parts()
