@@ -11,7 +11,7 @@ base's quantized weights:
 Every term starts at zero effect, so an untrained adapter is the base. Rows and the projections' outputs are in the
 runtime's order (Q and K rows un-permuted for RoPE); `merge` maps them back to the GGUF's.
 
-The **adapter file** is safetensors: the terms' tensors (`param/...`; rows terms' indices are in the plan), AdamW's moments
+The **adapter file** is safetensors: the terms' tensors (`param/...`; rows terms' indices are in the plan), Adam's moments
 (`exp_avg/...`, `exp_avg_sq/...`), and one JSON header in the metadata (`edgewise.adapter`): the base model (name,
 bytes, sha256), the plan, the training settings and the training state (step, tokens, recent losses). It is the
 training checkpoint as well: written through a temp file and a rename, so a kill at any moment leaves the previous

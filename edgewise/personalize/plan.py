@@ -2,7 +2,7 @@
 text, and a search (the language-model twin of `edgewise tiny compile --search`).
 
 **The memory of a training step** above the inference footprint (`step_bytes`):
-- the trained state: 16 bytes per trained parameter (fp32 value, gradient, AdamW's two moments);
+- the trained state: 16 bytes per trained parameter (fp32 value, gradient, Adam's two moments);
 - activations. Gradients flow only down to the lowest trained block (the *cut*): the blocks below it run without
   autograd and keep nothing. Above it, either every block keeps what its backward needs (*kept*), or only each
   block's input is kept and the block is recomputed during the backward (*recomputed*: one block's activations
@@ -36,7 +36,7 @@ from edgewise.lm.config import ModelConfig
 from edgewise.personalize.adapter import BIASED, PROJECTIONS, Term, attach, detach, projection_slot, term_params
 from edgewise.personalize.frozen import LOGIT_CHUNK_BYTES, ROW_CHUNK_BYTES
 
-STATE_BYTES = 16  # per trained parameter: fp32 value, gradient and AdamW's two moments
+STATE_BYTES = 16  # per trained parameter: fp32 value, gradient and Adam's two moments
 MARGIN = 1.4  # the allocator's slack over the activations the model counts (measured: benchmarks/personalize.py)
 LORA_RANKS = (1, 2, 4, 8, 16, 32)
 ROW_COUNTS = (4, 16, 64, 256, 1024)

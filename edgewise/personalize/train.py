@@ -7,11 +7,11 @@
 2. The text becomes windows of `seq_len` tokens. The *inference footprint* is measured: the process's peak RSS
    once the base has loaded and run one window without gradients.
 3. The contribution analysis and the search choose what trains under `budget` (`plan.py`), and the plan is printed.
-4. AdamW trains the chosen terms on shuffled windows (`batch` windows a step, gradients summed: the batch costs no
+4. Adam (`optim.py`, no weight decay) trains the chosen terms on shuffled windows (`batch` windows a step, gradients summed: the batch costs no
    memory), a linear warm-up over the first 10% of steps and a linear decay to zero. The loss is the chunked
    cross-entropy (`frozen.chunked_nll`); blocks below the plan's cut run without autograd.
 5. Every `checkpoint_every` steps, and at the end, the adapter file is rewritten whole (`adapter.save_adapter`:
-   temp file, then rename). A rerun with the same `out` resumes from it: the same plan, step, AdamW moments and
+   temp file, then rename). A rerun with the same `out` resumes from it: the same plan, step, Adam moments and
    window order. A `kill -9` at any moment leaves the last complete adapter.
 
 Nothing trained here is quantized: terms are fp32 over the quantized base, whose scales never move, so QAS (tiny
@@ -70,7 +70,7 @@ def window_loss(model, window: list[int], cut: int, recompute: bool) -> torch.Te
 
 
 def text_windows(ids: list[int], seq_len: int) -> list[list[int]]:
-    """Non-overlapping windows of seq_len + 1 tokens (inputs and their next tokens), overlapping by one token."""
+    """Windows of seq_len + 1 tokens (seq_len inputs and their next tokens), each starting at the last one's final token."""
     return [ids[s : s + seq_len + 1] for s in range(0, len(ids) - seq_len, seq_len)]
 
 
