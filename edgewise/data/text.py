@@ -56,19 +56,25 @@ def load_user_text(name_or_path: str | os.PathLike[str]) -> str:
     """A user's writing: a corpus name, a UTF-8 file, or a folder whose `.txt` and `.md` files (recursively, in
     sorted path order) are joined by blank lines. Binary or empty input is refused, naming the file."""
     path = Path(name_or_path)
-    if str(name_or_path) in CORPORA or not path.is_dir():
+    if str(name_or_path) in CORPORA:
         text = load_text(name_or_path)
-        files = [path]
+    elif not path.is_dir():
+        text = _text_file(path)
     else:
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in USER_TEXT_SUFFIXES and p.is_file())
         if not files:
             raise EdgewiseError(f"{path}: no {' or '.join(USER_TEXT_SUFFIXES)} files in this folder: give a text file or a folder of them")
-        text = "\n\n".join(_read_utf8(f) for f in files)
-    for f in files:
-        if f.is_file() and "\x00" in _read_utf8(f):
-            raise EdgewiseError(f"{f} holds NUL bytes: a binary file, not text; give plain UTF-8 text")
+        text = "\n\n".join(_text_file(f) for f in files)
     if not text.strip():
         raise EdgewiseError(f"{path}: the text is empty; give the writing to learn from")
+    return text
+
+
+def _text_file(path: Path) -> str:
+    """A user's UTF-8 file; one holding NUL bytes is binary, refused by name."""
+    text = _read_utf8(path)
+    if "\x00" in text:
+        raise EdgewiseError(f"{path} holds NUL bytes: a binary file, not text; give plain UTF-8 text")
     return text
 
 

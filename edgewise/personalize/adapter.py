@@ -20,7 +20,6 @@ complete file. Nothing in it is pickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from torch import nn
 
 from edgewise.errors import EdgewiseError
 from edgewise.files import atomic_path
+from edgewise.flash.store import sha256_file  # the one file hash (flash stores pin their GGUF the same way)
 
 FORMAT, VERSION = "edgewise-adapter", 1
 HEADER_KEY = "edgewise.adapter"
@@ -209,14 +209,6 @@ def attach(model, terms: list[Term], rows: dict[str, list[int]] | None = None, t
 
 
 # -- the file ------------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass
 class AdapterHeader:
     base: dict  # {"name", "bytes", "sha256"}

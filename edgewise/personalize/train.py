@@ -34,7 +34,8 @@ import torch
 
 from edgewise.errors import EdgewiseError
 from edgewise.metrics.memory import current_rss_mb, peak_rss_mb, release_freed_memory, reset_peak_rss, rss_high_water_mb
-from edgewise.personalize.adapter import AdapterHeader, attach, check_base, load_adapter, save_adapter, sha256_file
+from edgewise.flash.store import sha256_file
+from edgewise.personalize.adapter import AdapterHeader, attach, check_base, load_adapter, save_adapter
 from edgewise.personalize.optim import Adam
 from edgewise.personalize.frozen import chunked_nll, freeze, recomputed
 from edgewise.personalize.plan import Plan, analyse, analysis_bytes, min_budget, search
