@@ -225,3 +225,14 @@ def test_qwen_fp32_greedy_is_token_identical(qwen_fp32, qwen_hf):
 def test_qwen_quantized_perplexity_within_half_a_percent_of_fp32(qwen_fp32, qwen_quant):
     fp32, quant = quant_vs_fp32_perplexity(qwen_fp32, qwen_quant, 2048)
     assert abs(quant / fp32 - 1) < 0.005
+
+
+def test_qwen_long_text_encodes_piecewise_to_the_same_ids(qwen_quant):
+    """Qwen2's pre-tokenizer keeps newlines after punctuation in one piece ("):\\n"); encode_long still cuts only
+    where it splits, so the ids of a long Python source equal one call's."""
+    import inspect
+    import json
+
+    source = inspect.getsource(json.decoder) + inspect.getsource(json.encoder)
+    tok = qwen_quant.tokenizer
+    assert list(tok.encode_long(source, piece_chars=499)) == tok.encode(source)

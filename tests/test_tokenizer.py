@@ -43,3 +43,14 @@ def test_chat_template_matches_transformers(lm_fp32, hf_tokenizer):
     ref = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert ours == ref
     assert ours.endswith("<|im_start|>assistant\n")
+
+
+def test_long_text_encodes_piecewise_to_the_same_ids(lm_fp32):
+    """encode_long cuts a long text at line breaks before a non-space character; the ids equal one call's, BOS
+    included, on a stretch of Austen with its blank lines, indented verse and a text with no line break at all."""
+    from edgewise.data.text import load_text
+
+    tok = lm_fp32.tokenizer
+    austen = load_text("austen")[:300_000]
+    for text in (austen, TEXT * 50, "no line break " * 10_000, "", "\n\n  \n"):
+        assert list(tok.encode_long(text, piece_chars=997)) == tok.encode(text)

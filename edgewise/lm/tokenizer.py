@@ -15,6 +15,8 @@ Two kinds, by `tokenizer.ggml.model`:
 
 from __future__ import annotations
 
+import re
+from array import array
 from collections.abc import Iterable, Iterator
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -22,6 +24,8 @@ from tokenizers.decoders import DecodeStream
 
 from edgewise.errors import EdgewiseError
 from edgewise.gguf_io import GGUFFile
+
+_PIECE_END = re.compile(r"(?<=\S)\n(?=\S)")  # where encode_long may end a piece: a lone line break between non-space characters
 
 _GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _LLAMA3_SPLIT = (
@@ -177,6 +181,25 @@ class TextTokenizer:
         ids = self.backend.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
+        return ids
+
+    def encode_long(self, text: str, piece_chars: int = 1 << 16) -> array:
+        """The ids of a long text (a user's files, a corpus) as an int32 array, encoded a piece at a time. One call
+        on megabytes of text leaves the tokenizer's freed buffers resident (3.6 MB of Austen: +264 MB RSS that
+        training would then count as inference footprint), and a list costs 36 bytes a token against 4 here.
+        Pieces end after a lone line break between non-space characters: both byte-level pre-tokenizers (GPT-2's,
+        Qwen2's) end a piece there anyway, while a run of whitespace at a piece's end would split otherwise than in the
+        whole text. So the ids equal one call's (tests/test_tokenizer.py, test_embedded_models.py). A SentencePiece
+        tokenizer sees the text whole: it may prefix each call with "▁" and does not split at line breaks."""
+        if not isinstance(self.backend.decoder, decoders.ByteLevel):
+            return array("i", self.encode(text))
+        ids = array("i", self.encode(text[:0]))  # the BOS, if the model adds one
+        start = 0
+        while start < len(text):
+            cut = _PIECE_END.search(text, start + piece_chars)
+            end = cut.end() if cut else len(text)
+            ids.extend(self.backend.encode(text[start:end], add_special_tokens=False).ids)
+            start = end
         return ids
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:

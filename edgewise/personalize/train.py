@@ -22,7 +22,6 @@ and requantizes, at a measured perplexity cost.
 from __future__ import annotations
 
 import hashlib
-from array import array
 import math
 import random
 import time
@@ -141,7 +140,7 @@ def tune(
         raise EdgewiseError(f"--budget {budget / 2**20:.1f} MB is below the smallest plan (the final norm alone, {shortest}-token windows):"
                             f" the smallest feasible budget is {math.ceil(min_budget(cfg, shortest) / 2**20)} MB")
     tokenizer = TextTokenizer.from_gguf(gguf)
-    ids = array("i", tokenizer.encode(text))  # 4 bytes a token, not a Python int's 36
+    ids = tokenizer.encode_long(text)
     text_sha = hashlib.sha256(text.encode()).hexdigest()
     if resumed is not None:
         header, tensors = resumed
