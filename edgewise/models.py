@@ -128,6 +128,21 @@ def _part_path(model: EmbeddedModel, part: Part, index: int) -> Path:
     return path
 
 
+def model_sha256(path: Path) -> str:
+    """A GGUF's sha256: the one its sidecar `<file>.json` records where `assemble` wrote it and the file's size and
+    modification time still match (an embedded model: no 1.1 GB read on every load), else hashed from its bytes."""
+    from edgewise.flash.store import sha256_file
+
+    record = path.with_name(path.name + ".json")
+    try:
+        seen, st = json.loads(record.read_text()), path.stat()
+        if isinstance(seen, dict) and seen.get("size") == st.st_size and seen.get("mtime_ns") == st.st_mtime_ns and isinstance(seen.get("sha256"), str):
+            return seen["sha256"]
+    except (OSError, ValueError):
+        pass
+    return sha256_file(path)
+
+
 def assemble(model: EmbeddedModel, dest_dir: Path | None = None, progress: Callable[[int, int], None] | None = None) -> Path:
     """The model's GGUF, assembled from its parts once (checked part by part) into `dest_dir`.
 

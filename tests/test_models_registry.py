@@ -4,6 +4,7 @@ size and sha256 checked and named when wrong, the whole written atomically, and 
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -43,6 +44,24 @@ def test_assembles_once_and_reuses(tmp_path, monkeypatch, payloads):
     # reused without re-reading the parts (they may even be gone)
     monkeypatch.setattr(models, "packaged_file", lambda package, relative: None)
     assert models.assemble(model, dest) == path
+
+
+def test_model_sha256_reads_the_record_only_while_the_file_is_unchanged(tmp_path, monkeypatch, payloads):
+    """An assembled model's sha256 comes from its record (no 1.1 GB read per adapter load); a file changed since, or one
+    without a record, is hashed."""
+    model = _fake_model(tmp_path, monkeypatch, payloads)
+    path = models.assemble(model, tmp_path / "cache")
+    assert models.model_sha256(path) == model.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    record = path.with_name(path.name + ".json")
+    record.write_text(record.read_text().replace(model.sha256, "0" * 64))  # a record that lies is believed while size and mtime match
+    assert models.model_sha256(path) == "0" * 64
+    st = path.stat()
+    path.write_bytes(path.read_bytes()[:-1] + b"x")  # changed: size equal, mtime not (set apart: timestamps may be coarse)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert models.model_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    loose = tmp_path / "loose.gguf"
+    loose.write_bytes(b"abc")
+    assert models.model_sha256(loose) == hashlib.sha256(b"abc").hexdigest()
 
 
 def test_truncated_part_is_named(tmp_path, monkeypatch, payloads):

@@ -31,7 +31,7 @@ from torch import nn
 
 from edgewise.errors import EdgewiseError
 from edgewise.files import atomic_path
-from edgewise.flash.store import sha256_file  # the one file hash (flash stores pin their GGUF the same way)
+from edgewise.models import model_sha256
 
 FORMAT, VERSION = "edgewise-adapter", 1
 HEADER_KEY = "edgewise.adapter"
@@ -277,7 +277,7 @@ def apply_adapter(model, adapter: str | Path, base_path: Path) -> AdapterHeader:
     """Attach the trained terms of the adapter file to `model` (built from the GGUF at `base_path`), in place, after
     checking it was trained on that very file (sha256)."""
     header, tensors = load_adapter(adapter)
-    check_base(header, Path(adapter), base_path, sha256_file(base_path))
+    check_base(header, Path(adapter), base_path, model_sha256(base_path))
     from edgewise.personalize.plan import Plan
 
     plan = Plan.from_json(header.plan)

@@ -38,15 +38,14 @@ def merge(adapter: str | Path, out: str | Path, model: str | Path | None = None,
     from edgewise.gguf_io import read_gguf
     from edgewise.lm.config import ModelConfig
     from edgewise.lm.weights import rope_row_order
-    from edgewise.models import resolve_model
-    from edgewise.flash.store import sha256_file
+    from edgewise.models import model_sha256, resolve_model
     from edgewise.personalize.adapter import LORA_SCALE, check_base, load_adapter
     from edgewise.personalize.plan import Plan
 
     adapter, out = Path(adapter), Path(out)
     header, tensors = load_adapter(adapter)
     path = resolve_model(model)
-    check_base(header, adapter, path, sha256_file(path))
+    check_base(header, adapter, path, model_sha256(path))
     if out.resolve() == path.resolve():
         raise EdgewiseError(f"{out} is the base model itself: give another output path")
     gguf = read_gguf(path)
