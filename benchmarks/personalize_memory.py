@@ -5,8 +5,9 @@
 `edgewise.personalize.plan` predicts a training step's bytes above the inference footprint (the trained state at 16
 bytes a parameter, the activations by cut, window length and kept/recomputed, the chunked cross-entropy, and two
 measured constants). This script measures what `tune` really adds: for each configuration a plan is made by hand
-(norm gains only, or LoRA or rows on every projection of the blocks that take gradients), `tune` trains it on
-Austen for --steps steps in a fresh process, and the process's peak RSS above its inference footprint is compared
+(norm gains only, or LoRA or rows on every projection of the blocks that take gradients), `tune` runs its
+contribution analysis and search as for a budget of the plan's size (their result dropped), trains the hand-made plan
+on Austen for --steps steps in a fresh process, and the process's peak RSS above its inference footprint is compared
 with the model's total. The model must stay above every measurement (it decides what fits a budget) and close to
 it (what it over-counts is budget a plan cannot use). Writes benchmarks/results/personalize-memory.md.
 """
@@ -44,14 +45,14 @@ CONFIGS = [
 def worker(args) -> dict:
     from edgewise.personalize.adapter import PROJECTIONS, Term, term_params
     from edgewise.personalize.plan import STATE_BYTES, Plan, fixed_bytes
-    from edgewise.personalize.train import tune
+    from edgewise.personalize.train import _plan, tune
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from personalize import user_texts
 
     T, cut, recompute, kind, size = json.loads(args.worker_config)
 
-    def hand_made(net, seq_len):
+    def hand_made(net, frozen, windows, seq_len):
         cfg = net.cfg
         terms = [Term("norm", "output_norm")]
         for i in range(cut, cfg.n_layers):
@@ -60,7 +61,11 @@ def worker(args) -> dict:
         terms = [Term(t.kind, t.target, t.size, term_params(t, net)) for t in terms]
         rows = {t.name: list(range(t.size)) for t in terms if t.kind == "rows"}
         state = sum(t.params for t in terms) * STATE_BYTES
-        return Plan(terms, seq_len, cut, recompute, 1 << 40, state, fixed_bytes(cfg, seq_len, cut, recompute), 0.0, rows)
+        made = Plan(terms, seq_len, cut, recompute, 1 << 40, state, fixed_bytes(cfg, seq_len, cut, recompute), 0.0, rows)
+        # what tune runs before training, for a budget of this plan's size: the contribution analysis (shortened to
+        # fit that budget, as tune would) and the search; their result is dropped, what they leave resident is not
+        _plan(net, frozen, windows, made.total_bytes, seq_len, 0, lambda msg: None, None)
+        return made
 
     train, _ = user_texts()
     out = WORK / "memory-calibration.adapter"

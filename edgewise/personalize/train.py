@@ -33,7 +33,6 @@ import torch
 
 from edgewise.errors import EdgewiseError
 from edgewise.metrics.memory import current_rss_mb, peak_rss_mb, release_freed_memory, reset_peak_rss, rss_high_water_mb
-from edgewise.flash.store import sha256_file
 from edgewise.personalize.adapter import AdapterHeader, attach, check_base, load_adapter, save_adapter
 from edgewise.personalize.optim import Adam
 from edgewise.personalize.frozen import chunked_nll, freeze, recomputed
@@ -115,13 +114,13 @@ def tune(
 ) -> TuneResult:
     """Fine-tune `model` (an embedded model's name or a GGUF; default SmolLM2-135M) on `text` into the adapter `out`
     within `budget` bytes above the inference footprint (see the module). `progress(step, steps, loss, tok_s, peak_mb)`.
-    `plan(model, seq_len)`, when given, makes the plan instead of the analysis and search (the memory model's
-    calibration trains hand-made plans: benchmarks/personalize_memory.py)."""
+    `plan(model, frozen, windows, seq_len)`, when given, makes the plan instead of `_plan`'s analysis and search (the
+    memory model's calibration trains hand-made plans: benchmarks/personalize_memory.py)."""
     from edgewise.gguf_io import read_gguf
     from edgewise.lm.config import ModelConfig
     from edgewise.lm.model import Llama
     from edgewise.lm.tokenizer import TextTokenizer
-    from edgewise.models import resolve_model
+    from edgewise.models import model_sha256, resolve_model
 
     for name, value, low in (("steps", steps, 1), ("seq_len", seq_len, 8), ("batch", batch, 1), ("checkpoint_every", checkpoint_every, 1)):
         if value < low:
@@ -131,7 +130,7 @@ def tune(
     release_freed_memory()
     out = Path(out)
     path = resolve_model(model)
-    base = {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    base = {"name": path.name, "bytes": path.stat().st_size, "sha256": model_sha256(path)}
     resumed = None
     if out.exists():
         resumed = load_adapter(out)
@@ -165,7 +164,7 @@ def tune(
     inference_mb = current_rss_mb() if reset_peak_rss() else peak_rss_mb()
 
     if resumed is None:
-        plan = plan(net, seq_len) if plan is not None else _plan(net, frozen, windows, budget, seq_len, seed, log, analysis_progress)
+        plan = plan(net, frozen, windows, seq_len) if plan is not None else _plan(net, frozen, windows, budget, seq_len, seed, log, analysis_progress)
         seq_len = plan.seq_len
         windows = text_windows(ids, seq_len)
         params = attach(net, plan.terms, rows=plan.rows, seed=seed)
