@@ -70,7 +70,7 @@ def worker(args) -> dict:
     train, _ = user_texts()
     out = WORK / "memory-calibration.adapter"
     out.unlink(missing_ok=True)
-    r = tune(train, out, 1 << 40, steps=args.steps, seq_len=T, checkpoint_every=args.steps, plan=hand_made)
+    r = tune(train, out, 1 << 40, steps=args.steps, seq_len=T, checkpoint_every=args.steps, make_plan=hand_made)
     out.unlink(missing_ok=True)
     return {"params": r.plan.params, "state_mb": r.plan.state_bytes / 2**20, "fixed_mb": r.plan.fixed_bytes / 2**20,
             "model_mb": r.plan.total_bytes / 2**20, "measured_mb": r.training_mb, "inference_mb": r.inference_mb}

@@ -13,8 +13,8 @@ text, and a search (the language-model twin of `edgewise tiny compile --search`)
 `benchmarks/personalize_memory.py` runs hand-made plans across cuts, window lengths, kept and recomputed
 activations and trained-state sizes, each through tune's own path in a fresh process (the contribution analysis
 included: it leaves a few MB resident), and prints this model's bytes against the measured peak RSS above the
-inference footprint. The 16 bytes per trained parameter hold; the activation formula over-counts what torch keeps by
-about an eighth; the fixed constant is set so that the model stays above every measurement (see its results file).
+inference footprint. The 16 bytes per trained parameter hold; the activation formula counts slightly more than torch
+keeps; the fixed constant is set so that the model stays above every measurement (see its results file).
 
 **The contribution analysis** runs the user's text through the whole model once per window with gradients reaching
 every block, and measures, for every candidate term, the squared norm of the loss gradient projected onto what the
@@ -51,7 +51,7 @@ MAX_RANK = max(LORA_RANKS)
 def block_activation_bytes(cfg: ModelConfig, T: int) -> int:
     """What one block keeps for its backward on T tokens (fp32): what its norms, RoPE and gated activation save (the
     frozen matrices save nothing), and the attention's scores and probabilities [heads, T, T]. Measured on SmolLM2
-    at 128 tokens: 4.6 MB a block, against 5.2 MB here (benchmarks/personalize_memory.py)."""
+    at 128 tokens: about 5.0 MB a block (the kept rows of benchmarks/results/personalize-memory.md), 5.2 MB here."""
     qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
     per_token = 2 * cfg.dim + qkv + 3 * cfg.ffn_dim
     return 4 * (T * per_token + 3 * cfg.n_heads * T * T)

@@ -110,11 +110,11 @@ def tune(
     log: Callable[[str], None] = lambda msg: None,
     progress: Callable[..., None] | None = None,
     analysis_progress: Callable[[int, int], None] | None = None,
-    plan: Callable[..., Plan] | None = None,
+    make_plan: Callable[..., Plan] | None = None,
 ) -> TuneResult:
     """Fine-tune `model` (an embedded model's name or a GGUF; default SmolLM2-135M) on `text` into the adapter `out`
     within `budget` bytes above the inference footprint (see the module). `progress(step, steps, loss, tok_s, peak_mb)`.
-    `plan(model, frozen, windows, seq_len)`, when given, makes the plan instead of `_plan`'s analysis and search (the
+    `make_plan(model, frozen, windows, seq_len)`, when given, makes the plan instead of `_plan`'s analysis and search (the
     memory model's calibration trains hand-made plans: benchmarks/personalize_memory.py)."""
     from edgewise.gguf_io import read_gguf
     from edgewise.lm.config import ModelConfig
@@ -164,7 +164,7 @@ def tune(
     inference_mb = current_rss_mb() if reset_peak_rss() else peak_rss_mb()
 
     if resumed is None:
-        plan = plan(net, frozen, windows, seq_len) if plan is not None else _plan(net, frozen, windows, budget, seq_len, seed, log, analysis_progress)
+        plan = make_plan(net, frozen, windows, seq_len) if make_plan is not None else _plan(net, frozen, windows, budget, seq_len, seed, log, analysis_progress)
         seq_len = plan.seq_len
         windows = text_windows(ids, seq_len)
         params = attach(net, plan.terms, rows=plan.rows, seed=seed)
