@@ -6,7 +6,7 @@
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
+VERSION=${LLAMA_CPP_PYTHON_VERSION:-$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml | cut -d= -f3)}  # the bench extra's pin
 root=build/llama-tools
 bin=$root/bin
 tools=(llama-quantize llama-imatrix llama-perplexity)

@@ -55,7 +55,7 @@ fi
 rm -f .venv/.edgewise-llama-cpp-*.pending
 if [ -n "$llama_stamp" ] && [ ! -f "$llama_stamp" ]; then
   echo "[setup] rebuilding llama-cpp-python with: $llama_args (~6 min)"
-  CMAKE_ARGS="$llama_args" "${pip[@]}" --force-reinstall --no-deps --no-cache-dir "llama-cpp-python==0.3.36"
+  CMAKE_ARGS="$llama_args" "${pip[@]}" --force-reinstall --no-deps --no-cache-dir "$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)"
   touch "$llama_stamp"
 fi
 if [ -n "$models" ] && { [ ! -f .venv/.edgewise-models ] || [ scripts/setup.sh -nt .venv/.edgewise-models ]; }; then
