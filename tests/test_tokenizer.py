@@ -46,7 +46,7 @@ def test_chat_template_matches_transformers(lm_fp32, hf_tokenizer):
 
 
 def test_long_text_encodes_piecewise_to_the_same_ids(lm_fp32):
-    """encode_long cuts a long text at line breaks before a non-space character; the ids equal one call's, BOS
+    """encode_long cuts a long text at lone line breaks between non-space characters; the ids equal one call's, BOS
     included, on a stretch of Austen with its blank lines, indented verse and a text with no line break at all."""
     from edgewise.data.text import load_text
 
