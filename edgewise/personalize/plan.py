@@ -189,7 +189,7 @@ class Plan:
     recompute: bool
     budget: int  # bytes
     state_bytes: int  # trained state
-    fixed_bytes: int  # activations, logits, workspace (with the margin)
+    fixed_bytes: int  # activations, logits, K/V cache, workspace and the measured constants (fixed_bytes())
     gain: float
     rows: dict[str, list[int]]  # rows term name -> the row indices it trains (in the projection's runtime order)
 
