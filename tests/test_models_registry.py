@@ -59,6 +59,8 @@ def test_model_sha256_reads_the_record_only_while_the_file_is_unchanged(tmp_path
     path.write_bytes(path.read_bytes()[:-1] + b"x")  # changed: size equal, mtime not (set apart: timestamps may be coarse)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert models.model_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    record.write_text("{not json")  # a damaged record is no record: the file is hashed
+    assert models.model_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
     loose = tmp_path / "loose.gguf"
     loose.write_bytes(b"abc")
     assert models.model_sha256(loose) == hashlib.sha256(b"abc").hexdigest()
