@@ -44,7 +44,7 @@ CONFIGS = [
 
 def worker(args) -> dict:
     from edgewise.personalize.adapter import PROJECTIONS, Term, term_params
-    from edgewise.personalize.plan import STATE_BYTES, Plan, fixed_bytes
+    from edgewise.personalize.plan import Plan, fixed_bytes, state_bytes
     from edgewise.personalize.train import _plan, tune
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -60,11 +60,11 @@ def worker(args) -> dict:
             terms += [Term(kind, f"blk.{i}.{p}", size) for p in PROJECTIONS if kind != "norm"]
         terms = [Term(t.kind, t.target, t.size, term_params(t, net)) for t in terms]
         rows = {t.name: list(range(t.size)) for t in terms if t.kind == "rows"}
-        state = sum(t.params for t in terms) * STATE_BYTES
+        state = state_bytes([t.params for t in terms], 1)
         made = Plan(terms, seq_len, cut, recompute, 1 << 40, state, fixed_bytes(cfg, seq_len, cut, recompute), 0.0, rows)
         # what tune runs before training, for a budget of this plan's size: the contribution analysis (shortened to
         # fit that budget, as tune would) and the search; their result is dropped, what they leave resident is not
-        _plan(net, frozen, windows, made.total_bytes, seq_len, 0, lambda msg: None, None)
+        _plan(net, frozen, windows, made.total_bytes, seq_len, 1, 0, lambda msg: None, None)
         return made
 
     train, _ = user_texts()

@@ -137,16 +137,57 @@ def test_own_adam_matches_torch():
     for _ in range(5):
         g = torch.randn(5, 3, generator=gen)
         a.grad, b.grad = g.clone(), g.clone()
+        mine.begin_step()
         mine.step()
         ref.step()
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_adam_inside_the_backward_equals_adam_after_it(monkeypatch, tmp_path, recompute):
+    """tune's default (one window a step) applies each gradient inside the backward and drops it: the adapter after 3
+    steps is bit-identical to stepping after the backward, on a plan with norms, LoRA and rows, blocks recomputed or
+    kept (a tensor changed before a node that saved it ran would make autograd refuse, or change the numbers)."""
+    from edgewise.personalize import optim, train
+    from edgewise.personalize.adapter import Term, term_params
+    from edgewise.personalize.adapter import load_adapter
+    from edgewise.personalize.plan import Plan
+
+    def hand_made(net, frozen, windows, seq_len):
+        terms = [Term("norm", "output_norm")] + [Term("norm", f"blk.{i}.{n}") for i in (28, 29) for n in ("attn_norm", "ffn_norm")]
+        terms += [Term("lora", "blk.28.attn_q", 4), Term("lora", "blk.29.ffn_down", 2), Term("rows", "blk.29.ffn_up", 8), Term("rows", "blk.28.attn_v", 4)]
+        terms = [Term(t.kind, t.target, t.size, term_params(t, net)) for t in terms]
+        return Plan(terms, seq_len, 28, recompute, 1 << 30, 0, 0, 0.0, {t.name: list(range(1, 2 * t.size, 2)) for t in terms if t.kind == "rows"})
+
+    held = []  # in the fused run: whether any gradient was still held when the step came
+
+    class Fused(optim.Adam):
+        def step(self):
+            held.append(any(p.grad is not None for p in self.params.values()))
+            super().step()
+
+    class After(optim.Adam):
+        def __init__(self, params, lr, in_backward=False):
+            super().__init__(params, lr, in_backward=False)
+
+    monkeypatch.setattr(train, "Adam", Fused)
+    fused = _tune(tmp_path, "fused.adapter", make_plan=hand_made)
+    monkeypatch.setattr(train, "Adam", After)
+    after = _tune(tmp_path, "after.adapter", make_plan=hand_made)
+    assert held == [False, False, False]
+    a, b = load_adapter(fused.out)[1], load_adapter(after.out)[1]
+    assert a.keys() == b.keys() and len(a) == 3 * 11  # value and two moments of 5 norms, 2 LoRA (A and B), 2 row slices
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for name in ("blk.28.attn_q.lora4.B", "blk.29.ffn_down.lora2.B"):  # zero at the start: trained, they moved
+        assert a[f"param/{name}"].abs().max() > 0, name
 
 
 # -- the plan -------------------------------------------------------------------------------------------
 def test_plan_respects_budget_and_states_the_smallest(smol):
     from edgewise.lm.tokenizer import TextTokenizer
     from edgewise.personalize.frozen import freeze
-    from edgewise.personalize.plan import STATE_BYTES, analyse, fixed_bytes, min_budget, search
+    from edgewise.personalize.plan import analyse, fixed_bytes, min_budget, search, state_bytes
     from edgewise.personalize.train import window_loss
 
     model = _model(smol[1])
@@ -158,7 +199,7 @@ def test_plan_respects_budget_and_states_the_smallest(smol):
     for mb in (16, 32, 64, 256):
         plan = search(model, c, mb << 20, 64)
         assert plan.total_bytes <= mb << 20
-        assert plan.state_bytes == sum(t.params for t in plan.terms) * STATE_BYTES
+        assert plan.state_bytes == state_bytes([t.params for t in plan.terms], 1)
         assert plan.fixed_bytes == fixed_bytes(model.cfg, 64, plan.cut, plan.recompute)
         assert all(t.layer is None or t.layer >= plan.cut for t in plan.terms)
         assert plan.gain >= previous  # more memory never buys less

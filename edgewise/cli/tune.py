@@ -33,7 +33,7 @@ def add_commands(sub) -> None:
     tune.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default 200)")
     tune.add_argument("--minutes", type=positive_float, default=None, help="stop (and checkpoint) after this many minutes; a rerun resumes")
     tune.add_argument("--seq-len", type=number(int, 8), default=256, help="tokens per window (default 256; the search may halve it to fit a better plan)")
-    tune.add_argument("--batch", type=positive_int, default=1, help="windows per step, gradients summed: costs time, not memory (default 1)")
+    tune.add_argument("--batch", type=positive_int, default=1, help="windows per step, gradients summed over them: costs time, and 4 bytes per trained parameter (with 1, each gradient is applied inside the backward and dropped) (default 1)")
     tune.add_argument("--lr", type=positive_float, default=1e-3, help="Adam's learning rate, after a warm-up over 10%% of steps, decaying linearly (default 1e-3)")
     tune.add_argument("--checkpoint-every", type=positive_int, default=10, metavar="N", help="rewrite the adapter every N steps (default 10)")
     tune.add_argument("--seed", type=number(int, 0), default=0, help="window order and LoRA initialization (default 0)")

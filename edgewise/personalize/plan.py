@@ -2,7 +2,10 @@
 text, and a search (the language-model twin of `edgewise tiny compile --search`).
 
 **The memory of a training step** above the inference footprint (`step_bytes`):
-- the trained state: 16 bytes per trained parameter (fp32 value, gradient, Adam's two moments);
+- the trained state (`state_bytes`): 12 bytes per trained parameter (fp32 value, Adam's two moments) and the
+  gradient of the largest term while it is applied: with one window a step, Adam steps inside the backward and
+  drops each gradient as soon as it is applied (`optim.py`). With several windows a step, every gradient is held
+  until the step: 16 bytes per parameter;
 - activations. Gradients flow only down to the lowest trained block (the *cut*): the blocks below it run without
   autograd and keep nothing. Above it, either every block keeps what its backward needs (*kept*), or only each
   block's input is kept and the block is recomputed during the backward (*recomputed*: one block's activations
@@ -13,7 +16,7 @@ text, and a search (the language-model twin of `edgewise tiny compile --search`)
 `benchmarks/personalize_memory.py` runs hand-made plans across cuts, window lengths, kept and recomputed
 activations and trained-state sizes, each through tune's own path in a fresh process (the contribution analysis
 included: it leaves a few MB resident), and prints this model's bytes against the measured peak RSS above the
-inference footprint. The 16 bytes per trained parameter hold; the activation formula counts slightly more than torch
+inference footprint. The bytes per trained parameter hold; the activation formula counts slightly more than torch
 keeps; the fixed constant is set so that the model stays above every measurement (see its results file).
 
 **The contribution analysis** runs the user's text through the whole model once per window with gradients reaching
@@ -42,10 +45,22 @@ from edgewise.lm.config import ModelConfig
 from edgewise.personalize.adapter import BIASED, PROJECTIONS, Term, attach, detach, projection_slot, term_params
 from edgewise.personalize.frozen import LOGIT_CHUNK_BYTES, ROW_CHUNK_BYTES
 
-STATE_BYTES = 16  # per trained parameter: fp32 value, gradient and Adam's two moments
+PARAM_BYTES = 12  # per trained parameter: its fp32 value and Adam's two moments
+GRAD_BYTES = 4  # its fp32 gradient
 LORA_RANKS = (1, 2, 4, 8, 16, 32)
 ROW_COUNTS = (4, 16, 64, 256, 1024)
 MAX_RANK = max(LORA_RANKS)
+
+
+def bytes_per_param(batch: int) -> int:
+    """A trained parameter's bytes: with one window a step, its gradient is applied and dropped inside the backward."""
+    return PARAM_BYTES if batch == 1 else PARAM_BYTES + GRAD_BYTES
+
+
+def state_bytes(term_sizes: list[int], batch: int) -> int:
+    """The trained state of terms of these parameter counts (see the module)."""
+    held = GRAD_BYTES * max(term_sizes, default=0) if batch == 1 else 0  # one term's gradient while it is applied
+    return sum(term_sizes) * bytes_per_param(batch) + held
 
 
 def block_activation_bytes(cfg: ModelConfig, T: int) -> int:
@@ -192,6 +207,7 @@ class Plan:
     fixed_bytes: int  # activations, logits, K/V cache, workspace and the measured constants (fixed_bytes())
     gain: float
     rows: dict[str, list[int]]  # rows term name -> the row indices it trains (in the projection's runtime order)
+    batch: int = 1  # windows a step (state_bytes)
 
     @property
     def params(self) -> int:
@@ -220,7 +236,7 @@ class Plan:
             ts = by_layer[layer]
             cell = lambda kind: ", ".join(t.target.split(".")[-1] + (f" r{t.size}" if kind == "lora" else f" x{t.size}" if kind == "rows" else "") for t in ts if t.kind == kind) or "-"  # noqa: E731
             n = sum(t.params for t in ts)
-            lines.append(f"| {'final' if layer is None else layer} | {cell('norm')} | {cell('bias')} | {cell('lora')} | {cell('rows')} | {n:,} | {n * STATE_BYTES / 2**20:.2f} |")
+            lines.append(f"| {'final' if layer is None else layer} | {cell('norm')} | {cell('bias')} | {cell('lora')} | {cell('rows')} | {n:,} | {n * bytes_per_param(self.batch) / 2**20:.2f} |")
         mb = lambda b: f"{b / 2**20:.1f} MB"  # noqa: E731
         lines.append(
             f"trains {self.params:,} parameters in {len(self.terms)} terms, blocks {self.cut}-{cfg.n_layers - 1} take gradients"
@@ -238,7 +254,7 @@ class _Option:
     gain: float
 
 
-def _ladders(model, c: Contributions) -> dict[str, list[_Option]]:
+def _ladders(model, c: Contributions, per_param: int) -> dict[str, list[_Option]]:
     """Per group (a projection, a norm, a bias), its options from none upward, as the upper concave hull of
     (bytes, gain)."""
     cfg = model.cfg
@@ -247,7 +263,7 @@ def _ladders(model, c: Contributions) -> dict[str, list[_Option]]:
         kind = "norm" if target in c.norms else "bias"
         t = Term(kind, target, 0, 0, gain)
         t = Term(kind, target, 0, term_params(t, model), gain)
-        groups[f"{target}.{kind}"] = [_Option(None, 0, 0.0), _Option(t, t.params * STATE_BYTES, gain)]
+        groups[f"{target}.{kind}"] = [_Option(None, 0, 0.0), _Option(t, t.params * per_param, gain)]
     for i in range(cfg.n_layers):
         for proj in PROJECTIONS:
             key = f"blk.{i}.{proj}"
@@ -258,13 +274,13 @@ def _ladders(model, c: Contributions) -> dict[str, list[_Option]]:
             for r in LORA_RANKS:
                 t = Term("lora", key, r, 0, float(spectrum[r - 1]))
                 t = Term("lora", key, r, term_params(t, model), t.gain)
-                options.append(_Option(t, t.params * STATE_BYTES, t.gain))
+                options.append(_Option(t, t.params * per_param, t.gain))
             energies = c.rows[key].sort(descending=True).values.cumsum(0)
             for k in ROW_COUNTS:
                 if k <= energies.numel() // 2:
                     t = Term("rows", key, k, 0, float(energies[k - 1]))
                     t = Term("rows", key, k, term_params(t, model), t.gain)
-                    options.append(_Option(t, t.params * STATE_BYTES, t.gain))
+                    options.append(_Option(t, t.params * per_param, t.gain))
             groups[key] = _hull(options)
     return groups
 
@@ -313,10 +329,10 @@ def _layer_of(group: str) -> int | None:
     return int(group.split(".")[1]) if group.startswith("blk.") else None
 
 
-def search(model, c: Contributions, budget: int, seq_len: int) -> Plan:
-    """The plan with the most gain whose step fits `budget` bytes (see the module)."""
+def search(model, c: Contributions, budget: int, seq_len: int, batch: int = 1) -> Plan:
+    """The plan with the most gain whose step fits `budget` bytes, `batch` windows a step (see the module)."""
     cfg = model.cfg
-    groups = _ladders(model, c)
+    groups = _ladders(model, c, bytes_per_param(batch))
     best = None
     for cut in range(cfg.n_layers, -1, -1):
         fixed = fixed_bytes(cfg, seq_len, cut, recompute=True)
@@ -324,11 +340,15 @@ def search(model, c: Contributions, budget: int, seq_len: int) -> Plan:
         if room <= 0:
             continue
         eligible = {n: h for n, h in groups.items() if (_layer_of(n) is None or _layer_of(n) >= cut)}
-        terms, used, gain = _fill(eligible, room)
-        if terms and (best is None or gain > best[0]):
+        terms, filled, gain = _fill(eligible, room)
+        used = state_bytes([t.params for t in terms], batch)
+        if used > room:  # the largest term's gradient does not fit beside the rest: fill again, leaving it room
+            terms, _, gain = _fill(eligible, room - (used - filled))
+            used = state_bytes([t.params for t in terms], batch)
+        if terms and used <= room and (best is None or gain > best[0]):
             best = (gain, cut, terms, used, fixed)
     if best is None:
-        smallest = min_budget(cfg, seq_len)
+        smallest = min_budget(cfg, seq_len, batch)
         raise EdgewiseError(f"a budget of {budget / 2**20:.1f} MB cannot hold the smallest training step at {seq_len}-token windows;"
                             f" the smallest feasible budget is {smallest / 2**20:.1f} MB (or shorten --seq-len)")
     gain, cut, terms, used, fixed = best
@@ -338,9 +358,9 @@ def search(model, c: Contributions, budget: int, seq_len: int) -> Plan:
     for t in terms:
         if t.kind == "rows":
             rows[t.name] = c.rows[t.target].sort(descending=True).indices[: t.size].sort().values.tolist()
-    return Plan(terms, seq_len, cut, recompute, budget, used, fixed if recompute else kept, gain, rows)
+    return Plan(terms, seq_len, cut, recompute, budget, used, fixed if recompute else kept, gain, rows, batch)
 
 
-def min_budget(cfg: ModelConfig, seq_len: int) -> int:
+def min_budget(cfg: ModelConfig, seq_len: int, batch: int = 1) -> int:
     """The smallest budget that holds a plan: the final norm alone, above every block."""
-    return fixed_bytes(cfg, seq_len, cfg.n_layers, recompute=True) + cfg.dim * STATE_BYTES
+    return fixed_bytes(cfg, seq_len, cfg.n_layers, recompute=True) + state_bytes([cfg.dim], batch)

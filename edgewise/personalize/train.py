@@ -7,9 +7,11 @@
 2. The text becomes windows of `seq_len` tokens. The *inference footprint* is measured: the process's peak RSS
    once the base has loaded and run one window without gradients.
 3. The contribution analysis and the search choose what trains under `budget` (`plan.py`), and the plan is printed.
-4. Adam (`optim.py`, no weight decay) trains the chosen terms on shuffled windows (`batch` windows a step, gradients summed: the batch costs no
-   memory), a linear warm-up over the first 10% of steps and a linear decay to zero. The loss is the chunked
-   cross-entropy (`frozen.chunked_nll`); blocks below the plan's cut run without autograd.
+4. Adam (`optim.py`, no weight decay) trains the chosen terms on shuffled windows, a linear warm-up over the first 10% of steps and a linear decay to zero. The loss is the chunked
+   cross-entropy (`frozen.chunked_nll`); blocks below the plan's cut run without autograd. With one window a step (the
+   default), each term is updated inside the backward as soon as its gradient is complete, and the gradient
+   dropped; with `batch` windows a step, gradients are summed over them and held until the step (4 more bytes per
+   trained parameter).
 5. Every `checkpoint_every` steps, and at the end, the adapter file is rewritten whole (`adapter.save_adapter`:
    temp file, then rename). A rerun with the same `out` resumes from it: the same plan, step, Adam moments and
    window order. A `kill -9` at any moment leaves the last complete adapter.
@@ -138,9 +140,9 @@ def tune(
     gguf = read_gguf(path)
     cfg = ModelConfig.from_gguf(gguf)
     shortest = min(seq_len, MIN_SEQ_LEN)
-    if resumed is None and budget < min_budget(cfg, shortest):
+    if resumed is None and budget < min_budget(cfg, shortest, batch):
         raise EdgewiseError(f"--budget {budget / 2**20:.1f} MB is below the smallest plan (the final norm alone, {shortest}-token windows):"
-                            f" the smallest feasible budget is {math.ceil(min_budget(cfg, shortest) / 2**20)} MB")
+                            f" the smallest feasible budget is {math.ceil(min_budget(cfg, shortest, batch) / 2**20)} MB")
     tokenizer = TextTokenizer.from_gguf(gguf)
     ids = tokenizer.encode_long(text)
     text_sha = hashlib.sha256(text.encode()).hexdigest()
@@ -164,7 +166,7 @@ def tune(
     inference_mb = current_rss_mb() if reset_peak_rss() else peak_rss_mb()
 
     if resumed is None:
-        plan = make_plan(net, frozen, windows, seq_len) if make_plan is not None else _plan(net, frozen, windows, budget, seq_len, seed, log, analysis_progress)
+        plan = make_plan(net, frozen, windows, seq_len) if make_plan is not None else _plan(net, frozen, windows, budget, seq_len, batch, seed, log, analysis_progress)
         seq_len = plan.seq_len
         windows = text_windows(ids, seq_len)
         params = attach(net, plan.terms, rows=plan.rows, seed=seed)
@@ -180,7 +182,7 @@ def tune(
         opt_state = tensors
     log(plan.table(cfg))
 
-    opt = Adam(params, lr)
+    opt = Adam(params, lr, in_backward=batch == 1)
     if opt_state is not None:
         opt.load(opt_state, step0)
     warmup = max(1, steps // 10)
@@ -200,14 +202,14 @@ def tune(
     for step in range(step0 + 1, steps + 1):
         opt.lr = lr * min(step / warmup, max(0.0, (steps - step + 1) / max(1, steps - warmup + 1)))
         total = 0.0
+        opt.begin_step()
         for b in range(batch):
             window = windows[order[((step - 1) * batch + b) % len(order)]]
             loss = window_loss(net, window, plan.cut, plan.recompute) / batch
             loss.backward()
             total += float(loss.detach())
             tokens += len(window) - 1
-        opt.step()
-        opt.zero_grad()
+        opt.step()  # with one window a step, done inside its backward
         losses.append(round(total, 5))
         run_losses.append(total)
         elapsed = time.perf_counter() - started
@@ -219,6 +221,7 @@ def tune(
         if out_of_time:
             log(f"stopped at step {step} of {steps}: --minutes {minutes} reached (a rerun resumes)")
             break
+    opt.close()
     elapsed = time.perf_counter() - started
     if not run_losses:
         save(step0, seconds0, tokens0)
@@ -234,7 +237,7 @@ def _window_order(n: int, seed: int) -> list[int]:
     return order
 
 
-def _plan(net, frozen, windows, budget, seq_len, seed, log, progress) -> Plan:
+def _plan(net, frozen, windows, budget, seq_len, batch, seed, log, progress) -> Plan:
     """The contribution analysis on a few windows (shortened if the whole model's gradients would not fit `budget`),
     then the search at `seq_len` and at halvings of it (`MIN_SEQ_LEN`, `LENGTH_TOLERANCE`)."""
     cfg = net.cfg
@@ -251,7 +254,7 @@ def _plan(net, frozen, windows, budget, seq_len, seed, log, progress) -> Plan:
     length = seq_len
     while length >= MIN_SEQ_LEN or not plans:
         try:
-            plans.append(search(net, contributions, budget, length))
+            plans.append(search(net, contributions, budget, length, batch))
         except EdgewiseError:
             if length < MIN_SEQ_LEN:
                 raise
