@@ -26,22 +26,58 @@ LOGIT_CHUNK_BYTES = 1 << 20  # fp32 logits held at once by the chunked cross-ent
 DENSE_ROWS = 128  # from this many rows of input, frozen layers multiply dequantized slices (`dense_forward`)
 
 
-def dequantized_rows(module: nn.Module, start: int, stop: int) -> torch.Tensor:
-    """Rows start..stop-1 of a frozen linear layer's weight, dequantized exactly to fp32 [stop - start, in]."""
+class Scratch:
+    """Reused fp32 buffers for the chunks of the frozen layers' products. A chunk of rows dequantized afresh each
+    time is a fresh allocation of up to `ROW_CHUNK_BYTES`; `tune` has glibc hand every block of 64 KiB and more back to
+    the OS at once (`metrics.memory.release_freed_memory`, so freed activations leave the RSS), which makes each such
+    allocation an mmap whose pages fault in anew: measured, a training step on SmolLM2 took 2.6x as long that way."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, *shape: int) -> torch.Tensor:
+        n = 1
+        for v in shape:
+            n *= v
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[name] = torch.empty(n)
+        return buf[:n].view(*shape)
+
+
+SCRATCH = Scratch()  # the step runs on one Python thread
+
+
+def dequantized_rows(module: nn.Module, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows start..stop-1 of a frozen linear layer's weight, dequantized exactly to fp32 [stop - start, in], into `out`
+    when given (contiguous fp32 of that shape)."""
+    n = stop - start
     if isinstance(module, Q4Linear):  # 16 bytes of nibbles per block of 32: low nibbles are elements 0-15, high 16-31
-        qs = module.qs[start:stop].reshape(stop - start, -1, 16)
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).to(torch.float32)
-        return (q * module.d[start:stop, :, None].float() + module.m[start:stop, :, None].float()).reshape(stop - start, -1)
-    if isinstance(module, (Q8Linear, KQuantLinear, Int8Linear, DenseLinear)):
-        return module.rows(torch.arange(start, stop))
+        w = out if out is not None else torch.empty(n, module.in_features)
+        qs = module.qs[start:stop].reshape(n, -1, 16)
+        blocks = w.view(n, -1, 32)
+        lo, hi = blocks[..., :16], blocks[..., 16:]
+        lo.copy_(qs)  # the byte, then split in fp32 in place (exact: integers below 256)
+        hi.copy_(lo).div_(16, rounding_mode="floor")
+        lo.fmod_(16)
+        blocks.mul_(module.d[start:stop, :, None].float()).add_(module.m[start:stop, :, None].float())
+        return w
+    if isinstance(module, Q8Linear):
+        w = out if out is not None else torch.empty(n, module.in_features)
+        w.view(n, -1, 32).copy_(module.qs[start:stop].view(n, -1, 32)).mul_(module.d[start:stop, :, None].float())
+        return w
+    if isinstance(module, (KQuantLinear, Int8Linear, DenseLinear)):
+        w = module.rows(torch.arange(start, stop))
+        return out.copy_(w) if out is not None else w
     if isinstance(module, ConcatLinear):
-        parts, at = [], 0
+        w = out if out is not None else torch.empty(n, module.parts[0].in_features)
+        at = 0
         for part in module.parts:
             lo, hi = max(start, at), min(stop, at + part.out_features)
             if lo < hi:
-                parts.append(dequantized_rows(part, lo - at, hi - at))
+                dequantized_rows(part, lo - at, hi - at, w[lo - start : hi - start])
             at += part.out_features
-        return torch.cat(parts)
+        return w
     raise EdgewiseError(
         f"cannot backpropagate through a {type(module).__name__} layer: tuning needs edgewise's native kernels (an AVX2 CPU)"
         " or --precision fp32"
@@ -56,27 +92,28 @@ def out_features(module: nn.Module) -> int:
 
 def input_grad(module: nn.Module, grad_out: torch.Tensor) -> torch.Tensor:
     """dL/dx = dL/dy W for y = x W^T, W dequantized `ROW_CHUNK_BYTES` at a time."""
-    n_out = out_features(module)
-    grad_in = None
-    step = max(1, ROW_CHUNK_BYTES // (4 * module_in_features(module)))
+    n_out, n_in = out_features(module), module_in_features(module)
+    g = grad_out.float().reshape(-1, n_out)
+    grad_in = torch.zeros(g.shape[0], n_in)
+    step = max(1, ROW_CHUNK_BYTES // (4 * n_in))
     for start in range(0, n_out, step):
         stop = min(n_out, start + step)
-        part = grad_out[..., start:stop].float() @ dequantized_rows(module, start, stop)
-        grad_in = part if grad_in is None else grad_in.add_(part)
-    return grad_in
+        grad_in.addmm_(g[:, start:stop], dequantized_rows(module, start, stop, SCRATCH.get("rows", stop - start, n_in)))
+    return grad_in.reshape(*grad_out.shape[:-1], n_in)
 
 
 def dense_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """y = x W^T with W dequantized `ROW_CHUNK_BYTES` at a time into fp32 matrix products: on a training window's
     hundreds of rows, several times faster than the quantized kernels, which are made for decoding's one row (and
     exact: no rounding of x)."""
-    n_out = out_features(module)
-    xf = x.float().reshape(-1, x.shape[-1])
+    n_out, n_in = out_features(module), module_in_features(module)
+    xf = x.float().reshape(-1, n_in)
     y = torch.empty(xf.shape[0], n_out)
-    step = max(1, ROW_CHUNK_BYTES // (4 * module_in_features(module)))
+    step = max(1, ROW_CHUNK_BYTES // (4 * n_in))
     for start in range(0, n_out, step):
         stop = min(n_out, start + step)
-        y[:, start:stop] = xf @ dequantized_rows(module, start, stop).T
+        w = dequantized_rows(module, start, stop, SCRATCH.get("rows", stop - start, n_in))
+        y[:, start:stop].copy_(torch.mm(xf, w.T, out=SCRATCH.get("product", xf.shape[0], stop - start)))
     return y.reshape(*x.shape[:-1], n_out)
 
 
@@ -148,11 +185,12 @@ class _ChunkedNLL(torch.autograd.Function):
         grad_h = torch.zeros_like(hf)
         for s in range(0, vocab, cols):
             e = min(vocab, s + cols)
-            w = dequantized_rows(head, s, e)  # [cols, D]
-            p = torch.exp(hf @ w.T - lse[:, None])  # softmax over this slice of the vocabulary
+            w = dequantized_rows(head, s, e, SCRATCH.get("rows", e - s, hf.shape[1]))  # [cols, D]
+            p = torch.mm(hf, w.T, out=SCRATCH.get("product", hf.shape[0], e - s))
+            p.sub_(lse[:, None]).exp_()  # softmax over this slice of the vocabulary
             hit = (targets >= s) & (targets < e)
             p[hit.nonzero()[:, 0], targets[hit] - s] -= 1.0
-            grad_h.add_(p @ w)
+            grad_h.addmm_(p, w)
         return (grad_h * grad).to(h.dtype), None, None
 
 
