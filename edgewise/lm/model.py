@@ -161,9 +161,9 @@ class KVCache:
     values: list[torch.Tensor]
 
     @classmethod
-    def allocate(cls, cfg: ModelConfig, capacity: int, dtype: torch.dtype) -> "KVCache":
-        shape = (cfg.n_kv_heads, capacity, cfg.head_dim)
-        return cls([torch.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)], [torch.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)])
+    def allocate(cls, cfg: ModelConfig, capacity: int, dtype: torch.dtype, layers: int | None = None) -> "KVCache":
+        shape, n = (cfg.n_kv_heads, capacity, cfg.head_dim), cfg.n_layers if layers is None else layers
+        return cls([torch.zeros(shape, dtype=dtype) for _ in range(n)], [torch.zeros(shape, dtype=dtype) for _ in range(n)])
 
     @property
     def capacity(self) -> int:
@@ -223,8 +223,9 @@ class Llama(nn.Module):
             h = block(*args) if run_block is None else run_block(i, block, *args)
         return self.norm(h)
 
-    def new_cache(self, capacity: int) -> KVCache:
-        return KVCache.allocate(self.cfg, capacity, cache_dtype(self.precision))
+    def new_cache(self, capacity: int, layers: int | None = None) -> KVCache:
+        """A K/V cache of `capacity` tokens for every layer (or the first `layers`)."""
+        return KVCache.allocate(self.cfg, capacity, cache_dtype(self.precision), layers)
 
     @classmethod
     def from_gguf(

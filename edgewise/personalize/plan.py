@@ -11,7 +11,8 @@ text, and a search (the language-model twin of `edgewise tiny compile --search`)
   block's input is kept and the block is recomputed during the backward (*recomputed*: one block's activations
   at a time);
 - the chunked cross-entropy's logits and the dequantized rows of the backward (`frozen.py`'s chunk sizes), and the
-  step's K/V cache;
+  step's K/V: one layer's, shared by the blocks below the cut, and those of the blocks above it that are alive at
+  once (one recomputed, or every kept one);
 - what the model does not count, measured: a fixed part and a part per block that takes gradients.
 `benchmarks/personalize_memory.py` runs hand-made plans across cuts, window lengths, kept and recomputed
 activations and trained-state sizes, each through tune's own path in a fresh process (the contribution analysis
@@ -91,7 +92,8 @@ def fixed_bytes(cfg: ModelConfig, T: int, cut: int, recompute: bool) -> int:
     else:
         blocks = above * act
     ce = 3 * LOGIT_CHUNK_BYTES + 3 * T * cfg.dim * 4
-    kv = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * T * 2  # each step's K/V cache, every layer (bf16: the quantized runtime's)
+    kv_layer = 2 * cfg.n_kv_heads * cfg.head_dim * T * 2  # one layer's K/V for the window (bf16: the quantized runtime's)
+    kv = kv_layer * (1 + (min(above, 1) if recompute else above))  # the blocks below the cut share one; each above writes its own
     return blocks + ce + kv + 2 * ROW_CHUNK_BYTES + BASE_BYTES + above * AUTOGRAD_BLOCK_BYTES
 
 

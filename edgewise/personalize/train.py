@@ -53,7 +53,10 @@ def window_loss(model, window: list[int], cut: int, recompute: bool) -> torch.Te
 
     tokens, targets = torch.tensor(window[:-1]), torch.tensor(window[1:])
     T = tokens.shape[0]
-    caches = model.new_cache(T)
+    # one layer's K/V, shared by every block below the cut: each writes all T slots before it attends, and nothing
+    # reads them after the block (a window has no earlier tokens). Blocks that take gradients write their own.
+    one = model.new_cache(T, layers=1)
+    keys, values = one.keys * len(model.blocks), one.values * len(model.blocks)
 
     def run(i, block, h, *rest):
         *pre, k_cache, v_cache, act = rest
@@ -66,7 +69,7 @@ def window_loss(model, window: list[int], cut: int, recompute: bool) -> torch.Te
 
         return recomputed(fresh, h) if recompute else fresh(h)
 
-    h = model.hidden(tokens, torch.arange(T), causal_mask(0, T), caches.keys, caches.values, run_block=run)
+    h = model.hidden(tokens, torch.arange(T), causal_mask(0, T), keys, values, run_block=run)
     return chunked_nll(h, targets, model.output) / T
 
 
