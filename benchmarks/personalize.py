@@ -321,6 +321,12 @@ def main() -> None:
     lines += ["Each edgewise budget against peft LoRA (training memory above the inference footprint; held-out ppl gain):", ""]
     lines += [f"- {r['method']}: {r['training_mb']:.1f} MB, {lora['training_mb'] / max(r['training_mb'], 1e-9):.2f}x less than peft-lora;"
               f" gain {gain(r, 'user'):.1f}% against {gain(lora, 'user'):.1f}%" for r in rows if r["method"].startswith("edgewise")]
+    # the same comparison at equal quality: the least memory that gets within 2 points of LoRA's gain
+    close = [r for r in rows if r["method"].startswith("edgewise") and gain(r, "user") <= gain(lora, "user") + 2.0]
+    if close:
+        r = min(close, key=lambda r: r["training_mb"])
+        lines += ["", f"Least edgewise memory within 2 points of peft LoRA's gain: {r['method']}, {r['training_mb']:.1f} MB,"
+                  f" {lora['training_mb'] / max(r['training_mb'], 1e-9):.2f}x less (gain {gain(r, 'user'):.1f}% against {gain(lora, 'user'):.1f}%)"]
     lines += [
         "",
         f"ratio memory peft-lora/edgewise = {lora['training_mb'] / max(ew64['training_mb'], 1e-9):.2f}",

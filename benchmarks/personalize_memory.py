@@ -43,8 +43,8 @@ CONFIGS = [
 
 
 def worker(args) -> dict:
-    from edgewise.personalize.adapter import PROJECTIONS, Term, term_params
-    from edgewise.personalize.plan import Plan, fixed_bytes, state_bytes
+    from edgewise.personalize.adapter import PROJECTIONS, Term
+    from edgewise.personalize.plan import Plan, fixed_bytes, state_bytes, with_bytes
     from edgewise.personalize.train import _plan, tune
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -58,9 +58,9 @@ def worker(args) -> dict:
         for i in range(cut, cfg.n_layers):
             terms += [Term("norm", f"blk.{i}.attn_norm"), Term("norm", f"blk.{i}.ffn_norm")]
             terms += [Term(kind, f"blk.{i}.{p}", size) for p in PROJECTIONS if kind != "norm"]
-        terms = [Term(t.kind, t.target, t.size, term_params(t, net)) for t in terms]
+        terms = [with_bytes(t, net, 1) for t in terms]
         rows = {t.name: list(range(t.size)) for t in terms if t.kind == "rows"}
-        state = state_bytes([t.params for t in terms], 1)
+        state = state_bytes(terms, 1)
         made = Plan(terms, seq_len, cut, recompute, 1 << 40, state, fixed_bytes(cfg, seq_len, cut, recompute), 0.0, rows)
         # what tune runs before training, for a budget of this plan's size: the contribution analysis (shortened to
         # fit that budget, as tune would) and the search; their result is dropped, what they leave resident is not

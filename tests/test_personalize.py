@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,7 +134,7 @@ def test_own_adam_matches_torch():
     gen = torch.Generator().manual_seed(0)
     a = torch.nn.Parameter(torch.randn(5, 3, generator=gen))
     b = torch.nn.Parameter(a.detach().clone())
-    mine, ref = Adam({"a": a}, lr=1e-2), torch.optim.AdamW([b], lr=1e-2, weight_decay=0.0)
+    mine, ref = Adam({"a": a}, lr=1e-2, factored=False), torch.optim.AdamW([b], lr=1e-2, weight_decay=0.0)
     for _ in range(5):
         g = torch.randn(5, 3, generator=gen)
         a.grad, b.grad = g.clone(), g.clone()
@@ -143,20 +144,66 @@ def test_own_adam_matches_torch():
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_factored_second_moment_against_numpy_and_exact_on_rank_one():
+    """The factored rule (optim.py) against a numpy transcription of it on random gradients; and on gradients whose
+    squares are rank 1 (s_t a b^T), where the factored estimate is exact, against torch.optim.AdamW."""
+    from edgewise.personalize.optim import TINY, Adam
+
+    gen = torch.Generator().manual_seed(1)
+    p0 = torch.randn(6, 4, generator=gen)
+    grads = [torch.randn(6, 4, generator=gen) for _ in range(6)]
+    a = torch.nn.Parameter(p0.clone())
+    mine = Adam({"a": a}, lr=1e-2)
+    assert set(mine.state_tensors()) == {"exp_avg/a", "exp_avg_sq_row/a", "exp_avg_sq_col/a"}
+    p, m, r, c = p0.double().numpy().copy(), np.zeros((6, 4)), np.zeros(6), np.zeros(4)
+    for t, g in enumerate(grads, 1):
+        a.grad = g.clone()
+        mine.begin_step()
+        mine.step()
+        gd = g.double().numpy()
+        m = 0.9 * m + 0.1 * gd
+        r = 0.999 * r + 0.001 * (gd**2 + TINY).mean(1)
+        c = 0.999 * c + 0.001 * (gd**2 + TINY).mean(0)
+        v = np.outer(r, c) / r.mean()
+        p -= 1e-2 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+    np.testing.assert_allclose(a.detach().double().numpy(), p, rtol=1e-5, atol=1e-6)
+
+    u, w = torch.randn(6, generator=gen), torch.randn(4, generator=gen)
+    a, b = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0.clone())
+    mine, ref = Adam({"a": a}, lr=1e-2), torch.optim.AdamW([b], lr=1e-2, weight_decay=0.0)
+    for t in range(5):
+        g = (1.0 + t) * (-1) ** t * torch.outer(u, w)
+        a.grad, b.grad = g.clone(), g.clone()
+        mine.begin_step()
+        mine.step()
+        ref.step()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_factored_adam_resumes_from_a_whole_second_moment():
+    """An adapter saved before the second moment was factored resumes: its whole v gives the row and column means."""
+    from edgewise.personalize.optim import Adam
+
+    v = torch.rand(5, 3)
+    opt = Adam({"a": torch.nn.Parameter(torch.zeros(5, 3)), "n": torch.nn.Parameter(torch.zeros(3))}, lr=1e-3)
+    opt.load({"exp_avg/a": torch.ones(5, 3), "exp_avg_sq/a": v, "exp_avg/n": torch.ones(3), "exp_avg_sq/n": v[0]}, step=7)
+    r, c = opt.factors["a"]
+    assert torch.equal(r, v.mean(1)) and torch.equal(c, v.mean(0)) and torch.equal(opt.exp_avg_sq["n"], v[0]) and opt.step_count == 7
+
+
 @pytest.mark.parametrize("recompute", [True, False])
 def test_adam_inside_the_backward_equals_adam_after_it(monkeypatch, tmp_path, recompute):
     """tune's default (one window a step) applies each gradient inside the backward and drops it: the adapter after 3
     steps is bit-identical to stepping after the backward, on a plan with norms, LoRA and rows, blocks recomputed or
     kept (a tensor changed before a node that saved it ran would make autograd refuse, or change the numbers)."""
     from edgewise.personalize import optim, train
-    from edgewise.personalize.adapter import Term, term_params
-    from edgewise.personalize.adapter import load_adapter
-    from edgewise.personalize.plan import Plan
+    from edgewise.personalize.adapter import Term, load_adapter
+    from edgewise.personalize.plan import Plan, with_bytes
 
     def hand_made(net, frozen, windows, seq_len):
         terms = [Term("norm", "output_norm")] + [Term("norm", f"blk.{i}.{n}") for i in (28, 29) for n in ("attn_norm", "ffn_norm")]
         terms += [Term("lora", "blk.28.attn_q", 4), Term("lora", "blk.29.ffn_down", 2), Term("rows", "blk.29.ffn_up", 8), Term("rows", "blk.28.attn_v", 4)]
-        terms = [Term(t.kind, t.target, t.size, term_params(t, net)) for t in terms]
+        terms = [with_bytes(t, net, 1) for t in terms]
         return Plan(terms, seq_len, 28, recompute, 1 << 30, 0, 0, 0.0, {t.name: list(range(1, 2 * t.size, 2)) for t in terms if t.kind == "rows"})
 
     held = []  # in the fused run: whether any gradient was still held when the step came
@@ -176,7 +223,9 @@ def test_adam_inside_the_backward_equals_adam_after_it(monkeypatch, tmp_path, re
     after = _tune(tmp_path, "after.adapter", make_plan=hand_made)
     assert held == [False, False, False]
     a, b = load_adapter(fused.out)[1], load_adapter(after.out)[1]
-    assert a.keys() == b.keys() and len(a) == 3 * 11  # value and two moments of 5 norms, 2 LoRA (A and B), 2 row slices
+    # value, first moment and whole second moment of 5 norms; value, first moment and the second's row and column
+    # means of 6 matrices (2 LoRA's A and B, 2 row slices)
+    assert a.keys() == b.keys() and len(a) == 5 * 3 + 6 * 4
     for k in a:
         assert torch.equal(a[k], b[k]), k
     for name in ("blk.28.attn_q.lora4.B", "blk.29.ffn_down.lora2.B"):  # zero at the start: trained, they moved
@@ -199,7 +248,7 @@ def test_plan_respects_budget_and_states_the_smallest(smol):
     for mb in (16, 32, 64, 256):
         plan = search(model, c, mb << 20, 64)
         assert plan.total_bytes <= mb << 20
-        assert plan.state_bytes == state_bytes([t.params for t in plan.terms], 1)
+        assert plan.state_bytes == state_bytes(plan.terms, 1)
         assert plan.fixed_bytes == fixed_bytes(model.cfg, 64, plan.cut, plan.recompute)
         assert all(t.layer is None or t.layer >= plan.cut for t in plan.terms)
         assert plan.gain >= previous  # more memory never buys less

@@ -50,6 +50,7 @@ class Term:
     size: int = 0
     params: int = 0  # trained parameters
     gain: float = 0.0  # the contribution analysis' estimate (squared gradient norm in the term's span)
+    nbytes: int = 0  # its trained state's bytes (`plan.term_bytes`)
 
     @property
     def name(self) -> str:
@@ -149,13 +150,18 @@ def _adapted(owner: nn.Module, attr: str) -> Adapted:
     return module
 
 
-def term_params(term: Term, model) -> int:
-    """Trained parameters of `term` on `model`."""
+def term_shapes(term: Term, model) -> list[tuple[int, ...]]:
+    """The shapes of `term`'s trained tensors on `model` (a LoRA's A [r, in] and B [out, r])."""
     if term.kind == "norm":
-        return model.cfg.dim
+        return [(model.cfg.dim,)]
     owner, attr, lo, hi = projection_slot(model, term.layer, term.target.rsplit(".", 1)[1])
     n_in = getattr(owner, attr).in_features
-    return {"bias": hi - lo, "lora": term.size * (n_in + hi - lo), "rows": term.size * n_in}[term.kind]
+    return {"bias": [(hi - lo,)], "lora": [(term.size, n_in), (hi - lo, term.size)], "rows": [(term.size, n_in)]}[term.kind]
+
+
+def term_params(term: Term, model) -> int:
+    """Trained parameters of `term` on `model`."""
+    return sum(math.prod(shape) for shape in term_shapes(term, model))
 
 
 def attach(model, terms: list[Term], rows: dict[str, list[int]] | None = None, tensors: dict[str, torch.Tensor] | None = None,

@@ -2,10 +2,11 @@
 text, and a search (the language-model twin of `edgewise tiny compile --search`).
 
 **The memory of a training step** above the inference footprint (`step_bytes`):
-- the trained state (`state_bytes`): 12 bytes per trained parameter (fp32 value, Adam's two moments) and the
-  gradient of the largest term while it is applied: with one window a step, Adam steps inside the backward and
-  drops each gradient as soon as it is applied (`optim.py`). With several windows a step, every gradient is held
-  until the step: 16 bytes per parameter;
+- the trained state (`state_bytes`): each trained tensor's fp32 value and Adam's moments (`optim.py`: the second
+  moment of a matrix factored into its row and column means, so about 8 bytes per parameter of a LoRA or a row
+  slice, 12 of a norm gain or a bias), and while the largest term is updated, its gradient and a temporary its
+  size: with one window a step, Adam steps inside the backward and drops each gradient as soon as it is applied.
+  With several windows a step, every gradient is held until the step: 4 bytes more per parameter;
 - activations. Gradients flow only down to the lowest trained block (the *cut*): the blocks below it run without
   autograd and keep nothing. Above it, either every block keeps what its backward needs (*kept*), or only each
   block's input is kept and the block is recomputed during the backward (*recomputed*: one block's activations
@@ -37,31 +38,40 @@ recomputed if the plan still fits that way (faster).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from edgewise.errors import EdgewiseError
 from edgewise.lm.config import ModelConfig
-from edgewise.personalize.adapter import BIASED, PROJECTIONS, Term, attach, detach, projection_slot, term_params
+from edgewise.personalize.adapter import BIASED, PROJECTIONS, Term, attach, detach, projection_slot, term_params, term_shapes
 from edgewise.personalize.frozen import LOGIT_CHUNK_BYTES, ROW_CHUNK_BYTES
+from edgewise.personalize.optim import moment_floats
 
-PARAM_BYTES = 12  # per trained parameter: its fp32 value and Adam's two moments
-GRAD_BYTES = 4  # its fp32 gradient
+GRAD_BYTES = 4  # a trained parameter's fp32 gradient
 LORA_RANKS = (1, 2, 4, 8, 16, 32)
 ROW_COUNTS = (4, 16, 64, 256, 1024)
 MAX_RANK = max(LORA_RANKS)
 
 
-def bytes_per_param(batch: int) -> int:
-    """A trained parameter's bytes: with one window a step, its gradient is applied and dropped inside the backward."""
-    return PARAM_BYTES if batch == 1 else PARAM_BYTES + GRAD_BYTES
+def term_bytes(term: Term, model, batch: int) -> int:
+    """`term`'s trained state on `model`: each tensor's fp32 value and Adam's moments, and its gradient when `batch`
+    windows' gradients are held for the step."""
+    return sum(4 * (math.prod(shape) + moment_floats(shape)) + (GRAD_BYTES * math.prod(shape) if batch > 1 else 0)
+               for shape in term_shapes(term, model))
 
 
-def state_bytes(term_sizes: list[int], batch: int) -> int:
-    """The trained state of terms of these parameter counts (see the module)."""
-    held = GRAD_BYTES * max(term_sizes, default=0) if batch == 1 else 0  # one term's gradient while it is applied
-    return sum(term_sizes) * bytes_per_param(batch) + held
+def with_bytes(term: Term, model, batch: int) -> Term:
+    """`term` with its parameter count and state bytes on `model` filled in."""
+    return replace(term, params=term_params(term, model), nbytes=term_bytes(term, model, batch))
+
+
+def state_bytes(terms: list[Term], batch: int) -> int:
+    """The trained state of `terms` (`with_bytes`; see the module)."""
+    # while a tensor is updated: its gradient (at one window a step, the only one alive) and one temporary its size
+    held = (2 if batch == 1 else 1) * GRAD_BYTES * max((t.params for t in terms), default=0)
+    return sum(t.nbytes for t in terms) + held
 
 
 def block_activation_bytes(cfg: ModelConfig, T: int) -> int:
@@ -77,7 +87,7 @@ def block_activation_bytes(cfg: ModelConfig, T: int) -> int:
 # terms above (torch's backward code paged in, autograd's graph, what the contribution analysis leaves, allocator
 # slack): a fixed part, and a part per block the backward passes through. Set so that every measured step stays at
 # least 2 MB below the model (run-to-run noise in those measurements: about 3 MB).
-BASE_BYTES = 8 << 20
+BASE_BYTES = 9 << 20
 AUTOGRAD_BLOCK_BYTES = 1 << 18
 
 
@@ -238,7 +248,7 @@ class Plan:
             ts = by_layer[layer]
             cell = lambda kind: ", ".join(t.target.split(".")[-1] + (f" r{t.size}" if kind == "lora" else f" x{t.size}" if kind == "rows" else "") for t in ts if t.kind == kind) or "-"  # noqa: E731
             n = sum(t.params for t in ts)
-            lines.append(f"| {'final' if layer is None else layer} | {cell('norm')} | {cell('bias')} | {cell('lora')} | {cell('rows')} | {n:,} | {n * bytes_per_param(self.batch) / 2**20:.2f} |")
+            lines.append(f"| {'final' if layer is None else layer} | {cell('norm')} | {cell('bias')} | {cell('lora')} | {cell('rows')} | {n:,} | {sum(t.nbytes for t in ts) / 2**20:.2f} |")
         mb = lambda b: f"{b / 2**20:.1f} MB"  # noqa: E731
         lines.append(
             f"trains {self.params:,} parameters in {len(self.terms)} terms, blocks {self.cut}-{cfg.n_layers - 1} take gradients"
@@ -256,16 +266,15 @@ class _Option:
     gain: float
 
 
-def _ladders(model, c: Contributions, per_param: int) -> dict[str, list[_Option]]:
+def _ladders(model, c: Contributions, batch: int) -> dict[str, list[_Option]]:
     """Per group (a projection, a norm, a bias), its options from none upward, as the upper concave hull of
     (bytes, gain)."""
     cfg = model.cfg
     groups: dict[str, list[_Option]] = {}
     for target, gain in list(c.norms.items()) + list(c.biases.items()):
         kind = "norm" if target in c.norms else "bias"
-        t = Term(kind, target, 0, 0, gain)
-        t = Term(kind, target, 0, term_params(t, model), gain)
-        groups[f"{target}.{kind}"] = [_Option(None, 0, 0.0), _Option(t, t.params * per_param, gain)]
+        t = with_bytes(Term(kind, target, 0, 0, gain), model, batch)
+        groups[f"{target}.{kind}"] = [_Option(None, 0, 0.0), _Option(t, t.nbytes, gain)]
     for i in range(cfg.n_layers):
         for proj in PROJECTIONS:
             key = f"blk.{i}.{proj}"
@@ -274,15 +283,13 @@ def _ladders(model, c: Contributions, per_param: int) -> dict[str, list[_Option]
             options = [_Option(None, 0, 0.0)]
             spectrum = c.spectra[key].cumsum(0)
             for r in LORA_RANKS:
-                t = Term("lora", key, r, 0, float(spectrum[r - 1]))
-                t = Term("lora", key, r, term_params(t, model), t.gain)
-                options.append(_Option(t, t.params * per_param, t.gain))
+                t = with_bytes(Term("lora", key, r, 0, float(spectrum[r - 1])), model, batch)
+                options.append(_Option(t, t.nbytes, t.gain))
             energies = c.rows[key].sort(descending=True).values.cumsum(0)
             for k in ROW_COUNTS:
                 if k <= energies.numel() // 2:
-                    t = Term("rows", key, k, 0, float(energies[k - 1]))
-                    t = Term("rows", key, k, term_params(t, model), t.gain)
-                    options.append(_Option(t, t.params * per_param, t.gain))
+                    t = with_bytes(Term("rows", key, k, 0, float(energies[k - 1])), model, batch)
+                    options.append(_Option(t, t.nbytes, t.gain))
             groups[key] = _hull(options)
     return groups
 
@@ -334,7 +341,7 @@ def _layer_of(group: str) -> int | None:
 def search(model, c: Contributions, budget: int, seq_len: int, batch: int = 1) -> Plan:
     """The plan with the most gain whose step fits `budget` bytes, `batch` windows a step (see the module)."""
     cfg = model.cfg
-    groups = _ladders(model, c, bytes_per_param(batch))
+    groups = _ladders(model, c, batch)
     best = None
     for cut in range(cfg.n_layers, -1, -1):
         fixed = fixed_bytes(cfg, seq_len, cut, recompute=True)
@@ -343,10 +350,10 @@ def search(model, c: Contributions, budget: int, seq_len: int, batch: int = 1) -
             continue
         eligible = {n: h for n, h in groups.items() if (_layer_of(n) is None or _layer_of(n) >= cut)}
         terms, filled, gain = _fill(eligible, room)
-        used = state_bytes([t.params for t in terms], batch)
+        used = state_bytes(terms, batch)
         if used > room:  # the largest term's gradient does not fit beside the rest: fill again, leaving it room
             terms, _, gain = _fill(eligible, room - (used - filled))
-            used = state_bytes([t.params for t in terms], batch)
+            used = state_bytes(terms, batch)
         if terms and used <= room and (best is None or gain > best[0]):
             best = (gain, cut, terms, used, fixed)
     if best is None:
@@ -365,4 +372,4 @@ def search(model, c: Contributions, budget: int, seq_len: int, batch: int = 1) -
 
 def min_budget(cfg: ModelConfig, seq_len: int, batch: int = 1) -> int:
     """The smallest budget that holds a plan: the final norm alone, above every block."""
-    return fixed_bytes(cfg, seq_len, cfg.n_layers, recompute=True) + state_bytes([cfg.dim], batch)
+    return fixed_bytes(cfg, seq_len, cfg.n_layers, recompute=True) + 4 * cfg.dim * (1 + 2) + 2 * GRAD_BYTES * cfg.dim  # value, moments; gradient, temporary
