@@ -36,6 +36,7 @@ CONFIGS = [
     (256, 0, True, "norm", 0),
     (128, 15, False, "norm", 0),
     (128, 0, False, "norm", 0),
+    (128, 15, False, "lora", 8),
     (128, 0, True, "lora", 4),
     (128, 0, True, "lora", 32),
     (128, 20, True, "rows", 64),
@@ -44,7 +45,7 @@ CONFIGS = [
 
 def worker(args) -> dict:
     from edgewise.personalize.adapter import PROJECTIONS, Term
-    from edgewise.personalize.plan import Plan, fixed_bytes, state_bytes, with_bytes
+    from edgewise.personalize.plan import Plan, plan_fixed_bytes, state_bytes, with_bytes
     from edgewise.personalize.train import _plan, tune
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -61,7 +62,7 @@ def worker(args) -> dict:
         terms = [with_bytes(t, net, 1) for t in terms]
         rows = {t.name: list(range(t.size)) for t in terms if t.kind == "rows"}
         state = state_bytes(terms, 1)
-        made = Plan(terms, seq_len, cut, recompute, 1 << 40, state, fixed_bytes(cfg, seq_len, cut, recompute), 0.0, rows)
+        made = Plan(terms, seq_len, cut, recompute, 1 << 40, state, plan_fixed_bytes(cfg, seq_len, cut, recompute, terms), 0.0, rows)
         # what tune runs before training, for a budget of this plan's size: the contribution analysis (shortened to
         # fit that budget, as tune would) and the search; their result is dropped, what they leave resident is not
         _plan(net, frozen, windows, made.total_bytes, seq_len, 1, 0, lambda msg: None, None)

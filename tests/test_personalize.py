@@ -236,7 +236,7 @@ def test_adam_inside_the_backward_equals_adam_after_it(monkeypatch, tmp_path, re
 def test_plan_respects_budget_and_states_the_smallest(smol):
     from edgewise.lm.tokenizer import TextTokenizer
     from edgewise.personalize.frozen import freeze
-    from edgewise.personalize.plan import analyse, fixed_bytes, min_budget, search, state_bytes
+    from edgewise.personalize.plan import analyse, min_budget, plan_fixed_bytes, search, state_bytes
     from edgewise.personalize.train import window_loss
 
     model = _model(smol[1])
@@ -249,7 +249,7 @@ def test_plan_respects_budget_and_states_the_smallest(smol):
         plan = search(model, c, mb << 20, 64)
         assert plan.total_bytes <= mb << 20
         assert plan.state_bytes == state_bytes(plan.terms, 1)
-        assert plan.fixed_bytes == fixed_bytes(model.cfg, 64, plan.cut, plan.recompute)
+        assert plan.fixed_bytes == plan_fixed_bytes(model.cfg, 64, plan.cut, plan.recompute, plan.terms)
         assert all(t.layer is None or t.layer >= plan.cut for t in plan.terms)
         assert plan.gain >= previous  # more memory never buys less
         previous = plan.gain

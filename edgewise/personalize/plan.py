@@ -1,7 +1,7 @@
 """What to train under a memory budget: a memory model of the training step, a contribution analysis on the user's
 text, and a search (the language-model twin of `edgewise tiny compile --search`).
 
-**The memory of a training step** above the inference footprint (`step_bytes`):
+**The memory of a training step** above the inference footprint (`state_bytes` + `plan_fixed_bytes`):
 - the trained state (`state_bytes`): each trained tensor's fp32 value and Adam's moments (`optim.py`: the second
   moment of a matrix factored into its row and column means, so about 8 bytes per parameter of a LoRA or a row
   slice, 12 of a norm gain or a bias), and while the largest term is updated, its gradient and a temporary its
@@ -14,6 +14,8 @@ text, and a search (the language-model twin of `edgewise tiny compile --search`)
 - the chunked cross-entropy's logits and the dequantized rows of the backward (`frozen.py`'s chunk sizes), and the
   step's K/V: one layer's, shared by the blocks below the cut, and those of the blocks above it that are alive at
   once (one recomputed, or every kept one);
+- the inputs that the LoRA and rows terms save for their backward (`adapted_input_bytes`), in each block that
+  has them (kept) or one at a time (recomputed);
 - what the model does not count, measured: a fixed part and a part per block that takes gradients.
 `benchmarks/personalize_memory.py` runs hand-made plans across cuts, window lengths, kept and recomputed
 activations and trained-state sizes, each through tune's own path in a fresh process (the contribution analysis
@@ -37,8 +39,8 @@ recomputed if the plan still fits that way (faster).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -105,6 +107,21 @@ def fixed_bytes(cfg: ModelConfig, T: int, cut: int, recompute: bool) -> int:
     kv_layer = 2 * cfg.n_kv_heads * cfg.head_dim * T * 2  # one layer's K/V for the window (bf16: the quantized runtime's)
     kv = kv_layer * (1 + (min(above, 1) if recompute else above))  # the blocks below the cut share one; each above writes its own
     return blocks + ce + kv + 2 * ROW_CHUNK_BYTES + BASE_BYTES + above * AUTOGRAD_BLOCK_BYTES
+
+
+def adapted_input_bytes(cfg: ModelConfig, T: int) -> int:
+    """What a block's LoRA and rows terms save for their backward on T tokens: each adapted projection's fp32 input
+    (the attention's and the FFN's normed inputs, the attention output, the gated hidden state). The frozen matrices
+    save nothing; these do. Measured: a 256 MB plan of LoRA on every projection with kept activations peaked 44 MB
+    above the model that left this out (benchmarks/results/personalize-memory.md now has such a row)."""
+    return 4 * T * (2 * cfg.dim + cfg.n_heads * cfg.head_dim + cfg.ffn_dim)
+
+
+def plan_fixed_bytes(cfg: ModelConfig, T: int, cut: int, recompute: bool, terms: list[Term]) -> int:
+    """A plan's bytes besides its trained state: `fixed_bytes`, and the inputs its matrix terms save, in every block
+    that has them when activations are kept, in one block at a time when they are recomputed."""
+    blocks = len({t.layer for t in terms if t.kind in ("lora", "rows")})
+    return fixed_bytes(cfg, T, cut, recompute) + adapted_input_bytes(cfg, T) * (min(blocks, 1) if recompute else blocks)
 
 
 def analysis_bytes(cfg: ModelConfig, T: int, cut: int = 0) -> int:
@@ -216,7 +233,7 @@ class Plan:
     recompute: bool
     budget: int  # bytes
     state_bytes: int  # trained state
-    fixed_bytes: int  # activations, logits, K/V cache, workspace and the measured constants (fixed_bytes())
+    fixed_bytes: int  # activations, logits, K/V cache, workspace and the measured constants (plan_fixed_bytes())
     gain: float
     rows: dict[str, list[int]]  # rows term name -> the row indices it trains (in the projection's runtime order)
     batch: int = 1  # windows a step (state_bytes)
@@ -344,24 +361,23 @@ def search(model, c: Contributions, budget: int, seq_len: int, batch: int = 1) -
     groups = _ladders(model, c, batch)
     best = None
     for cut in range(cfg.n_layers, -1, -1):
-        fixed = fixed_bytes(cfg, seq_len, cut, recompute=True)
-        room = budget - fixed
+        room = budget - fixed_bytes(cfg, seq_len, cut, recompute=True)
         if room <= 0:
             continue
         eligible = {n: h for n, h in groups.items() if (_layer_of(n) is None or _layer_of(n) >= cut)}
         terms, filled, gain = _fill(eligible, room)
-        used = state_bytes(terms, batch)
-        if used > room:  # the largest term's gradient does not fit beside the rest: fill again, leaving it room
-            terms, _, gain = _fill(eligible, room - (used - filled))
-            used = state_bytes(terms, batch)
-        if terms and used <= room and (best is None or gain > best[0]):
+        used, fixed = state_bytes(terms, batch), plan_fixed_bytes(cfg, seq_len, cut, True, terms)
+        if used + fixed > budget:  # the largest term's gradient, or the matrix terms' inputs, did not fit: fill again, leaving them room
+            terms, _, gain = _fill(eligible, budget - fixed - (used - filled))
+            used, fixed = state_bytes(terms, batch), plan_fixed_bytes(cfg, seq_len, cut, True, terms)
+        if terms and used + fixed <= budget and (best is None or gain > best[0]):
             best = (gain, cut, terms, used, fixed)
     if best is None:
         smallest = min_budget(cfg, seq_len, batch)
         raise EdgewiseError(f"a budget of {budget / 2**20:.1f} MB cannot hold the smallest training step at {seq_len}-token windows;"
                             f" the smallest feasible budget is {smallest / 2**20:.1f} MB (or shorten --seq-len)")
     gain, cut, terms, used, fixed = best
-    kept = fixed_bytes(cfg, seq_len, cut, recompute=False)
+    kept = plan_fixed_bytes(cfg, seq_len, cut, False, terms)
     recompute = used + kept > budget
     rows = {}
     for t in terms:
