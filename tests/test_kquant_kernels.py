@@ -143,6 +143,10 @@ def test_rows_dequantize_exactly(qtype):
     np.testing.assert_array_equal(layer.rows(torch.tensor([8, 0, 3, 3])).numpy(), quants.dequantize(raw, qtype)[[8, 0, 3, 3]])
     with pytest.raises(RuntimeError, match="out of range"):
         layer.rows(torch.tensor([9]))
+    out = torch.full((6, 512), float("nan"))
+    np.testing.assert_array_equal(layer.rows_into(2, out).numpy(), quants.dequantize(raw, qtype)[2:8])  # into a reused buffer
+    with pytest.raises(RuntimeError, match="out of range"):
+        layer.rows_into(4, out)
 
 
 @pytest.mark.parametrize("qtype", KQUANTS)

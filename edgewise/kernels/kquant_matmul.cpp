@@ -506,6 +506,16 @@ void dequantize_row(const uint8_t* row, int64_t n_super, float* out) {
   }
 }
 
+void dequantize_any(int64_t qtype, const uint8_t* row, int64_t n_super, float* out) {
+  switch (qtype) {
+    case ew::GGML_Q2_K: dequantize_row<Q2K>(row, n_super, out); break;
+    case ew::GGML_Q3_K: dequantize_row<Q3K>(row, n_super, out); break;
+    case ew::GGML_Q4_K: dequantize_row<Q4K>(row, n_super, out); break;
+    case ew::GGML_Q5_K: dequantize_row<Q5K>(row, n_super, out); break;
+    default: dequantize_row<Q6K>(row, n_super, out);
+  }
+}
+
 at::Tensor kquant_rows(const at::Tensor& w, const at::Tensor& ids, int64_t qtype, int64_t k) {
   const int64_t bytes = super_bytes(qtype);
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2 && k % QK_K == 0 && w.size(1) == k / QK_K * bytes, "kquant_rows: bad weight layout");
@@ -516,17 +526,25 @@ at::Tensor kquant_rows(const at::Tensor& w, const at::Tensor& ids, int64_t qtype
   const uint8_t* wp = w.data_ptr<uint8_t>();
   for (int64_t t = 0; t < idx.size(0); ++t) {
     TORCH_CHECK(ip[t] >= 0 && ip[t] < w.size(0), "kquant_rows: id ", ip[t], " out of range [0, ", w.size(0), ")");
-    const uint8_t* row = wp + ip[t] * w.size(1);
-    float* o = out.data_ptr<float>() + t * k;
-    switch (qtype) {
-      case ew::GGML_Q2_K: dequantize_row<Q2K>(row, k / QK_K, o); break;
-      case ew::GGML_Q3_K: dequantize_row<Q3K>(row, k / QK_K, o); break;
-      case ew::GGML_Q4_K: dequantize_row<Q4K>(row, k / QK_K, o); break;
-      case ew::GGML_Q5_K: dequantize_row<Q5K>(row, k / QK_K, o); break;
-      default: dequantize_row<Q6K>(row, k / QK_K, o);
-    }
+    dequantize_any(qtype, wp + ip[t] * w.size(1), k / QK_K, out.data_ptr<float>() + t * k);
   }
   return out;
+}
+
+// Rows start .. start + out.size(0) - 1, dequantized exactly into `out` (contiguous fp32 [rows, k]), the rows
+// split between threads: the training backward's slices of a frozen matrix, written into a buffer it reuses
+// (personalize/frozen.py) instead of a fresh allocation per slice.
+void kquant_rows_into(const at::Tensor& w, int64_t start, int64_t qtype, int64_t k, at::Tensor out) {
+  const int64_t bytes = super_bytes(qtype);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2 && k % QK_K == 0 && w.size(1) == k / QK_K * bytes, "kquant_rows_into: bad weight layout");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(1) == k, "kquant_rows_into: out must be contiguous fp32 [rows, ", k, "]");
+  const int64_t n = out.size(0);
+  TORCH_CHECK(start >= 0 && start + n <= w.size(0), "kquant_rows_into: rows ", start, "..", start + n - 1, " out of range [0, ", w.size(0), ")");
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t t = r0; t < r1; ++t) dequantize_any(qtype, wp + (start + t) * w.size(1), k / QK_K, op + t * k);
+  });
 }
 
 at::Tensor kquant_linear_meta(const at::Tensor& x, const at::Tensor&, int64_t, int64_t n, int64_t, int64_t) { return at::empty({x.size(0), n}, x.options()); }
@@ -540,11 +558,13 @@ at::Tensor kquant_rows_meta(const at::Tensor&, const at::Tensor& ids, int64_t, i
 TORCH_LIBRARY_FRAGMENT(edgewise, m) {
   m.def("kquant_linear(Tensor x, Tensor w, int qtype, int n, int k, int act_bits) -> Tensor");
   m.def("kquant_rows(Tensor w, Tensor ids, int qtype, int k) -> Tensor");
+  m.def("kquant_rows_into(Tensor w, int start, int qtype, int k, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(edgewise, CPU, m) {
   m.impl("kquant_linear", &kquant_linear);
   m.impl("kquant_rows", &kquant_rows);
+  m.impl("kquant_rows_into", &kquant_rows_into);
 }
 
 TORCH_LIBRARY_IMPL(edgewise, Meta, m) {

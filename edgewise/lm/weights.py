@@ -259,6 +259,11 @@ class KQuantLinear(nn.Module):
         """Exactly dequantized rows, for an embedding table that shares this weight."""
         return torch.ops.edgewise.kquant_rows(self.raw, ids, self.qtype, self.in_features)
 
+    def rows_into(self, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows start .. start + len(out) - 1, exactly dequantized into `out` (contiguous fp32 [rows, in])."""
+        torch.ops.edgewise.kquant_rows_into(self.raw, start, self.qtype, self.in_features, out)
+        return out
+
 
 class DenseLinear(nn.Module):
     def __init__(self, weight: torch.Tensor):

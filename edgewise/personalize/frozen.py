@@ -66,6 +66,8 @@ def dequantized_rows(module: nn.Module, start: int, stop: int, out: torch.Tensor
         w = out if out is not None else torch.empty(n, module.in_features)
         w.view(n, -1, 32).copy_(module.qs[start:stop].view(n, -1, 32)).mul_(module.d[start:stop, :, None].float())
         return w
+    if isinstance(module, KQuantLinear) and out is not None:
+        return module.rows_into(start, out)
     if isinstance(module, (KQuantLinear, Int8Linear, DenseLinear)):
         w = module.rows(torch.arange(start, stop))
         return out.copy_(w) if out is not None else w
