@@ -90,7 +90,7 @@ def worker_edgewise(args) -> dict:
         if rival is not None:
             rival.kill()
     wall = time.perf_counter() - t0
-    result = {"method": f"edgewise {args.budget}MB", "inference_mb": r.inference_mb, "training_mb": r.training_mb, "tok_s": r.tokens_per_s,
+    result = {"method": f"edgewise {args.budget}MB", "budget_mb": args.budget, "inference_mb": r.inference_mb, "training_mb": r.training_mb, "tok_s": r.tokens_per_s,
               "train_s": r.seconds, "wall_s": wall, "params": r.plan.params, "seq_len": r.plan.seq_len}
     if args.busy:
         return result
@@ -319,7 +319,8 @@ def main() -> None:
     ew64 = by[f"edgewise {kb_budget}MB"]  # 64 MB, the operating point, when --budgets has it
     lora = by["peft-lora"]
     lines += ["Each edgewise budget against peft LoRA (training memory above the inference footprint; held-out ppl gain):", ""]
-    lines += [f"- {r['method']}: {r['training_mb']:.1f} MB, {lora['training_mb'] / max(r['training_mb'], 1e-9):.2f}x less than peft-lora;"
+    lines += [f"- {r['method']}: {r['training_mb']:.1f} MB ({'within' if r['training_mb'] <= r['budget_mb'] else 'OVER'} its budget),"
+              f" {lora['training_mb'] / max(r['training_mb'], 1e-9):.2f}x less than peft-lora;"
               f" gain {gain(r, 'user'):.1f}% against {gain(lora, 'user'):.1f}%" for r in rows if r["method"].startswith("edgewise")]
     # the same comparison at equal quality: the least memory that gets within 2 points of LoRA's gain
     close = [r for r in rows if r["method"].startswith("edgewise") and gain(r, "user") <= gain(lora, "user") + 2.0]
