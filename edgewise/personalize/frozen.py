@@ -30,7 +30,10 @@ class Scratch:
     """Reused fp32 buffers for the chunks of the frozen layers' products. A chunk of rows dequantized afresh each
     time is a fresh allocation of up to `ROW_CHUNK_BYTES`; `tune` has glibc hand every block of 64 KiB and more back to
     the OS at once (`metrics.memory.release_freed_memory`, so freed activations leave the RSS), which makes each such
-    allocation an mmap whose pages fault in anew: measured, a training step on SmolLM2 took 2.6x as long that way."""
+    allocation an mmap whose pages fault in anew. Measured on SmolLM2, a 64 MB plan: 2.95 s a step before these
+    buffers, 2.2 s with them, the same peak memory. (With glibc's defaults, which keep freed blocks resident, a step
+    takes 1.1 s but the training peak is 335 MB above the inference footprint instead of 57: the activations'
+    remaining allocations are what the rest of the time goes to.)"""
 
     def __init__(self):
         self.buffers: dict[str, torch.Tensor] = {}

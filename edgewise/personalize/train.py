@@ -7,9 +7,10 @@
 2. The text becomes windows of `seq_len` tokens. The *inference footprint* is measured: the process's peak RSS
    once the base has loaded and run one window without gradients.
 3. The contribution analysis and the search choose what trains under `budget` (`plan.py`), and the plan is printed.
-4. Adam (`optim.py`, no weight decay) trains the chosen terms on shuffled windows, a linear warm-up over the first 10% of steps and a linear decay to zero. The loss is the chunked
-   cross-entropy (`frozen.chunked_nll`); blocks below the plan's cut run without autograd. With one window a step (the
-   default), each term is updated inside the backward as soon as its gradient is complete, and the gradient
+4. Adam (`optim.py`: no weight decay, a matrix's second moment factored) trains the chosen terms on shuffled
+   windows, a linear warm-up over the first 10% of steps and a linear decay to zero. The loss is the chunked
+   cross-entropy (`frozen.chunked_nll`); blocks below the plan's cut run without autograd. With one window a step
+   (the default), each term is updated inside the backward as soon as its gradient is complete, and the gradient
    dropped; with `batch` windows a step, gradients are summed over them and held until the step (4 more bytes per
    trained parameter).
 5. Every `checkpoint_every` steps, and at the end, the adapter file is rewritten whole (`adapter.save_adapter`:
