@@ -233,6 +233,22 @@ def test_adam_inside_the_backward_equals_adam_after_it(monkeypatch, tmp_path, re
 
 
 # -- the plan -------------------------------------------------------------------------------------------
+def test_energies_of_a_weight_gradient_never_formed():
+    """Row energies and top squared singular values of g = a^T b, computed without g, against g itself (LAPACK's
+    singular values as the reference; orthogonal iteration converges on a decaying spectrum)."""
+    from edgewise.personalize.plan import row_energies, top_energies
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(24, 50, generator=gen) * torch.logspace(0, -2, 50)  # a [T, out], b [T, in]: a decaying spectrum
+    b = torch.randn(24, 40, generator=gen) * torch.logspace(0, -1, 40)
+    g = a.T @ b
+    torch.testing.assert_close(row_energies(a, b), g.pow(2).sum(1), rtol=1e-5, atol=1e-6)
+    ref = torch.linalg.svdvals(g.double()).pow(2)[:8].float()
+    got = top_energies(a, b, 8, iters=30)
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4)
+    assert (top_energies(a, b, 8).cumsum(0) <= ref.cumsum(0) * (1 + 1e-5)).all()  # partial sums are lower bounds (Ky Fan)
+
+
 def test_plan_respects_budget_and_states_the_smallest(smol):
     from edgewise.lm.tokenizer import TextTokenizer
     from edgewise.personalize.frozen import freeze

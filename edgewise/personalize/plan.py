@@ -125,24 +125,33 @@ def plan_fixed_bytes(cfg: ModelConfig, T: int, cut: int, recompute: bool, terms:
 
 
 def analysis_bytes(cfg: ModelConfig, T: int, cut: int = 0) -> int:
-    """The contribution analysis' bytes down to block `cut`: those blocks recomputed, and one projection's dL/dW
-    [out, in] at a time."""
-    widest = max(cfg.ffn_dim, cfg.n_heads * cfg.head_dim) * cfg.dim * 4
-    return fixed_bytes(cfg, T, cut, recompute=True) + widest
+    """The contribution analysis' bytes down to block `cut`: those blocks recomputed, each frozen layer's input saved
+    for the observer (one block at a time), and one projection's products with a and b (`top_energies`): never a
+    whole dL/dW [out, in] (55 MB for one FFN matrix of Qwen2.5-1.5B, more than a 64 MB budget leaves)."""
+    widest, width = max(2 * cfg.ffn_dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim), max(cfg.dim, cfg.ffn_dim)
+    observer = 4 * (T * T + 2 * T * widest + 3 * MAX_RANK * width)
+    return fixed_bytes(cfg, T, cut, recompute=True) + adapted_input_bytes(cfg, T) + observer
 
 
 # -- the contribution analysis -----------------------------------------------------------------------
-def top_energies(g: torch.Tensor, r: int, iters: int = 4) -> torch.Tensor:
-    """Estimates of the r largest squared singular values of g, largest first, by orthogonal iteration on g^T g with
-    Gram-Schmidt: matrix products only. (LAPACK's SVD would page 16 MB of the math library's code into the process,
-    as much as a small training budget.) Each partial sum is a lower bound of the true one (Ky Fan), tight after a few
-    iterations when the spectrum falls off."""
-    k = min(r, *g.shape)
-    q = torch.randn(g.shape[1], k, generator=torch.Generator().manual_seed(0))
+def row_energies(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The squared norms of the rows of g = a^T b (a [T, out], b [T, in]: a layer's output gradient and input, g its
+    weight's gradient), without forming g: |g_i|^2 = a_i^T (b b^T) a_i, through the [T, T] Gram matrix."""
+    return ((b @ b.T) @ a).mul_(a).sum(0)
+
+
+def top_energies(a: torch.Tensor, b: torch.Tensor, r: int, iters: int = 4) -> torch.Tensor:
+    """Estimates of the r largest squared singular values of g = a^T b (see `row_energies`), largest first, by
+    orthogonal iteration on g^T g with Gram-Schmidt: matrix products only, and g never formed (g^T g q is
+    b^T (a (a^T (b q))), each product [T or out or in, r]). (LAPACK's SVD would page 16 MB of the math library's code
+    into the process, as much as a small training budget.) Each partial sum is a lower bound of the true one (Ky
+    Fan), tight after a few iterations when the spectrum falls off."""
+    k = min(r, a.shape[1], b.shape[1])
+    q = torch.randn(b.shape[1], k, generator=torch.Generator().manual_seed(0))
     for _ in range(iters):
-        q = _orthonormal(g.T @ (g @ q))
+        q = _orthonormal(b.T @ (a @ (a.T @ (b @ q))))
     out = torch.zeros(r)
-    out[:k] = (g @ q).pow(2).sum(0).sort(descending=True).values
+    out[:k] = (a.T @ (b @ q)).pow(2).sum(0).sort(descending=True).values
     return out
 
 
@@ -187,11 +196,11 @@ def analyse(model, frozen: list, windows: list[list[int]], loss_of: Callable, pr
             xf = x.float().reshape(-1, x.shape[-1])
             g_all = grad_out.float().reshape(-1, grad_out.shape[-1])
             for proj, lo, hi in slots:
-                g = g_all[:, lo:hi].T @ xf  # dL/dW of this projection [out, in]
+                a = g_all[:, lo:hi]  # dL/dW of this projection [out, in] is a^T xf: never formed
                 key = f"blk.{layer}.{proj}"
-                rows = g.pow(2).sum(1)
+                rows = row_energies(a, xf)
                 c.rows[key] = rows if key not in c.rows else c.rows[key] + rows
-                s2 = top_energies(g, MAX_RANK)
+                s2 = top_energies(a, xf, MAX_RANK)
                 c.spectra[key] = s2 if key not in c.spectra else c.spectra[key] + s2
         return see
 
