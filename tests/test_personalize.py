@@ -233,6 +233,23 @@ def test_adam_inside_the_backward_equals_adam_after_it(monkeypatch, tmp_path, re
 
 
 # -- the plan -------------------------------------------------------------------------------------------
+def test_an_adapter_attaches_over_concatenated_layers():
+    """Qwen's Q|K|V are a ConcatLinear (parts of different types): an adapter applied at load (no Frozen wrapper)
+    reads its sizes from it; they were missing, and `generate|eval --adapter` failed on Qwen."""
+    from edgewise.lm.weights import ConcatLinear, DenseLinear
+    from edgewise.personalize.adapter import Adapted
+    from edgewise.personalize.frozen import dequantized_rows
+
+    gen = torch.Generator().manual_seed(0)
+    parts = [DenseLinear(torch.randn(n, 16, generator=gen)) for n in (8, 4, 4)]
+    cat = ConcatLinear(parts)
+    assert (cat.out_features, cat.in_features) == (16, 16)
+    adapted = Adapted(cat)
+    assert (adapted.out_features, adapted.in_features) == (16, 16)
+    x = torch.randn(3, 16, generator=gen)
+    torch.testing.assert_close(adapted(x), x @ dequantized_rows(cat, 0, 16).T)
+
+
 def test_energies_of_a_weight_gradient_never_formed():
     """Row energies and top squared singular values of g = a^T b, computed without g, against g itself (LAPACK's
     singular values as the reference; orthogonal iteration converges on a decaying spectrum)."""

@@ -306,6 +306,7 @@ class ConcatLinear(nn.Module):
     def __init__(self, parts: list[nn.Module]):
         super().__init__()
         self.parts = nn.ModuleList(parts)
+        self.out_features, self.in_features = sum(p.out_features for p in parts), parts[0].in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([part(x) for part in self.parts], dim=-1)
