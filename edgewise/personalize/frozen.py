@@ -14,6 +14,8 @@ each token's log-sum-exp; the backward recomputes them a slice of the vocabulary
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,9 +41,7 @@ class Scratch:
         self.buffers: dict[str, torch.Tensor] = {}
 
     def get(self, name: str, *shape: int) -> torch.Tensor:
-        n = 1
-        for v in shape:
-            n *= v
+        n = math.prod(shape)
         buf = self.buffers.get(name)
         if buf is None or buf.numel() < n:
             buf = self.buffers[name] = torch.empty(n)
@@ -75,7 +75,7 @@ def dequantized_rows(module: nn.Module, start: int, stop: int, out: torch.Tensor
         w = module.rows(torch.arange(start, stop))
         return out.copy_(w) if out is not None else w
     if isinstance(module, ConcatLinear):
-        w = out if out is not None else torch.empty(n, module.parts[0].in_features)
+        w = out if out is not None else torch.empty(n, module.in_features)
         at = 0
         for part in module.parts:
             lo, hi = max(start, at), min(stop, at + part.out_features)
@@ -89,15 +89,9 @@ def dequantized_rows(module: nn.Module, start: int, stop: int, out: torch.Tensor
     )
 
 
-def out_features(module: nn.Module) -> int:
-    if isinstance(module, ConcatLinear):
-        return sum(out_features(p) for p in module.parts)
-    return module.out_features
-
-
 def input_grad(module: nn.Module, grad_out: torch.Tensor) -> torch.Tensor:
     """dL/dx = dL/dy W for y = x W^T, W dequantized `ROW_CHUNK_BYTES` at a time."""
-    n_out, n_in = out_features(module), module_in_features(module)
+    n_out, n_in = module.out_features, module.in_features
     g = grad_out.float().reshape(-1, n_out)
     grad_in = torch.zeros(g.shape[0], n_in)
     step = max(1, ROW_CHUNK_BYTES // (4 * n_in))
@@ -111,7 +105,7 @@ def dense_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """y = x W^T with W dequantized `ROW_CHUNK_BYTES` at a time into fp32 matrix products: on a training window's
     hundreds of rows, several times faster than the quantized kernels, which are made for decoding's one row (and
     exact: no rounding of x)."""
-    n_out, n_in = out_features(module), module_in_features(module)
+    n_out, n_in = module.out_features, module.in_features
     xf = x.float().reshape(-1, n_in)
     y = torch.empty(xf.shape[0], n_out)
     step = max(1, ROW_CHUNK_BYTES // (4 * n_in))
@@ -125,10 +119,6 @@ def dense_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def frozen_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The base layer on x: `dense_forward` for a window of `DENSE_ROWS` rows or more, else its own kernel."""
     return dense_forward(module, x) if x.numel() // x.shape[-1] >= DENSE_ROWS else module(x)
-
-
-def module_in_features(module: nn.Module) -> int:
-    return module.parts[0].in_features if isinstance(module, ConcatLinear) else module.in_features
 
 
 class _FrozenLinearFn(torch.autograd.Function):
@@ -154,7 +144,7 @@ class Frozen(nn.Module):
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
-        self.out_features, self.in_features = out_features(base), module_in_features(base)
+        self.out_features, self.in_features = base.out_features, base.in_features
         self.observer = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,7 +159,7 @@ class Frozen(nn.Module):
 class _ChunkedNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
-        vocab = out_features(head)
+        vocab = head.out_features
         rows = max(1, LOGIT_CHUNK_BYTES // (4 * vocab))
         lse = torch.empty(h.shape[0])
         total = torch.zeros(())
@@ -185,7 +175,7 @@ class _ChunkedNLL(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         h, targets, lse = ctx.saved_tensors
         head = ctx.head
-        vocab, hf = out_features(head), h.float()
+        vocab, hf = head.out_features, h.float()
         cols = max(1, min(LOGIT_CHUNK_BYTES // (4 * h.shape[0]), ROW_CHUNK_BYTES // (4 * h.shape[1])))
         grad_h = torch.zeros_like(hf)
         for s in range(0, vocab, cols):
@@ -249,7 +239,7 @@ def chunked_nll(h: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torc
 
 
 def _nll_no_grad(h: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    rows = max(1, LOGIT_CHUNK_BYTES // (4 * out_features(head)))
+    rows = max(1, LOGIT_CHUNK_BYTES // (4 * head.out_features))
     total = torch.zeros(())
     for s in range(0, h.shape[0], rows):
         total += F.cross_entropy(head(h[s : s + rows]).float(), targets[s : s + rows], reduction="sum")
