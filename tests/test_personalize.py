@@ -181,7 +181,8 @@ def test_factored_second_moment_against_numpy_and_exact_on_rank_one():
 
 
 def test_factored_adam_resumes_from_a_whole_second_moment():
-    """An adapter saved before the second moment was factored resumes: its whole v gives the row and column means."""
+    """An adapter saved before the second moment was factored resumes: its whole v gives the row and column means.
+    A moment missing or of the wrong shape (a damaged adapter) is refused, naming the tensor."""
     from edgewise.personalize.optim import Adam
 
     v = torch.rand(5, 3)
@@ -189,6 +190,10 @@ def test_factored_adam_resumes_from_a_whole_second_moment():
     opt.load({"exp_avg/a": torch.ones(5, 3), "exp_avg_sq/a": v, "exp_avg/n": torch.ones(3), "exp_avg_sq/n": v[0]}, step=7)
     r, c = opt.factors["a"]
     assert torch.equal(r, v.mean(1)) and torch.equal(c, v.mean(0)) and torch.equal(opt.exp_avg_sq["n"], v[0]) and opt.step_count == 7
+    with pytest.raises(EdgewiseError, match=r"adapter tensor exp_avg_sq_col/a: expected shape \(3,\), found \(4,\).*damaged"):
+        opt.load({"exp_avg/a": torch.ones(5, 3), "exp_avg_sq_row/a": torch.ones(5), "exp_avg_sq_col/a": torch.ones(4)}, step=7)
+    with pytest.raises(EdgewiseError, match="adapter tensor exp_avg_sq/n: expected shape"):
+        opt.load({"exp_avg/n": torch.ones(3)}, step=7)
 
 
 @pytest.mark.parametrize("recompute", [True, False])

@@ -35,6 +35,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgewise.errors import EdgewiseError
+
 TINY = 1e-30  # added to g^2 in the factored moment
 
 
@@ -110,19 +112,26 @@ class Adam:
     def load(self, tensors: dict[str, torch.Tensor], step: int) -> None:
         """Moments from an adapter's `exp_avg...` tensors, at `step`. A whole second moment where this optimizer keeps
         it factored (an adapter trained before factoring) gives its row and column means."""
-        for n in self.params:
+        def take(key: str, like: torch.Tensor) -> torch.Tensor:
+            got = tensors.get(key)
+            if got is None or got.shape != like.shape:
+                raise EdgewiseError(f"adapter tensor {key}: expected shape {tuple(like.shape)}, found {None if got is None else tuple(got.shape)}:"
+                                    " the adapter is damaged; delete it (or pass another --out) to train afresh")
+            return got
+
+        for n, p in self.params.items():
             if f"exp_avg/{n}" not in tensors:
                 continue
-            self.exp_avg[n].copy_(tensors[f"exp_avg/{n}"])
-            whole = tensors.get(f"exp_avg_sq/{n}")
+            self.exp_avg[n].copy_(take(f"exp_avg/{n}", p))
             if n in self.factors:
                 r, c = self.factors[n]
-                if whole is not None:
+                if f"exp_avg_sq/{n}" in tensors:
+                    whole = take(f"exp_avg_sq/{n}", p)
                     r.copy_(whole.mean(1))
                     c.copy_(whole.mean(0))
                 else:
-                    r.copy_(tensors[f"exp_avg_sq_row/{n}"])
-                    c.copy_(tensors[f"exp_avg_sq_col/{n}"])
-            elif whole is not None:
-                self.exp_avg_sq[n].copy_(whole)
+                    r.copy_(take(f"exp_avg_sq_row/{n}", r))
+                    c.copy_(take(f"exp_avg_sq_col/{n}", c))
+            else:
+                self.exp_avg_sq[n].copy_(take(f"exp_avg_sq/{n}", p))
         self.step_count = step
