@@ -145,6 +145,8 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--prune", default="0.33,6,100", metavar="FFN,LAYERS,STEPS",
                     help="the pruned rows: share of FFN neurons removed, layers dropped, distillation steps (default 0.33,6,100; 'none' skips)")
+    ap.add_argument("--prune-heads", type=float, default=0.0, metavar="FRACTION",
+                    help="in the pruned rows, also this share of every layer's query heads (as many from each KV group; default 0)")
     ap.add_argument("--prune-type", default="Q4_0", help="the pruned model's quantization type (default Q4_0)")
     ap.add_argument("--work", default=str(ROOT / "build" / "compress-bench"), help="folder for the files (kept for reuse)")
     args = ap.parse_args()
@@ -231,12 +233,13 @@ def main() -> int:
     if args.prune != "none":
         frac, drop, steps = args.prune.split(",")
         for label, distill_steps in (("edgewise-pruned", 0), ("edgewise-pruned+distilled", int(steps))):
-            tag = f"{args.prune_type}, FFN -{float(frac):.0%}, -{drop} layers" + (f", {distill_steps} steps" if distill_steps else "")
-            out = work / f"{src.stem}.{label}.{frac}-{drop}-{distill_steps}.{args.prune_type}.gguf"
+            heads = f", heads -{args.prune_heads:.0%}" if args.prune_heads else ""
+            tag = f"{args.prune_type}, FFN -{float(frac):.0%}{heads}, -{drop} layers" + (f", {distill_steps} steps" if distill_steps else "")
+            out = work / f"{src.stem}.{label}.{frac}-{f'h{args.prune_heads}-' if args.prune_heads else ''}{drop}-{distill_steps}.{args.prune_type}.gguf"
             t0, cached_file = time.perf_counter(), out.exists()
             if not cached_file:
                 compress(src, out, QT[args.prune_type], calib=str(calib_file), calib_tokens=args.calib_tokens, ctx=args.ctx, rounding="gptq",
-                         prune_ffn=float(frac), drop_layers=int(drop), distill_steps=distill_steps, log=lambda m: print(m, flush=True))
+                         prune_ffn=float(frac), prune_heads=args.prune_heads, drop_layers=int(drop), distill_steps=distill_steps, log=lambda m: print(m, flush=True))
             rows.append((label, tag, out, None if cached_file else time.perf_counter() - t0))
 
     results = []

@@ -12,21 +12,21 @@ from gguf import GGMLQuantizationType as QT
 from edgewise.compress.gguf_write import tensor_bytes, write_gguf
 from edgewise.compress.mixed import KLProbe
 from edgewise.compress.pipeline import source_weight
-from edgewise.compress.prune import PrunePlan, ffn_importance, parameter_count, plan_pruning, prune_gguf
+from edgewise.compress.prune import PrunePlan, ffn_importance, head_importance, parameter_count, plan_pruning, prune_gguf
 from edgewise.data.text import load_text
 from edgewise.errors import EdgewiseError
 from edgewise.gguf_io import read_gguf
 from edgewise.lm.runtime import LanguageModel
-from tests.test_other_llama_gguf import DIM, FFN, LAYERS, write_tiny
+from tests.test_other_llama_gguf import DIM, FFN, HEADS, KV_HEADS, LAYERS, write_tiny
 
 TEXT = "Pruning keeps what the calibration text says matters, and the rest goes. " * 4
 
 
 def with_float_down(src, path):
-    """The tiny model with every ffn_down as F16 (its Q4_0 dequantized): pruning slices it exactly."""
+    """The tiny model with every ffn_down and attn_output as F16 (its Q4_0 dequantized): pruning slices them exactly."""
     tensors = {n: (t.qtype, tensor_bytes(t.raw, t.shape)) for n, t in src.tensors.items()}
     for n, t in src.tensors.items():
-        if n.endswith("ffn_down.weight"):
+        if n.endswith(("ffn_down.weight", "attn_output.weight")):
             tensors[n] = (QT.F16, tensor_bytes(source_weight(t).astype(np.float16), t.shape))
     return read_gguf(write_gguf(src, path, tensors))
 
@@ -63,6 +63,56 @@ def test_pruned_neurons_are_cut_out_of_the_computation(tiny, tmp_path):
     torch.testing.assert_close(logits(out, ids), logits(zeroed, ids), rtol=1e-4, atol=1e-4)
 
 
+HEAD_DIM = DIM // HEADS
+KEPT_HEADS = {0: np.array([0, 2, 5, 7]), 1: np.array([1, 3, 4, 6])}  # two of each KV group's four query heads
+
+
+def test_pruned_heads_are_cut_out_of_the_computation(tiny, tmp_path):
+    plan = PrunePlan({i: np.arange(FFN) for i in range(LAYERS)}, (), KEPT_HEADS)
+    out = prune_gguf(tiny, tmp_path / "heads.gguf", plan)
+    pruned = read_gguf(out)
+    assert pruned.metadata["llama.attention.head_count"] == 4 and pruned.metadata["llama.attention.head_count_kv"] == KV_HEADS
+    assert pruned.metadata["llama.attention.key_length"] == HEAD_DIM  # DIM / 4 heads would say 32
+    assert pruned.tensors["blk.0.attn_q.weight"].shape == (4 * HEAD_DIM, DIM) and pruned.tensors["blk.1.attn_output.weight"].shape == (DIM, 4 * HEAD_DIM)
+    rows = (KEPT_HEADS[1][:, None] * HEAD_DIM + np.arange(HEAD_DIM)).reshape(-1)
+    assert pruned.tensors["blk.1.attn_q.weight"].raw.tobytes() == tiny.tensors["blk.1.attn_q.weight"].raw[rows].tobytes()  # whole rows
+    assert pruned.tensors["blk.0.attn_k.weight"].raw.tobytes() == tiny.tensors["blk.0.attn_k.weight"].raw.tobytes()  # the K/V heads stay
+    assert parameter_count(tiny) - parameter_count(pruned) == LAYERS * 2 * DIM * 4 * HEAD_DIM
+    # the reference: the source with every pruned head's attn_output columns zeroed (its output then adds nothing)
+    tensors = {n: (t.qtype, tensor_bytes(t.raw, t.shape)) for n, t in tiny.tensors.items()}
+    for i in range(LAYERS):
+        w = source_weight(tiny.tensors[f"blk.{i}.attn_output.weight"])
+        for h in np.setdiff1d(np.arange(HEADS), KEPT_HEADS[i]):
+            w[:, h * HEAD_DIM : (h + 1) * HEAD_DIM] = 0
+        tensors[f"blk.{i}.attn_output.weight"] = (QT.F16, tensor_bytes(w.astype(np.float16), w.shape))
+    zeroed = write_gguf(tiny, tmp_path / "zeroed.gguf", tensors)
+    ids = LanguageModel.load(out, compile=False).tokenizer.encode(TEXT)[:40]
+    torch.testing.assert_close(logits(out, ids), logits(zeroed, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_head_importance_is_each_heads_mean_squared_output(tiny):
+    """tr(W_h H W_h^T) from the calibration Hessian against the heads' outputs W_h z_h measured in the forward."""
+    from edgewise.compress.calibrate import second_moments
+
+    lm = LanguageModel.load(tiny.path, precision="fp32", compile=False)
+    ids = lm.tokenizer.encode(TEXT * 30)[:1024]
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in range(LAYERS)}
+    hooks = [b.attn.wo.register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0].detach().reshape(-1, HEADS * HEAD_DIM).double())) for i, b in enumerate(lm.model.blocks)]
+    moments = second_moments(lm, ids, ctx=256, full=True)
+    for h in hooks:
+        h.remove()
+    scores = head_importance(tiny, moments)
+    diag = head_importance(tiny, {n: torch.diagonal(m) for n, m in moments.items()})
+    for i in range(LAYERS):
+        z = torch.cat(seen[i])
+        w = torch.from_numpy(source_weight(tiny.tensors[f"blk.{i}.attn_output.weight"])).double()
+        want = [float(((z[:, h * HEAD_DIM : (h + 1) * HEAD_DIM] @ w[:, h * HEAD_DIM : (h + 1) * HEAD_DIM].T) ** 2).sum(1).mean()) for h in range(HEADS)]
+        np.testing.assert_allclose(scores[i], want, rtol=1e-4)
+        assert diag[i].shape == (HEADS,) and (diag[i] > 0).all()  # the Wanda-style diagonal: an approximation of it
+    plan = plan_pruning({i: np.ones(FFN) for i in range(LAYERS)}, FFN, (), {0: np.array([5, 1, 3, 2, 0, 9, 8, 7.0])}, KV_HEADS, 2)
+    assert plan.heads[0].tolist() == [0, 2, 5, 6]  # each group's two best
+
+
 def test_a_dropped_layer_is_skipped(tiny, tmp_path):
     plan = PrunePlan({i: np.arange(FFN) for i in range(LAYERS)}, (0,))
     out = prune_gguf(tiny, tmp_path / "dropped.gguf", plan)
@@ -89,12 +139,27 @@ def test_bad_plans_are_refused(tiny, tmp_path):
         prune_gguf(tiny, tmp_path / "o.gguf", PrunePlan({0: np.arange(64), 1: np.arange(96)}, ()))
     with pytest.raises(EdgewiseError, match="drop layers"):
         prune_gguf(tiny, tmp_path / "o.gguf", PrunePlan({i: np.arange(FFN) for i in range(LAYERS)}, tuple(range(LAYERS))))
+    for bad in ({0: np.array([0, 1, 2, 4]), 1: KEPT_HEADS[1]}, {0: np.array([0, 2]), 1: KEPT_HEADS[1]}, {0: np.array([0, 0, 4, 5]), 1: KEPT_HEADS[1]}, {0: KEPT_HEADS[0]}):
+        with pytest.raises(EdgewiseError, match="the same number of query heads from each of its 2 KV groups"):
+            prune_gguf(tiny, tmp_path / "o.gguf", PrunePlan({i: np.arange(FFN) for i in range(LAYERS)}, (), bad))
     assert not (tmp_path / "o.gguf").exists()
 
 
+def test_llama_cpp_runs_a_head_pruned_model(tiny, tmp_path):
+    """Interop, when the peer is installed: head_count and key_length as llama.cpp reads them."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = prune_gguf(tiny, tmp_path / "heads.gguf", PrunePlan({i: np.arange(0, FFN, 2) for i in range(LAYERS)}, (), KEPT_HEADS))
+    ids = LanguageModel.load(out, compile=False).tokenizer.encode(TEXT)[:24]
+    ours = logits(out, ids).numpy()
+    peer = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    peer.eval(ids)
+    theirs = np.array(peer.scores[: len(ids)])
+    assert np.linalg.norm(ours - theirs) / np.linalg.norm(ours) < 0.05  # llama.cpp's 8-bit activations: agreement
+
+
 def test_the_real_model_pruned_runs_and_counts_right(model_path, gguf, tmp_path, monkeypatch):
-    """SmolLM2-135M (Q4_1): a third of every FFN and two layers pruned by calibrated importance; ffn_down
-    requantized by GPTQ on the kept neurons' Hessian."""
+    """SmolLM2-135M (Q4_1): a third of every FFN, one query head of each group of three and two layers pruned by
+    calibrated importance; ffn_down and attn_output requantized by GPTQ on the kept columns' Hessian."""
     from edgewise.compress.calibrate import second_moments
 
     monkeypatch.setattr("edgewise.compress.calibrate.MIN_CALIB_TOKENS", 256)
@@ -103,15 +168,17 @@ def test_the_real_model_pruned_runs_and_counts_right(model_path, gguf, tmp_path,
     moments = second_moments(lm, ids, ctx=256, full=True)
     scores = ffn_importance(gguf, moments)
     assert len(scores) == 30 and all(s.shape == (1536,) and (s >= 0).all() for s in scores.values())
-    plan = plan_pruning(scores, 1024, drop=(12, 20))
+    heads = head_importance(gguf, moments)
+    assert len(heads) == 30 and all(s.shape == (9,) and (s > 0).all() for s in heads.values())
+    plan = plan_pruning(scores, 1024, (12, 20), heads, kv_heads=3, heads_per_group=2)
     out = prune_gguf(gguf, tmp_path / "smol-pruned.gguf", plan, moments)
     pruned = read_gguf(out)
-    assert parameter_count(gguf) - parameter_count(pruned) == 28 * 3 * 576 * 512 + 2 * sum(
+    assert parameter_count(gguf) - parameter_count(pruned) == 28 * (3 * 576 * 512 + 2 * 576 * 3 * 64) + 2 * sum(
         int(np.prod(t.shape)) for n, t in gguf.tensors.items() if n.startswith("blk.0.")
     )
-    assert pruned.tensors["blk.0.ffn_down.weight"].qtype == QT.Q4_1
+    assert pruned.tensors["blk.0.ffn_down.weight"].qtype == QT.Q4_1 and pruned.tensors["blk.0.attn_output.weight"].qtype == QT.Q4_1
     small = LanguageModel.load(out, compile=False)
-    assert small.cfg.n_layers == 28 and small.cfg.ffn_dim == 1024
+    assert small.cfg.n_layers == 28 and small.cfg.ffn_dim == 1024 and small.cfg.n_heads == 6 and small.cfg.head_dim == 64
     text = "It is a truth universally acknowledged"
     out_ids = list(small.generate(small.tokenizer.encode(text), 8, stop_at_eot=False))
     assert len(out_ids) == 8
@@ -173,13 +240,13 @@ def test_cli_prunes_distills_and_quantizes(tiny, tmp_path, capsys):
     from edgewise.cli import main
 
     out = tmp_path / "small.gguf"
-    args = ["compress", str(tiny.path), str(out), "--prune-ffn", "0.5", "--drop-layers", "1", "--distill-steps", "3", "--type", "Q8_0", "--calib-tokens", "1024"]
+    args = ["compress", str(tiny.path), str(out), "--prune-ffn", "0.5", "--prune-heads", "0.5", "--drop-layers", "1", "--distill-steps", "3", "--type", "Q8_0", "--calib-tokens", "1024"]
     assert main(args) == 0
     captured = capsys.readouterr()
     assert captured.out.strip().splitlines()[-1].startswith(f"out = {out} size_mb = ")
-    assert "dropping layers [" in captured.err and "pruned: FFN 256 -> 128 neurons a layer, 2 -> 1 layers" in captured.err and "distilled 3 steps" in captured.err
+    assert "dropping layers [" in captured.err and "pruned: FFN 256 -> 128 neurons a layer, 8 -> 4 query heads a layer, 2 -> 1 layers" in captured.err and "distilled 3 steps" in captured.err
     got = read_gguf(out)
-    assert got.metadata["llama.block_count"] == 1 and got.metadata["llama.feed_forward_length"] == 128
+    assert got.metadata["llama.block_count"] == 1 and got.metadata["llama.feed_forward_length"] == 128 and got.metadata["llama.attention.head_count"] == 4
     assert got.tensors["blk.0.ffn_down.weight"].qtype == QT.Q8_0
     assert [p.name for p in tmp_path.iterdir()] == ["small.gguf"]  # no work files, no checkpoint left
     lm = LanguageModel.load(out, compile=False)

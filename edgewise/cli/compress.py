@@ -41,7 +41,7 @@ def add_commands(sub) -> None:
         "smallest type; larger types predicted from it by their rounding error), and the types with the least summed "
         "KL that fit the size are chosen. The plan table prints each choice with its predicted KL. A size out of reach "
         "is refused with the reachable range.\n\n"
-        "--prune-ffn and --drop-layers make the model smaller first (structured pruning: a dense model that any runtime "
+        "--prune-ffn, --prune-heads and --drop-layers make the model smaller first (structured pruning: a dense model that any runtime "
         "runs faster), --distill-steps recovers some of what pruning cost (a short fine-tune against the source's "
         "next-token distribution on --calib); then the type, size or bpw quantizes the result, calibrated on it. "
         "Pruning alone keeps the source's types.\n\n"
@@ -71,6 +71,9 @@ def add_commands(sub) -> None:
     shape = p.add_argument_group("pruning and distillation (before quantization)")
     shape.add_argument("--prune-ffn", type=number(float, 0.0, high=0.95), default=0.0, metavar="FRACTION",
                        help="remove this share of every FFN's neurons, the least important by E[h^2] * |W_down column|^2 on --calib (kept: a multiple of 256 where the width allows)")
+    shape.add_argument("--prune-heads", type=number(float, 0.0, high=0.95), default=0.0, metavar="FRACTION",
+                       help="remove this share of every layer's query heads, as many from each group that shares a K/V head (at least one "
+                       "stays a group), the least important by E|W_o z_h|^2 on --calib; the K/V heads stay")
     shape.add_argument("--drop-layers", type=number(int, 0), default=0, metavar="N",
                        help="remove the N layers whose skipping alone changes the model's output least (KL on --calib)")
     shape.add_argument("--distill-steps", type=number(int, 0), default=0, metavar="N",
@@ -85,7 +88,7 @@ def cmd_compress(args) -> int:
     from edgewise.compress.pipeline import compress
 
     calib = None if args.rounding == "plain" or args.calib.lower() == "none" else args.calib
-    if calib is None and args.calib.lower() != "none" and (args.qtype is None or args.prune_ffn or args.drop_layers or args.distill_steps):
+    if calib is None and args.calib.lower() != "none" and (args.qtype is None or args.prune_ffn or args.prune_heads or args.drop_layers or args.distill_steps):
         calib = args.calib  # mixed plans, pruning and distillation read calibration text even when rounding plainly
     result = compress(
         args.model,
@@ -102,6 +105,7 @@ def cmd_compress(args) -> int:
         progress=progress_bar("quantizing", unit="weight"),
         sensitivity_progress=progress_bar("sensitivity", unit="tensor"),
         prune_ffn=args.prune_ffn,
+        prune_heads=args.prune_heads,
         drop_layers=args.drop_layers,
         distill_steps=args.distill_steps,
         distill_lr=args.distill_lr,

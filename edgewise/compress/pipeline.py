@@ -272,23 +272,24 @@ def shape_model(
     distill_steps: int = 0,
     distill_lr: float = 1e-4,
     checkpoint: Path | None = None,
+    prune_heads: float = 0.0,
     sensitivity_tokens: int = SENSITIVITY_TOKENS,
     log: Callable[[str], None] = lambda msg: None,
     calib_progress: Callable[[int, int], None] | None = None,
     distill_progress: Callable[[int, int, float], None] | None = None,
 ) -> GGUFFile:
-    """The source made smaller before quantization: `prune_ffn` of every FFN's neurons and the `drop_layers` least
-    important layers pruned (`prune`), then `distill_steps` of distillation against the source (`distill`). Files
+    """The source made smaller before quantization: `prune_ffn` of every FFN's neurons, `prune_heads` of every
+    layer's query heads (as many from each KV group) and the `drop_layers` least important layers pruned (`prune`), then `distill_steps` of distillation against the source (`distill`). Files
     go to `work` (a folder the caller removes). Returns the student."""
     from edgewise.compress.calibrate import SINK_WEIGHT, second_moments
     from edgewise.compress.distill import distill
-    from edgewise.compress.prune import ffn_importance, parameter_count, plan_pruning, prune_gguf
+    from edgewise.compress.prune import ffn_importance, head_importance, heads_kept, parameter_count, plan_pruning, prune_gguf
     from edgewise.lm.config import ModelConfig
     from edgewise.lm.runtime import LanguageModel
 
     cfg = ModelConfig.from_gguf(gguf)
     student = gguf
-    if prune_ffn > 0 or drop_layers > 0:
+    if prune_ffn > 0 or prune_heads > 0 or drop_layers > 0:
         lm = LanguageModel.load(gguf.path, compile=False)
         moments = second_moments(lm, ids, ctx, full=rounding == "gptq", sink_weight=SINK_WEIGHT, progress=calib_progress)
         del lm
@@ -302,9 +303,13 @@ def shape_model(
             log("KL when each layer alone is skipped (nats per token): " + " ".join(f"{i}:{kl:.3f}" for i, kl in enumerate(kls)))
             log(f"dropping layers {list(drop)}")
         keep = ffn_keep(cfg.ffn_dim, prune_ffn)
-        pruned = prune_gguf(gguf, work / "pruned.gguf", plan_pruning(ffn_importance(gguf, moments), keep, drop), moments, rounding)
+        group = cfg.n_heads // cfg.n_kv_heads
+        per_group = heads_kept(group, prune_heads)
+        plan = plan_pruning(ffn_importance(gguf, moments), keep, drop, head_importance(gguf, moments) if per_group < group else None, cfg.n_kv_heads, per_group)
+        pruned = prune_gguf(gguf, work / "pruned.gguf", plan, moments, rounding)
         student = read_gguf(pruned)
-        log(f"pruned: FFN {cfg.ffn_dim} -> {keep} neurons a layer, {cfg.n_layers} -> {cfg.n_layers - len(drop)} layers, "
+        log(f"pruned: FFN {cfg.ffn_dim} -> {keep} neurons a layer, {cfg.n_heads} -> {per_group * cfg.n_kv_heads} query heads a layer, "
+            f"{cfg.n_layers} -> {cfg.n_layers - len(drop)} layers, "
             f"{parameter_count(gguf) / 1e6:.1f}M -> {parameter_count(student) / 1e6:.1f}M parameters")
     if distill_steps:
         result = distill(gguf, student, work / "distilled.gguf", ids, distill_steps, ctx=min(ctx, 256), lr=distill_lr, checkpoint=checkpoint, progress=distill_progress)
@@ -329,6 +334,7 @@ def compress(
     drop_layers: int = 0,
     distill_steps: int = 0,
     distill_lr: float = 1e-4,
+    prune_heads: float = 0.0,
     log: Callable[[str], None] = lambda msg: None,
     calib_progress: Callable[[int, int], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -341,7 +347,8 @@ def compress(
     `rounding` (`ROUNDINGS`) under statistics from `calib_tokens` tokens of `calib` (a corpus name or a text file;
     None: plain squared error, which "gptq" and a mixed plan cannot take).
 
-    First, optionally (`shape_model`): `prune_ffn` of every FFN's neurons and `drop_layers` layers pruned, and
+    First, optionally (`shape_model`): `prune_ffn` of every FFN's neurons, `prune_heads` of its query heads and
+    `drop_layers` layers pruned, and
     `distill_steps` of distillation against the source (checkpointed beside `out`, so a rerun resumes); the
     quantization then calibrates on that student. Pruning alone may skip the quantization (types kept)."""
     import shutil
@@ -351,13 +358,13 @@ def compress(
     from edgewise.models import resolve_model
 
     targets = (qtype is not None) + (size is not None) + (bpw is not None)
-    shaping = prune_ffn > 0 or drop_layers > 0 or distill_steps > 0
+    shaping = prune_ffn > 0 or prune_heads > 0 or drop_layers > 0 or distill_steps > 0
     if targets > 1 or (targets == 0 and not shaping):
-        raise EdgewiseError("give exactly one of --type, --size or --bpw (or only pruning: --prune-ffn, --drop-layers)")
+        raise EdgewiseError("give exactly one of --type, --size or --bpw (or only pruning: --prune-ffn, --prune-heads, --drop-layers)")
     if distill_steps and not targets:
         raise EdgewiseError("distillation trains the matrices in fp32: give --type, --size or --bpw to quantize them")
-    if not 0 <= prune_ffn < 1 or drop_layers < 0 or distill_steps < 0:
-        raise EdgewiseError(f"--prune-ffn must be in [0, 1) (got {prune_ffn}); --drop-layers and --distill-steps at least 0")
+    if not 0 <= prune_ffn < 1 or not 0 <= prune_heads < 1 or drop_layers < 0 or distill_steps < 0:
+        raise EdgewiseError(f"--prune-ffn and --prune-heads must be in [0, 1) (got {prune_ffn}, {prune_heads}); --drop-layers and --distill-steps at least 0")
     if shaping and calib is None:
         raise EdgewiseError("pruning and distillation need calibration text (--calib): importance and the teacher's answers come from it")
     if qtype is not None and qtype not in FORMATS:
@@ -390,8 +397,9 @@ def compress(
     work = out.parent / f".tmp-{os.getpid()}-shape-{out.name}"
     work.mkdir()
     try:
-        student = shape_model(gguf, ids, work, min(ctx, ModelConfig.from_gguf(gguf).context_length), rounding, prune_ffn, drop_layers, distill_steps, distill_lr,
-                              out.parent / f"{out.name}.distill", sensitivity_tokens, log, calib_progress, distill_progress)
+        student = shape_model(gguf, ids, work, min(ctx, ModelConfig.from_gguf(gguf).context_length), rounding, prune_ffn=prune_ffn, prune_heads=prune_heads,
+                              drop_layers=drop_layers, distill_steps=distill_steps, distill_lr=distill_lr, checkpoint=out.parent / f"{out.name}.distill",
+                              sensitivity_tokens=sensitivity_tokens, log=log, calib_progress=calib_progress, distill_progress=distill_progress)
         if targets:
             result = _quantize(student, out, qtype, size, bpw, ids, ctx, rounding, sensitivity_tokens, log, calib_progress, progress, sensitivity_progress)
         else:
