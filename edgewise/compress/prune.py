@@ -51,46 +51,39 @@ class PrunePlan:
         return [i for i in range(n_layers) if i not in self.drop]
 
 
+def _calibrated(gguf: GGUFFile, moments: dict[str, torch.Tensor], matrix: str):
+    """(layer, weight fp64 [out, in], its input's statistics: the Hessian or its diagonal) for every block's
+    `matrix` (e.g. "ffn_down")."""
+    from edgewise.compress.pipeline import source_weight
+
+    for name, t in gguf.tensors.items():
+        if name.startswith("blk.") and name.endswith(f".{matrix}.weight"):
+            if name not in moments:
+                raise EdgewiseError(f"{name}: no calibration statistics for its input; pruning needs them")
+            yield int(name.split(".")[1]), source_weight(t).astype(np.float64), moments[name]
+
+
 def ffn_importance(gguf: GGUFFile, moments: dict[str, torch.Tensor]) -> dict[int, np.ndarray]:
     """Layer -> each FFN neuron's E[h_j^2] * ||W_down[:, j]||^2 (`moments`: ffn_down's input statistics, the
     Hessian or its diagonal)."""
-    from edgewise.compress.pipeline import source_weight
-
-    scores = {}
-    for name, t in gguf.tensors.items():
-        if not name.endswith(".ffn_down.weight"):
-            continue
-        if name not in moments:
-            raise EdgewiseError(f"{name}: no calibration statistics for its input; pruning needs them")
-        m = moments[name]
-        h2 = (torch.diagonal(m) if m.dim() == 2 else m).double().numpy()
-        w = source_weight(t).astype(np.float64)
-        scores[int(name.split(".")[1])] = h2 * (w * w).sum(0)
-    return scores
+    return {i: (torch.diagonal(m) if m.dim() == 2 else m).double().numpy() * (w * w).sum(0) for i, w, m in _calibrated(gguf, moments, "ffn_down")}
 
 
 def head_importance(gguf: GGUFFile, moments: dict[str, torch.Tensor]) -> dict[int, np.ndarray]:
     """Layer -> each query head's E[|W_o[:, cols(h)] z_h|^2] (`moments`: attn_output's input statistics; with the
     whole Hessian the trace form, with its diagonal the per-column sum)."""
-    from edgewise.compress.pipeline import source_weight
     from edgewise.lm.config import ModelConfig
 
     hd = ModelConfig.from_gguf(gguf).head_dim
     scores = {}
-    for name, t in gguf.tensors.items():
-        if not name.endswith(".attn_output.weight"):
-            continue
-        if name not in moments:
-            raise EdgewiseError(f"{name}: no calibration statistics for its input; pruning needs them")
-        m = moments[name].double().numpy()
-        w = source_weight(t).astype(np.float64)  # [dim, heads * head_dim]
-        n_heads = w.shape[1] // hd
+    for i, w, m in _calibrated(gguf, moments, "attn_output"):  # w: [dim, heads * head_dim]
+        m = m.double().numpy()
         per_head = []
-        for h in range(n_heads):
+        for h in range(w.shape[1] // hd):
             cols = slice(h * hd, (h + 1) * hd)
             wc = w[:, cols]
             per_head.append(float(((wc @ m[cols, cols]) * wc).sum()) if m.ndim == 2 else float(m[cols] @ (wc * wc).sum(0)))
-        scores[int(name.split(".")[1])] = np.array(per_head)
+        scores[i] = np.array(per_head)
     return scores
 
 
