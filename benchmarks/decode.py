@@ -127,9 +127,9 @@ def worker_ppl(args) -> dict:
         lm = LanguageModel.load(args.model, precision=precision, compile=False)
         ids = lm.tokenizer.encode(text[: args.ppl_tokens * 8])
         cache = lm.new_cache(args.ppl_ctx)
-        r = perplexity(lambda w: lm.prefill(w, cache, last_only=False), ids, args.ppl_ctx, args.ppl_tokens)
+        r = perplexity(lambda w, lm=lm: lm.prefill(w, cache, last_only=False), ids, args.ppl_ctx, args.ppl_tokens)
         result[precision] = {"ppl": r.ppl, "predictions": r.n_predicted, "windows": r.n_windows}
-        del lm
+        del lm  # before the next precision loads: two models at once would double the peak
     return result
 
 
