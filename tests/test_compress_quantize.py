@@ -14,7 +14,7 @@ from edgewise.cli import main
 from edgewise.compress import pipeline
 from edgewise.compress.blocks import FORMATS, pack
 from edgewise.compress.calibrate import importance, second_moments
-from edgewise.compress.gptq import calibration_loss, gptq_quantize
+from edgewise.compress.gptq import calibration_loss, gptq_quantize, inverse_cholesky
 from edgewise.compress.pipeline import compress_gguf, plan_types
 from edgewise.compress.quantize import quantize_matrix
 from edgewise.data.text import load_text
@@ -134,6 +134,8 @@ def test_gptq_never_increases_the_calibration_loss_over_plain_rounding(real_laye
             "gptq": calibration_loss(w, quants.dequantize(gptq_quantize(w, qtype, h), qtype), h),
         }
         assert loss["gptq"] <= loss["search"] <= loss["plain"], (name, loss)
+        # the factor computed once and handed in (measure_rungs: one per matrix, all its types) changes no byte
+        assert gptq_quantize(w, qtype, h, factor=inverse_cholesky(h)).tobytes() == gptq_quantize(w, qtype, h).tobytes()
 
 
 def test_gptq_with_an_identity_hessian_is_nearest_rounding():

@@ -26,7 +26,7 @@ from gguf import GGUFValueType, LlamaFileType, quants
 
 from edgewise.compress.blocks import FORMATS
 from edgewise.compress.gguf_write import tensor_bytes, write_gguf
-from edgewise.compress.gptq import calibration_loss, gptq_quantize
+from edgewise.compress.gptq import calibration_loss, gptq_quantize, inverse_cholesky
 from edgewise.compress.mixed import SENSITIVITY_TOKENS, KLProbe, Rung, choose, mixed_rungs, predict_kl, size_range
 from edgewise.compress.quantize import quantize_matrix
 from edgewise.errors import EdgewiseError
@@ -114,11 +114,14 @@ def source_weight(t: GGUFTensor) -> np.ndarray:
     return quants.dequantize(t.raw, t.qtype).reshape(t.shape).astype(np.float32)
 
 
-def quantize_tensor(weight: np.ndarray, qtype: QT, moment: torch.Tensor | None, rounding: str, progress: Callable[[int], None] | None = None) -> np.ndarray:
+def quantize_tensor(
+    weight: np.ndarray, qtype: QT, moment: torch.Tensor | None, rounding: str, progress: Callable[[int], None] | None = None, factor=None
+) -> np.ndarray:
     """One matrix's GGUF bytes in `qtype` by `rounding`, under its input's second moments `moment` (the Hessian
-    [in, in] for GPTQ, else its diagonal weighs the scale search; None: plain squared error)."""
+    [in, in] for GPTQ, else its diagonal weighs the scale search; None: plain squared error). `factor`: GPTQ's
+    `inverse_cholesky(moment)`, where the caller rounds one matrix into several types."""
     if rounding == "gptq" and moment is not None and moment.dim() == 2:
-        return gptq_quantize(weight, qtype, moment, progress=progress)
+        return gptq_quantize(weight, qtype, moment, progress=progress, factor=factor)
     imp = None if moment is None or rounding == "plain" else (torch.diagonal(moment) if moment.dim() == 2 else moment).double().numpy()
     return quantize_matrix(weight, qtype, imp, search=rounding != "plain")
 
@@ -185,8 +188,9 @@ def measure_rungs(
         if len(rs) == 1:
             continue
         weight, m = source_weight(t), moments.get(name)
+        factor = inverse_cholesky(m) if rounding == "gptq" and m is not None and m.dim() == 2 and len(rs) > 2 else None  # once for its rungs
         for r in rs[:-1]:
-            r.raw = quantize_tensor(weight, r.qtype, m, rounding, lambda cols: progress(done + cols * t.shape[0], total) if progress else None)
+            r.raw = quantize_tensor(weight, r.qtype, m, rounding, lambda cols: progress(done + cols * t.shape[0], total) if progress else None, factor)
             r.proxy = rounding_loss(weight, r.raw, r.qtype, m)
             done += weight.size
             if progress is not None:
