@@ -139,6 +139,9 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--prune", default="0.33,6,100", metavar="FFN,LAYERS,STEPS",
                     help="the pruned rows: share of FFN neurons removed, layers dropped, distillation steps (default 0.33,6,100; 'none' skips)")
+    ap.add_argument("--no-mixed", action="store_true",
+                    help="skip the mixed-precision files (their measurement quantizes every type below the source and probes every tensor: "
+                    "about 2 hours on Qwen2.5-Coder-1.5B on 2 cores)")
     ap.add_argument("--prune-heads", type=float, default=0.0, metavar="FRACTION",
                     help="in the pruned rows, also this share of every layer's query heads (as many from each KV group; default 0)")
     ap.add_argument("--prune-type", default="Q4_0", help="the pruned model's quantization type (default Q4_0)")
@@ -200,7 +203,7 @@ def main() -> int:
     low, high = size_range(source)
     rungs: dict = {}
     for label, t, path, _ in list(rows):
-        if not label.startswith("llama.cpp-imatrix"):
+        if args.no_mixed or not label.startswith("llama.cpp-imatrix"):
             continue
         size = path.stat().st_size
         out = work / f"{src.stem}.edgewise-mixed.{size}.gguf"
@@ -257,9 +260,9 @@ def main() -> int:
         (f"edgewise's calibration (every layer input's Hessian, shared by its search, gptq and mixed files) took {cached['seconds']:.0f} s;"
          if "seconds" in cached else "edgewise's calibration and every file were made by earlier runs of this script and reused here (no times measured);"),
         "the seconds column is each file's quantization alone (`-`: the file was made by an earlier run and reused).",
-        (f"The mixed files' measurement (every type below the source quantized by GPTQ, each tensor's KL measured on {SENSITIVITY_TOKENS} "
+        ("No mixed files (--no-mixed)." if args.no_mixed else (f"The mixed files' measurement (every type below the source quantized by GPTQ, each tensor's KL measured on {SENSITIVITY_TOKENS} "
          f"calibration tokens) took {cached['mixed_seconds']:.0f} s once; their seconds are the choice and the write." if "mixed_seconds" in cached else
-         "The mixed files were made by earlier runs (the measurement time is not repeated here)."),
+         "The mixed files were made by earlier runs (the measurement time is not repeated here).")),
         "`llama.cpp-imatrix-head`: llama.cpp with the matrix and the output head (here the tied embedding) in the type too;"
         " `edgewise-mixed =imatrix T`: a type per matrix at the size of the llama.cpp-imatrix file of type T (equal or smaller; `=imatrix-head T`: of that file).",
         f"A mixed plan of {src.name} reaches {8 * low / n_weights:.2f} to {8 * high / n_weights:.2f} bits per weight "
