@@ -253,3 +253,5 @@ def test_cli_prunes_distills_and_quantizes(tiny, tmp_path, capsys):
     assert torch.isfinite(lm.prefill([1, 2, 3], lm.new_cache(8))).all()
     assert main(["compress", str(tiny.path), str(tmp_path / "o.gguf"), "--distill-steps", "3"]) == 1
     assert "give --type, --size or --bpw" in capsys.readouterr().err
+    assert main(["compress", str(tiny.path), str(tmp_path / "o.gguf"), "--prune-heads", "0.1", "--type", "Q8_0"]) == 1  # 4 heads a group: 0.1 rounds to none
+    assert "removes no head of tiny.gguf" in capsys.readouterr().err and not (tmp_path / "o.gguf").exists()

@@ -292,6 +292,13 @@ def shape_model(
     from edgewise.lm.runtime import LanguageModel
 
     cfg = ModelConfig.from_gguf(gguf)
+    group = cfg.n_heads // cfg.n_kv_heads
+    per_group = heads_kept(group, prune_heads)
+    if prune_heads > 0 and per_group == group:
+        raise EdgewiseError(
+            f"--prune-heads {prune_heads} removes no head of {gguf.path.name}: each of its {cfg.n_kv_heads} K/V heads serves {group} query heads and at least one stays"
+            + (" (a head with its own K/V head cannot be pruned here)" if group == 1 else f"; give more than {0.5 / group:.3g}")
+        )
     student = gguf
     if prune_ffn > 0 or prune_heads > 0 or drop_layers > 0:
         lm = LanguageModel.load(gguf.path, compile=False)
@@ -307,8 +314,6 @@ def shape_model(
             log("KL when each layer alone is skipped (nats per token): " + " ".join(f"{i}:{kl:.3f}" for i, kl in enumerate(kls)))
             log(f"dropping layers {list(drop)}")
         keep = ffn_keep(cfg.ffn_dim, prune_ffn)
-        group = cfg.n_heads // cfg.n_kv_heads
-        per_group = heads_kept(group, prune_heads)
         plan = plan_pruning(ffn_importance(gguf, moments), keep, drop, head_importance(gguf, moments) if per_group < group else None, cfg.n_kv_heads, per_group)
         pruned = prune_gguf(gguf, work / "pruned.gguf", plan, moments, rounding)
         student = read_gguf(pruned)
