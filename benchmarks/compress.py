@@ -31,11 +31,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # before torch starts its threads, as the CLI does: idle-waiting workers decode slower
 
 import torch
 import torch.nn.functional as F
