@@ -18,7 +18,7 @@ sources are already quantized (SmolLM2-135M is Q4_1, Qwen2.5-Coder-1.5B Q4_K_M);
 Needs llama.cpp's tools: `scripts/build-llama-tools.sh` (about 9 minutes on 2 cores, once).
 
     python benchmarks/compress.py                        # SmolLM2-135M: Q4_0 and Q2_K (about 40 minutes)
-    python benchmarks/compress.py --model qwen2.5-coder-1.5b --types Q4_K,Q3_K   # not run yet: 9.8 GB of Hessians
+    python benchmarks/compress.py --model qwen2.5-coder-1.5b --types Q3_K --no-mixed --prune none --eval-chars 8000   # ~45 min
 
 Writes benchmarks/results/compress[_MODEL].md and a PNG of perplexity against file size (MiB). Its last lines:
 `ratio ppl edgewise/llama.cpp-imatrix [TYPE] [MODEL] = X` per type (below 1: edgewise's file is better), then
