@@ -266,7 +266,8 @@ def main() -> int:
         ("No mixed files (--no-mixed)." if args.no_mixed else (f"The mixed files' measurement (every type below the source quantized by GPTQ, each tensor's KL measured on {SENSITIVITY_TOKENS} "
          f"calibration tokens) took {cached['mixed_seconds']:.0f} s once; their seconds are the choice and the write." if "mixed_seconds" in cached else
          "The mixed files were made by earlier runs (the measurement time is not repeated here).")),
-        "`llama.cpp-imatrix-head`: llama.cpp with the matrix and the output head (here the tied embedding) in the type too;"
+        "`llama.cpp-imatrix-head`: llama.cpp with the matrix and the output head ("
+        + ("output.weight, and the token embedding" if "output.weight" in source.tensors else "here the tied embedding") + ") in the type too;"
         " `edgewise-mixed =imatrix T`: a type per matrix at the size of the llama.cpp-imatrix file of type T (equal or smaller; `=imatrix-head T`: of that file).",
         f"A mixed plan of {src.name} reaches {8 * low / n_weights:.2f} to {8 * high / n_weights:.2f} bits per weight "
         "(every matrix at its smallest type; the source). decode: edgewise's runtime, eager, 2 threads, median of 3 runs of 48 tokens.",
