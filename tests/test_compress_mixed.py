@@ -4,6 +4,7 @@ whole model run through the runtime on a file with the tensor replaced, and whol
 from __future__ import annotations
 
 import itertools
+import shutil
 
 import numpy as np
 import pytest
@@ -168,3 +169,54 @@ def test_mixed_rungs_end_with_the_source(tiny_source):
     for name, rs in rungs.items():
         assert rs[-1].is_source and rs[-1].qtype == src.tensors[name].qtype and rs[-1].nbytes == src.tensors[name].nbytes
         assert [r.nbytes for r in rs] == sorted(r.nbytes for r in rs)
+
+
+def test_an_interrupted_measurement_resumes_to_the_same_file(tiny_source, tmp_path, monkeypatch):
+    """A mixed compress stopped while rounding, then while probing, resumes from `OUT.rungs` (each tensor rounded
+    and probed once in all) and writes the file an uninterrupted run writes, byte for byte."""
+    monkeypatch.setattr("edgewise.compress.calibrate.MIN_CALIB_TOKENS", 256)
+    src = read_gguf(tiny_source)
+    low, high = size_range(src)
+    size = int(file_overhead(src) + low + 0.5 * (high - low))
+    kw = dict(size=size, calib="shakespeare", calib_tokens=512, ctx=256, rounding="gptq", sensitivity_tokens=256)
+    whole = compress(tiny_source, tmp_path / "whole.gguf", **kw)
+    assert not (tmp_path / "whole.gguf.rungs").exists()  # removed once the file is written
+
+    rounded, probed = [], []
+    real_quantize, real_kl = pipeline.quantize_tensor, KLProbe.kl
+
+    def stop_after(calls, limit, real):
+        def wrapped(*a, **k):
+            if len(calls) == limit:
+                raise KeyboardInterrupt
+            calls.append(1)
+            return real(*a, **k)
+        return wrapped
+
+    out, store = tmp_path / "resumed.gguf", tmp_path / "resumed.gguf.rungs"
+    n_rounded = sum(len(rs) - 1 for rs in mixed_rungs(src).values())
+    n_probed = sum(len(rs) > 1 for rs in mixed_rungs(src).values())
+    monkeypatch.setattr(pipeline, "quantize_tensor", stop_after(rounded, n_rounded // 2, real_quantize))
+    with pytest.raises(KeyboardInterrupt):
+        compress(tiny_source, out, **kw)
+    assert not out.exists() and len(list(store.glob("*.safetensors"))) > 0
+    monkeypatch.setattr(pipeline, "quantize_tensor", stop_after(rounded, n_rounded + 10, real_quantize))
+    monkeypatch.setattr(KLProbe, "kl", stop_after(probed, n_probed // 2, real_kl))
+    with pytest.raises(KeyboardInterrupt):
+        compress(tiny_source, out, **kw)
+    assert not out.exists() and len(rounded) <= n_rounded + 2  # stored tensors are not rounded again (a tensor's rungs: at most 2 redone)
+    # the store is refused for another calibration, and a damaged file in it is named (on a copy: this one resumes below)
+    with pytest.raises(EdgewiseError, match=r"resumed\.gguf\.rungs: rungs measured for another run .*delete the folder"):
+        compress(tiny_source, out, **{**kw, "calib_tokens": 768})
+    shutil.copytree(store, tmp_path / "other.gguf.rungs")
+    damaged = sorted((tmp_path / "other.gguf.rungs").glob("*.safetensors"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    with pytest.raises(EdgewiseError, match=rf"{damaged.name}: unreadable stored rungs .*delete it"):
+        compress(tiny_source, tmp_path / "other.gguf", **kw)
+    assert not (tmp_path / "other.gguf").exists()
+    monkeypatch.setattr(KLProbe, "kl", stop_after(probed, n_probed + 10, real_kl))
+    resumed = compress(tiny_source, out, **kw)
+    assert len(probed) == n_probed  # each tensor probed once in all
+    assert out.read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+    assert [p.kl for p in resumed.plans] == [p.kl for p in whole.plans]
+    assert not store.exists()

@@ -25,9 +25,10 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType, LlamaFileType, quants
 
 from edgewise.compress.blocks import FORMATS
+from edgewise.compress.calibrate import SINK_WEIGHT
 from edgewise.compress.gguf_write import tensor_bytes, write_gguf
 from edgewise.compress.gptq import calibration_loss, gptq_quantize, inverse_cholesky
-from edgewise.compress.mixed import SENSITIVITY_TOKENS, KLProbe, Rung, choose, mixed_rungs, predict_kl, size_range
+from edgewise.compress.mixed import SENSITIVITY_TOKENS, KLProbe, Rung, RungStore, choose, mixed_rungs, predict_kl, size_range
 from edgewise.compress.quantize import quantize_matrix
 from edgewise.errors import EdgewiseError
 from edgewise.gguf_io import GGUFFile, GGUFTensor, read_gguf, tensor_nbytes
@@ -171,22 +172,26 @@ def compress_gguf(
 
 def measure_rungs(
     gguf: GGUFFile,
-    moments: dict[str, torch.Tensor],
+    moments: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]],
     windows: torch.Tensor,
     rounding: str = "gptq",
     progress: Callable[[int, int], None] | None = None,
     sensitivity_progress: Callable[[int, int], None] | None = None,
+    store: RungStore | None = None,
 ) -> dict[str, list[Rung]]:
     """Every tensor's rungs (`mixed_rungs`), each quantized by `rounding` with its calibration loss, and their
     predicted KL: each tensor's lowest rung measured on the calibration `windows` [W, T] (token ids) by `KLProbe`,
-    the rest scaled from it (`mixed.predict_kl`). Then `write_mixed` makes a file of any size from them."""
+    the rest scaled from it (`mixed.predict_kl`). Then `write_mixed` makes a file of any size from them.
+    `moments`: the calibration statistics, or a function that computes them (called only if a tensor is still to
+    be rounded). `store`: where each step's result is kept as it is made, and taken from on a rerun."""
     rungs = mixed_rungs(gguf)
-    total = sum(int(np.prod(t.shape)) * (len(rungs[t.name]) - 1) for t in gguf.tensors.values())
+    todo = [name for name, rs in rungs.items() if len(rs) > 1 and not (store is not None and store.load(name, rs))]
+    total = sum(int(np.prod(gguf.tensors[n].shape)) * (len(rungs[n]) - 1) for n in todo)
     done = 0
-    for name, rs in rungs.items():
-        t = gguf.tensors[name]
-        if len(rs) == 1:
-            continue
+    if todo and callable(moments):
+        moments = moments()
+    for name in todo:
+        rs, t = rungs[name], gguf.tensors[name]
         weight, m = source_weight(t), moments.get(name)
         factor = inverse_cholesky(m) if rounding == "gptq" and m is not None and m.dim() == 2 and len(rs) > 2 else None  # once for its rungs
         for r in rs[:-1]:
@@ -195,14 +200,33 @@ def measure_rungs(
             done += weight.size
             if progress is not None:
                 progress(done, total)
-    probe = KLProbe(gguf, windows)
+        if store is not None:
+            store.save(name, rs)
     measured = [name for name, rs in rungs.items() if len(rs) > 1]
+    kls = dict(store.kls) if store is not None else {}
+    probe = KLProbe(gguf, windows) if any(name not in kls for name in measured) else None
     for i, name in enumerate(measured):
         t, lowest = gguf.tensors[name], rungs[name][0]
-        predict_kl(rungs[name], probe.kl(GGUFTensor(name, lowest.qtype, t.shape, lowest.raw)))
+        if name not in kls:
+            kls[name] = probe.kl(GGUFTensor(name, lowest.qtype, t.shape, lowest.raw))
+            if store is not None:
+                store.save_kl(name, kls[name])
+        predict_kl(rungs[name], kls[name])
         if sensitivity_progress is not None:
             sensitivity_progress(i + 1, len(measured))
     return rungs
+
+
+def rung_identity(gguf: GGUFFile, rounding: str, ids: list[int], ctx: int, windows: torch.Tensor) -> dict:
+    """What a `RungStore` of `measure_rungs` on `gguf` depends on: the source file, the rounding, and the
+    calibration (its tokens, window length and the sensitivity windows, by hash)."""
+    import hashlib
+
+    return {
+        "source": [gguf.path.name, gguf.path.stat().st_size], "rounding": rounding, "ctx": ctx, "sink_weight": SINK_WEIGHT,
+        "calibration": hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest(),
+        "windows": hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest(), "shape": list(windows.shape),
+    }
 
 
 def write_mixed(gguf: GGUFFile, out: str | Path, rungs: dict[str, list[Rung]], budget: int) -> list[TensorPlan]:
@@ -285,10 +309,9 @@ def shape_model(
     """The source made smaller before quantization: `prune_ffn` of every FFN's neurons, `prune_heads` of every
     layer's query heads (as many from each KV group) and the `drop_layers` least important layers pruned (`prune`), then `distill_steps` of distillation against the source (`distill`). Files
     go to `work` (a folder the caller removes). Returns the student."""
-    from edgewise.compress.calibrate import SINK_WEIGHT, second_moments
+    from edgewise.compress.calibrate import second_moments
     from edgewise.compress.distill import distill
     from edgewise.compress.prune import ffn_importance, head_importance, heads_kept, parameter_count, plan_pruning, prune_gguf
-    from edgewise.lm.config import ModelConfig
     from edgewise.lm.runtime import LanguageModel
 
     cfg = ModelConfig.from_gguf(gguf)
@@ -402,7 +425,8 @@ def compress(
         if len(ids) < MIN_CALIB_TOKENS:
             raise EdgewiseError(f"{calib}: {len(ids)} calibration tokens; the statistics need at least {MIN_CALIB_TOKENS} (a longer text, or --calib-tokens >= {MIN_CALIB_TOKENS})")
     if targets and not shaping:
-        return _quantize(gguf, out, qtype, size, bpw, ids, ctx, rounding, sensitivity_tokens, log, calib_progress, progress, sensitivity_progress)
+        return _quantize(gguf, out, qtype, size, bpw, ids, ctx, rounding, sensitivity_tokens, log, calib_progress, progress, sensitivity_progress,
+                         store=out.parent / f"{out.name}.rungs")
     work = out.parent / f".tmp-{os.getpid()}-shape-{out.name}"
     work.mkdir()
     try:
@@ -422,30 +446,39 @@ def compress(
 
 
 def _quantize(gguf: GGUFFile, out: Path, qtype: QT | None, size: int | None, bpw: float | None, ids: list[int], ctx: int, rounding: str,
-              sensitivity_tokens: int, log, calib_progress, progress, sensitivity_progress) -> CompressResult:
-    """`compress`'s quantization of `gguf` (the source, or the student `shape_model` made) into `out`."""
+              sensitivity_tokens: int, log, calib_progress, progress, sensitivity_progress, store: Path | None = None) -> CompressResult:
+    """`compress`'s quantization of `gguf` (the source, or the student `shape_model` made) into `out`. `store`: a
+    mixed plan's measurement is kept in this folder as it goes (`RungStore`), so a rerun resumes; removed once
+    `out` is written."""
+    import shutil
+
     mixed = qtype is None
     if mixed:
         budget = tensor_budget(gguf, size, bpw)
     else:
         plans = plan_types(gguf, qtype)
         log(plan_table(plans))
-    moments, n_calib = None, 0
-    if ids:
-        from edgewise.compress.calibrate import SINK_WEIGHT, second_moments
+    ctx = min(ctx, ModelConfig.from_gguf(gguf).context_length)
+    n_calib = len(ids) // ctx * ctx if ids else 0
+
+    def calibrate() -> dict[str, torch.Tensor]:
+        from edgewise.compress.calibrate import second_moments
         from edgewise.lm.runtime import LanguageModel
 
         lm = LanguageModel.load(gguf.path, compile=False)  # the runtime's own forward on the source's weights
-        ctx = min(ctx, lm.cfg.context_length)
-        moments = second_moments(lm, ids, ctx, full=rounding == "gptq", sink_weight=SINK_WEIGHT, progress=calib_progress)
-        n_calib = len(ids) // ctx * ctx
-        del lm
+        return second_moments(lm, ids, ctx, full=rounding == "gptq", sink_weight=SINK_WEIGHT, progress=calib_progress) if ids else {}
+
     if mixed:
         width = min(ctx, sensitivity_tokens)
         windows = torch.tensor(ids[: max(1, min(len(ids), sensitivity_tokens) // width) * width]).reshape(-1, width)
-        rungs = measure_rungs(gguf, moments or {}, windows, rounding, progress, sensitivity_progress)
+        rung_store = None if store is None else RungStore(store, rung_identity(gguf, rounding, ids, ctx, windows))
+        if rung_store is not None and (rung_store.kls or any(rung_store.folder.glob("*.safetensors"))):
+            log(f"resuming the measurement kept in {store}")
+        rungs = measure_rungs(gguf, calibrate, windows, rounding, progress, sensitivity_progress, rung_store)
         plans = write_mixed(gguf, out, rungs, budget)
+        if store is not None:
+            shutil.rmtree(store, ignore_errors=True)
         log(plan_table(plans))
     else:
-        compress_gguf(gguf, out, qtype, moments, rounding, progress)
+        compress_gguf(gguf, out, qtype, calibrate() if ids else None, rounding, progress)
     return CompressResult(out, plans, gguf.path.stat().st_size, out.stat().st_size, n_calib)
