@@ -205,6 +205,26 @@ def test_the_trainable_student_computes_what_the_runtime_does(student):
     torch.testing.assert_close(_log_probs(model, torch.tensor(ids)), torch.log_softmax(logits(student.path, ids), -1), rtol=1e-4, atol=1e-4)
 
 
+def test_the_teachers_answers_are_the_fp32_teachers(tiny, student):
+    """`TeacherAnswers` (the teacher a block at a time, its head shared with the student's where they are the same
+    tensor) against the whole fp32 `Llama` teacher run window by window."""
+    from edgewise.compress.distill import TeacherAnswers, _log_probs, trainable_student
+    from edgewise.lm.model import Llama
+
+    ids = LanguageModel.load(tiny.path, compile=False).tokenizer.encode(TEXT * 4)[:96]
+    windows = torch.tensor(ids).reshape(3, 32)
+    whole = Llama.from_gguf(tiny, "fp32")
+    model, _ = trainable_student(student)
+    shared = TeacherAnswers(tiny, windows, student, model.output)
+    assert shared.head is model.output  # pruning left the head and the final norm as they were
+    own = TeacherAnswers(tiny, windows)
+    assert own.head is not model.output
+    for w in range(3):
+        want = _log_probs(whole, windows[w])
+        torch.testing.assert_close(shared.log_probs(w), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(own.log_probs(w), want, rtol=1e-5, atol=1e-5)
+
+
 def test_distillation_lowers_the_kl_and_resumes_where_it_stopped(tiny, student, tmp_path):
     from edgewise.compress.distill import distill
 

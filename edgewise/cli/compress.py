@@ -111,6 +111,7 @@ def cmd_compress(args) -> int:
         distill_steps=args.distill_steps,
         distill_lr=args.distill_lr,
         distill_progress=progress_bar("distilling", unit="step", postfix=("KL",)),
+        teacher_progress=progress_bar("teacher's answers", unit="layer"),
     )
     print(f"{result.source_bytes / MB:.1f} MB -> {result.out_bytes / MB:.1f} MB ({result.out_bytes / result.source_bytes:.2f}x)"
           f", {args.rounding} rounding{f', calibrated on {result.calib_tokens} tokens of {calib}' if result.calib_tokens else ', no calibration'}", file=sys.stderr)

@@ -2,7 +2,10 @@
 calibration text, on this CPU.
 
 The loss is KL(teacher || student) per token, over windows of `ctx` calibration tokens. The teacher is the
-source, dequantized to fp32, without gradients. The student is the runtime's own decoder (`Llama`, fp32) built
+source, dequantized to fp32, without gradients, and never whole in memory (`TeacherAnswers`: 6 GB in fp32 for a
+1.5B model, beside a student that trains in fp32 with AdamW): its final hidden states for the windows are computed
+once, a block at a time (`LayerWalk`), and each step's next-token distribution comes from them through its output
+head (the student's own where the two heads are the same tensor). The student is the runtime's own decoder (`Llama`, fp32) built
 from the student GGUF, with every block matrix replaced by a trainable copy of its GGUF tensor (`TrainableRows`:
 the same rows, in the runtime's order); norms, the embedding and the output head stay as they are. AdamW, a
 linear warm-up over the first 10% of steps and a linear decay to zero.
@@ -31,6 +34,7 @@ from edgewise.errors import EdgewiseError
 from edgewise.files import atomic_path
 from edgewise.gguf_io import GGUFFile
 
+DISTILL_CTX = 256  # tokens a step trains on (one window): the longest `compress` uses
 TRAINED = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -76,6 +80,45 @@ def trainable_student(student: GGUFFile) -> tuple[nn.Module, dict[str, nn.Parame
         block.ffn.gate_up = rows(i, ["ffn_gate", "ffn_up"], [None, None])
         block.ffn.down = rows(i, ["ffn_down"], [None])
     return model, params
+
+
+class TeacherAnswers:
+    """The teacher's next-token log-probabilities for windows [W, T] of token ids, computed as `Llama`'s fp32
+    forward computes them, with one block of the teacher in memory at a time: its final hidden states ([W, T, D]
+    fp32) once, by `LayerWalk`; then, per window asked, the output head over them. `head`: the student's fp32 output
+    layer, used when the teacher's head and final norm are the same tensors as the student's (pruning leaves them);
+    else the teacher's own head is dequantized (4 bytes a weight, held)."""
+
+    def __init__(self, teacher: GGUFFile, windows: torch.Tensor, student: GGUFFile | None = None, head: nn.Module | None = None,
+                 progress: Callable[[int, int], None] | None = None):
+        from edgewise.lm.layerwise import LayerWalk
+        from edgewise.lm.model import load_norm
+        from edgewise.lm.weights import DenseLinear, dequantize
+
+        walk = LayerWalk(teacher, "fp32")
+        cfg = walk.cfg
+        with torch.no_grad():
+            h = walk.embed(windows)
+            for i in range(walk.n_layers):
+                h = walk.run_block(walk.block(i), h)
+                if progress is not None:
+                    progress(i + 1, walk.n_layers)
+        self.hidden = h
+        self.norm = load_norm(teacher, cfg, "output_norm.weight")
+        names = ("output_norm.weight", "token_embd.weight" if cfg.tied_embeddings else "output.weight")
+        if head is None or student is None or not all(_same_tensor(teacher, student, n) for n in names):
+            head = DenseLinear(dequantize(teacher.tensor(names[1])))
+        self.head = head
+
+    @torch.no_grad()
+    def log_probs(self, window: int) -> torch.Tensor:
+        """[T, vocab] fp32: the teacher's log-probabilities at every position of window `window`."""
+        return torch.log_softmax(self.head(self.norm(self.hidden[window])).float(), dim=-1)
+
+
+def _same_tensor(a: GGUFFile, b: GGUFFile, name: str) -> bool:
+    ta, tb = a.tensors.get(name), b.tensors.get(name)
+    return ta is not None and tb is not None and ta.qtype == tb.qtype and ta.shape == tb.shape and np.array_equal(ta.raw, tb.raw)
 
 
 def _log_probs(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -139,10 +182,11 @@ def distill(
     checkpoint: str | Path | None = None,
     every: int = 20,
     progress: Callable[[int, int, float], None] | None = None,
+    teacher_progress: Callable[[int, int], None] | None = None,
 ) -> DistillResult:
     """Train `student` to match `teacher` on windows of `ctx` tokens of `ids` for `steps` steps (one window each),
-    then write it to `out` with its trained matrices in F32 (see the module). `progress(step, steps, kl)`."""
-    from edgewise.lm.model import Llama
+    then write it to `out` with its trained matrices in F32 (see the module). `progress(step, steps, kl)`;
+    `teacher_progress(layer, layers)` while the teacher's answers are computed (`TeacherAnswers`)."""
 
     if steps < 1:
         raise EdgewiseError(f"distillation steps must be at least 1, got {steps}")
@@ -151,8 +195,7 @@ def distill(
         raise EdgewiseError(f"distillation needs at least one window of {ctx} calibration tokens; the text has {len(ids)}")
     if teacher.metadata.get("tokenizer.ggml.tokens") != student.metadata.get("tokenizer.ggml.tokens"):
         raise EdgewiseError(f"{student.path}: its vocabulary differs from the teacher's ({teacher.path}); distillation compares their next-token distributions")
-    windows = torch.tensor(ids[: n_windows * ctx]).reshape(n_windows, ctx)
-    teacher_model = Llama.from_gguf(teacher, "fp32")
+    windows = torch.tensor(ids[: n_windows * ctx]).reshape(n_windows, ctx)[: min(n_windows, steps)]  # step s trains on window s % n_windows
     model, params = trainable_student(student)
     opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
     warm = max(1, steps // 10)
@@ -169,11 +212,11 @@ def distill(
         sched.last_epoch = start  # the schedule where it stood
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * schedule(start)
+    teacher_answers = TeacherAnswers(teacher, windows, student, model.output, teacher_progress) if start < steps else None
     kls = []
     for step in range(start, steps):
         tokens = windows[step % n_windows]
-        with torch.no_grad():
-            target = _log_probs(teacher_model, tokens)
+        target = teacher_answers.log_probs(step % n_windows)
         logp = _log_probs(model, tokens)
         loss = (target.exp() * (target - logp)).sum(-1).mean()
         opt.zero_grad(set_to_none=True)

@@ -305,12 +305,13 @@ def shape_model(
     log: Callable[[str], None] = lambda msg: None,
     calib_progress: Callable[[int, int], None] | None = None,
     distill_progress: Callable[[int, int, float], None] | None = None,
+    teacher_progress: Callable[[int, int], None] | None = None,
 ) -> GGUFFile:
     """The source made smaller before quantization: `prune_ffn` of every FFN's neurons, `prune_heads` of every
     layer's query heads (as many from each KV group) and the `drop_layers` least important layers pruned (`prune`), then `distill_steps` of distillation against the source (`distill`). Files
     go to `work` (a folder the caller removes). Returns the student."""
     from edgewise.compress.calibrate import second_moments
-    from edgewise.compress.distill import distill
+    from edgewise.compress.distill import DISTILL_CTX, distill
     from edgewise.compress.prune import ffn_importance, head_importance, heads_kept, parameter_count, plan_pruning, prune_gguf
     from edgewise.lm.runtime import LanguageModel
 
@@ -344,7 +345,8 @@ def shape_model(
             f"{cfg.n_layers} -> {cfg.n_layers - len(drop)} layers, "
             f"{parameter_count(gguf) / 1e6:.1f}M -> {parameter_count(student) / 1e6:.1f}M parameters")
     if distill_steps:
-        result = distill(gguf, student, work / "distilled.gguf", ids, distill_steps, ctx=min(ctx, 256), lr=distill_lr, checkpoint=checkpoint, progress=distill_progress)
+        result = distill(gguf, student, work / "distilled.gguf", ids, distill_steps, ctx=min(ctx, DISTILL_CTX), lr=distill_lr, checkpoint=checkpoint, progress=distill_progress,
+                         teacher_progress=teacher_progress)
         log(f"distilled {result.steps} steps{f' (resumed at {result.resumed_at})' if result.resumed_at else ''}: "
             f"KL {result.first_kl:.3f} -> {result.last_kl:.3f} nats per token (the run's first step; its last tenth)")
         student = read_gguf(result.out)
@@ -372,6 +374,7 @@ def compress(
     progress: Callable[[int, int], None] | None = None,
     sensitivity_progress: Callable[[int, int], None] | None = None,
     distill_progress: Callable[[int, int, float], None] | None = None,
+    teacher_progress: Callable[[int, int], None] | None = None,
 ) -> CompressResult:
     """`edgewise compress MODEL OUT --type T | --size S | --bpw B`: the model (an embedded name or a GGUF path)
     quantized to `qtype`, or to a type per matrix chosen for a file of `size` bytes or `bpw` bits per weight
@@ -432,7 +435,8 @@ def compress(
     try:
         student = shape_model(gguf, ids, work, min(ctx, ModelConfig.from_gguf(gguf).context_length), rounding, prune_ffn=prune_ffn, prune_heads=prune_heads,
                               drop_layers=drop_layers, distill_steps=distill_steps, distill_lr=distill_lr, checkpoint=out.parent / f"{out.name}.distill",
-                              sensitivity_tokens=sensitivity_tokens, log=log, calib_progress=calib_progress, distill_progress=distill_progress)
+                              sensitivity_tokens=sensitivity_tokens, log=log, calib_progress=calib_progress, distill_progress=distill_progress,
+                              teacher_progress=teacher_progress)
         if targets:
             result = _quantize(student, out, qtype, size, bpw, ids, ctx, rounding, sensitivity_tokens, log, calib_progress, progress, sensitivity_progress)
         else:
