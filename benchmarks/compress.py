@@ -8,7 +8,10 @@ variant), files from the same source GGUF:
   the type too (`--output-tensor-type`, `--token-embedding-type`: llama.cpp's smallest file of that type);
 - edgewise: `compress(..., rounding=plain|search|gptq)` on the same text (plain takes none);
 - edgewise-mixed: a type per matrix (`measure_rungs` once, then `write_mixed`), one file at the size of each
-  llama.cpp-imatrix file that a mixed plan can reach (equal size or smaller).
+  llama.cpp-imatrix file that a mixed plan can reach (equal size or smaller). The measurement is kept in
+  WORK/MODEL.rungs/ as it goes (over two hours on Qwen2.5-Coder-1.5B on 2 cores): an interrupted run resumes it;
+- edgewise-pruned, edgewise-pruned+distilled: the model pruned once (`shape_model`), quantized as it is and after
+  `distill` against the source (checkpointed, so an interrupted run resumes).
 Each file's decode speed on edgewise's runtime (eager, 2 threads, median of 3 runs of 48 tokens) is reported too.
 Each file's held-out perplexity is measured twice on the same text file: by edgewise's runtime (windows of --ctx,
 every position scored) and by `llama-perplexity` (its own rule: windows of --ctx, the second half of each scored),
@@ -23,7 +26,7 @@ Needs llama.cpp's tools: `scripts/build-llama-tools.sh` (about 9 minutes on 2 co
 Writes benchmarks/results/compress[_MODEL].md and a PNG of perplexity against file size (MiB). Its last lines:
 `ratio ppl edgewise/llama.cpp-imatrix [TYPE] [MODEL] = X` per type (below 1: edgewise's file is better), then
 `ratio ppl edgewise/llama.cpp-imatrix at B bpw [MODEL] = X` for B = 3.5 and 4.5: the llama.cpp-imatrix file
-nearest B bits per weight (within 0.3), against the best edgewise file of equal or smaller size; where neither
+nearest B bits per weight (within 0.3), against the best edgewise quantization of the whole model (search, gptq or mixed) of equal or smaller size; where neither
 tool can make a file that small, the line says so and why.
 """
 
@@ -33,6 +36,7 @@ import argparse
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -44,15 +48,19 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 
+from edgewise.cli.args import progress_bar
 from edgewise.compress.calibrate import SINK_WEIGHT, second_moments
 from edgewise.compress.mixed import SENSITIVITY_TOKENS, size_range
 from edgewise.compress.blocks import FORMATS
-from edgewise.compress.pipeline import FALLBACK, MB, compress, compress_gguf, measure_rungs, tensor_budget, write_mixed
+from edgewise.compress.mixed import RungStore
+from edgewise.compress.distill import DISTILL_CTX, distill
+from edgewise.compress.pipeline import FALLBACK, MB, compress, compress_gguf, measure_rungs, rung_identity, shape_model, tensor_budget, write_mixed
 from edgewise.data.text import load_text
 from edgewise.errors import EdgewiseError
 from edgewise.files import write_text_atomic
 from edgewise.gguf_io import read_gguf
 from edgewise.lm.runtime import LanguageModel
+from edgewise.lm.tokenizer import TextTokenizer
 from edgewise.metrics.perplexity import perplexity
 from edgewise.metrics.speed import median_decode_tok_s
 from edgewise.models import resolve_model
@@ -173,7 +181,7 @@ def main() -> int:
 
     def moments():
         """Every layer input's Hessian on the calibration file, as `edgewise compress` computes it (once for all files)."""
-        if not cached:
+        if "m" not in cached:
             t0 = time.perf_counter()
             lm = LanguageModel.load(src, compile=False)
             ids = lm.tokenizer.encode(calib_file.read_text())[: args.calib_tokens]
@@ -218,29 +226,56 @@ def main() -> int:
         t0, cached_file = time.perf_counter(), out.exists()
         if not cached_file:
             if not rungs:
-                lm = LanguageModel.load(src, compile=False)
-                ids = lm.tokenizer.encode(calib_file.read_text())[: args.calib_tokens]
+                ids = TextTokenizer.from_gguf(source).encode(calib_file.read_text())[: args.calib_tokens]
                 windows = torch.tensor(ids[:SENSITIVITY_TOKENS]).reshape(-1, min(args.ctx, SENSITIVITY_TOKENS))
                 t1 = time.perf_counter()
-                rungs.update(measure_rungs(source, moments(), windows, "gptq"))
+                store = RungStore(work / f"{src.stem}.rungs", rung_identity(source, "gptq", ids, args.ctx, windows))  # kept: a rerun resumes or reuses it
+                cached["resumed"] = bool(store.kls) or any(store.folder.glob("*.safetensors"))
+                rungs.update(measure_rungs(source, moments, windows, "gptq", progress_bar("rounding every type", unit="weight"),
+                                           progress_bar("sensitivity", unit="tensor"), store=store))
                 cached["mixed_seconds"] = time.perf_counter() - t1
                 cached["check"] = check_predictions(source, rungs, windows)
             t0 = time.perf_counter()
             write_mixed(source, out, rungs, budget)
         rows.append(("edgewise-mixed", f"={label.removeprefix('llama.cpp-')} {t}", out, None if cached_file else time.perf_counter() - t0))
 
-    # structured pruning, without and with distillation, then quantized (the same calibration file throughout)
+    # structured pruning once, then quantized as it is and after distillation (the same calibration file throughout)
     if args.prune != "none":
         frac, drop, steps = args.prune.split(",")
-        for label, distill_steps in (("edgewise-pruned", 0), ("edgewise-pruned+distilled", int(steps))):
-            heads = f", heads -{args.prune_heads:.0%}" if args.prune_heads else ""
-            tag = f"{args.prune_type}, FFN -{float(frac):.0%}{heads}, -{drop} layers" + (f", {distill_steps} steps" if distill_steps else "")
-            out = work / f"{src.stem}.{label}.{frac}-{f'h{args.prune_heads}-' if args.prune_heads else ''}{drop}-{distill_steps}.{args.prune_type}.gguf"
+        shape = f"{frac}-{f'h{args.prune_heads}-' if args.prune_heads else ''}{drop}"
+        ids = TextTokenizer.from_gguf(source).encode(calib_file.read_text())[: args.calib_tokens]
+        pruned = work / f"{src.stem}.pruned.{shape}.gguf"  # the source's types (ffn_down, attn_output requantized): both rows start here
+        distilled = work / f"{src.stem}.pruned.{shape}.distilled-{steps}.gguf"  # its trained matrices in F32
+        made: dict[Path, float] = {}  # seconds of the intermediate files this run made
+        if not pruned.exists():
+            t0, tmp = time.perf_counter(), work / f".tmp-{os.getpid()}-shape"
+            tmp.mkdir(exist_ok=True)
+            try:
+                student = shape_model(source, ids, tmp, args.ctx, "gptq", prune_ffn=float(frac), prune_heads=args.prune_heads, drop_layers=int(drop),
+                                      log=lambda m: print(m, flush=True), calib_progress=progress_bar("calibrating", unit="window"))
+                os.replace(student.path, pruned)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            made[pruned] = time.perf_counter() - t0
+        if int(steps) and not distilled.exists():
+            t0 = time.perf_counter()
+            r = distill(source, read_gguf(pruned), distilled, ids, int(steps), ctx=min(args.ctx, DISTILL_CTX), checkpoint=work / f"{distilled.name}.distill",
+                        progress=progress_bar("distilling", postfix=("KL",)), teacher_progress=progress_bar("teacher's answers", unit="layer"))
+            print(f"distilled {r.steps} steps: KL {r.first_kl:.3f} -> {r.last_kl:.3f} nats per token (first step; last tenth)", flush=True)
+            (work / f"{distilled.name}.distill").unlink(missing_ok=True)  # the checkpoint, once the student is written
+            made[distilled] = time.perf_counter() - t0
+        heads = f", heads -{args.prune_heads:.0%}" if args.prune_heads else ""
+        for label, student_path, n_steps in (("edgewise-pruned", pruned, 0), ("edgewise-pruned+distilled", distilled, int(steps))):
+            if label.endswith("distilled") and not n_steps:
+                continue
+            tag = f"{args.prune_type}, FFN -{float(frac):.0%}{heads}, -{drop} layers" + (f", {n_steps} steps" if n_steps else "")
+            out = work / f"{src.stem}.{label}.{shape}-{n_steps}.{args.prune_type}.gguf"
             t0, cached_file = time.perf_counter(), out.exists()
             if not cached_file:
-                compress(src, out, QT[args.prune_type], calib=str(calib_file), calib_tokens=args.calib_tokens, ctx=args.ctx, rounding="gptq",
-                         prune_ffn=float(frac), prune_heads=args.prune_heads, drop_layers=int(drop), distill_steps=distill_steps, log=lambda m: print(m, flush=True))
-            rows.append((label, tag, out, None if cached_file else time.perf_counter() - t0))
+                compress(student_path, out, QT[args.prune_type], calib=str(calib_file), calib_tokens=args.calib_tokens, ctx=args.ctx, rounding="gptq",
+                         log=lambda m: print(m, flush=True), calib_progress=progress_bar("calibrating", unit="window"), progress=progress_bar("quantizing", unit="weight"))
+            secs = (time.perf_counter() - t0 if not cached_file else 0.0) + made.get(student_path, 0.0)
+            rows.append((label, tag, out, secs if secs else None))
 
     results = []
     for label, t, path, secs in rows:
@@ -262,9 +297,11 @@ def main() -> int:
         "file and windows: the last two columns cross-check the runtimes. Files kept in " + str(work) + ".",
         (f"edgewise's calibration (every layer input's Hessian, shared by its search, gptq and mixed files) took {cached['seconds']:.0f} s;"
          if "seconds" in cached else "edgewise's calibration and every file were made by earlier runs of this script and reused here (no times measured);"),
-        "the seconds column is each file's quantization alone (`-`: the file was made by an earlier run and reused).",
+        "the seconds column is each file's quantization alone (`-`: the file was made by an earlier run and reused); the pruned row adds the pruning, "
+        "the pruned+distilled row the distillation of that pruned model, where this run made them.",
         ("No mixed files (--no-mixed)." if args.no_mixed else (f"The mixed files' measurement (every type below the source quantized by GPTQ, each tensor's KL measured on {SENSITIVITY_TOKENS} "
-         f"calibration tokens) took {cached['mixed_seconds']:.0f} s once; their seconds are the choice and the write." if "mixed_seconds" in cached else
+         f"calibration tokens) took {cached['mixed_seconds']:.0f} s once" + (" (this run resumed it from the store an earlier, interrupted run left: its part only)" if cached.get("resumed") else "")
+         + "; their seconds are the choice and the write." if "mixed_seconds" in cached else
          "The mixed files were made by earlier runs (the measurement time is not repeated here).")),
         "`llama.cpp-imatrix-head`: llama.cpp with the matrix and the output head ("
         + ("output.weight, and the token embedding" if "output.weight" in source.tensors else "here the tied embedding") + ") in the type too;"
@@ -294,7 +331,7 @@ def main() -> int:
         tail.append(f"ratio ppl edgewise/llama.cpp-imatrix [{qtype.name}] [{args.model}] = {best[4] / peer[4]:.4f}"
                     f" (edgewise-{best[0].split('-')[1]} {best[2]:.1f} MiB, llama.cpp {peer[2]:.1f} MiB; gptq {ours[4] / peer[4]:.4f})")
     peers = [r for r in results if r[0].startswith("llama.cpp-imatrix")]
-    ours_all = [r for r in results if r[0].startswith("edgewise-") and r[0] != "edgewise-plain"]
+    ours_all = [r for r in results if r[0] in ("edgewise-search", "edgewise-gptq", "edgewise-mixed")]  # quantizers of the whole model: pruned rows answer the last line
     for target in (3.5, 4.5):
         near = [r for r in peers if abs(r[3] - target) <= 0.3]
         if not near:
