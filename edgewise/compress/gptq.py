@@ -23,6 +23,7 @@ from edgewise.compress.blocks import FORMATS
 from edgewise.compress.quantize import fit_grid
 from edgewise.errors import EdgewiseError
 
+LAZY = 32  # columns whose updates are applied together (every block size here is a multiple)
 DAMP = 0.01  # added to H's diagonal, times its mean: keeps the Cholesky factorization well conditioned
 
 
@@ -69,21 +70,30 @@ def gptq_quantize(
     out = np.empty((rows, cols // B * fmt.type_bytes), dtype=np.uint8)
     for b, i1 in enumerate(range(0, cols, B)):
         i2 = i1 + B
-        block = w[:, i1:i2]  # a view: updated in place
+        block = w[:, i1:i2]
         grid = fit_grid(block, np.broadcast_to(imp[i1:i2], block.shape), fmt, search)
-        scale = np.repeat(grid.scale.reshape(rows, per), fmt.sub, 1)
-        minimum = np.repeat(grid.minimum.reshape(rows, per), fmt.sub, 1)
-        safe = np.where(scale == 0, 1.0, scale)
-        codes = np.empty((rows, B), dtype=np.int64)
-        err = np.empty((rows, B))
-        for j in range(B):
-            q = np.where(scale[:, j] == 0, 0, np.clip(np.rint((block[:, j] + minimum[:, j]) / safe[:, j]), fmt.lo, fmt.hi))
-            e = (block[:, j] - (scale[:, j] * q - minimum[:, j])) / u[i1 + j, i1 + j]
-            block[:, j + 1 :] -= np.outer(e, u[i1 + j, i1 + j + 1 : i2])
-            codes[:, j], err[:, j] = q, e
+        # the block transposed, [B, rows]: each column's values contiguous (a column of w is strided by a whole row)
+        bt = np.ascontiguousarray(block.T)
+        scale = np.repeat(grid.scale.reshape(rows, per), fmt.sub, 1).T.copy()
+        minimum = np.repeat(grid.minimum.reshape(rows, per), fmt.sub, 1).T.copy()
+        zero = scale == 0
+        safe = np.where(zero, 1.0, scale)
+        codes = np.empty((B, rows), dtype=np.int64)
+        err = np.empty((B, rows))
+        ub = u[i1:i2, i1:i2]
+        for c1 in range(0, B, LAZY):  # GPTQ's lazy batches: a column's error reaches the rest of its batch at once,
+            c2 = c1 + LAZY  # the block's later columns as one product per batch
+            for j in range(c1, c2):
+                q = np.where(zero[j], 0, np.clip(np.rint((bt[j] + minimum[j]) / safe[j]), fmt.lo, fmt.hi))
+                e = (bt[j] - (scale[j] * q - minimum[j])) / ub[j, j]
+                if j + 1 < c2:
+                    bt[j + 1 : c2] -= np.outer(ub[j, j + 1 : c2], e)
+                codes[j], err[j] = q, e
+            if c2 < B:
+                bt[c2:] -= ub[c1:c2, c2:].T @ err[c1:c2]
         if i2 < cols:
-            w[:, i2:] -= err @ u[i1:i2, i2:]
-        out[:, b * fmt.type_bytes : (b + 1) * fmt.type_bytes] = grid.pack(codes, fmt)
+            w[:, i2:] -= err.T @ u[i1:i2, i2:]
+        out[:, b * fmt.type_bytes : (b + 1) * fmt.type_bytes] = grid.pack(codes.T, fmt)
         if progress is not None:
             progress(i2)
     return out

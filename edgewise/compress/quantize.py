@@ -69,11 +69,12 @@ def _affine(x: np.ndarray, w: np.ndarray, hi: int, search: bool, zero_in_range: 
         return np.where(flat, 0.0, best_s), best_m
     shifted = x - lo_x[:, None]
     best_err = np.full(x.shape[0], np.inf)
-    sw, swx = w.sum(1), (w * x).sum(1)
+    wx = w * x
+    sw, swx, swxx = w.sum(1), wx.sum(1), (wx * x).sum(1)
     for t in np.linspace(-1.0, 1.0, 2 * STEPS + 1):
         q = np.clip(np.rint(shifted * ((hi + t) / span)[:, None]), 0, hi)
         wq = w * q
-        swq, swqq, swqx = wq.sum(1), (wq * q).sum(1), (wq * x).sum(1)
+        swq, swqq, swqx = wq.sum(1), (wq * q).sum(1), (q * wx).sum(1)
         det = sw * swqq - swq * swq
         ok = det > 0
         det = np.where(ok, det, 1.0)
@@ -82,7 +83,7 @@ def _affine(x: np.ndarray, w: np.ndarray, hi: int, search: bool, zero_in_range: 
         clamp = (b > 0) & zero_in_range  # the min must not go below zero (b <= 0): refit the scale alone with b = 0
         s = np.where(clamp, swqx / np.where(swqq > 0, swqq, 1), s)
         b = np.where(clamp, 0.0, b)
-        err = (w * (s[:, None] * q + b[:, None] - x) ** 2).sum(1)
+        err = s * s * swqq + 2 * s * b * swq + b * b * sw - 2 * s * swqx - 2 * b * swx + swxx  # sum w (s q + b - x)^2, expanded
         better = ok & (s > 0) & (err < best_err)
         best_err = np.where(better, err, best_err)
         best_s, best_m = np.where(better, s, best_s), np.where(better, -b, best_m)
