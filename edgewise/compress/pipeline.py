@@ -469,8 +469,10 @@ def _quantize(gguf: GGUFFile, out: Path, qtype: QT | None, size: int | None, bpw
         from edgewise.compress.calibrate import second_moments
         from edgewise.lm.runtime import LanguageModel
 
+        if not ids:
+            return {}
         lm = LanguageModel.load(gguf.path, compile=False)  # the runtime's own forward on the source's weights
-        return second_moments(lm, ids, ctx, full=rounding == "gptq", sink_weight=SINK_WEIGHT, progress=calib_progress) if ids else {}
+        return second_moments(lm, ids, ctx, full=rounding == "gptq", sink_weight=SINK_WEIGHT, progress=calib_progress)
 
     if mixed:
         width = min(ctx, sensitivity_tokens)
