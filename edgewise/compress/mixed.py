@@ -79,7 +79,7 @@ def predict_kl(rungs: list[Rung], measured: float) -> None:
 
 class RungStore:
     """The measurement kept on disk as it goes, so that an interrupted one resumes where it stopped (on
-    Qwen2.5-Coder-1.5B it takes over an hour on 2 cores): `NAME.safetensors` holds a tensor's quantized rungs and
+    Qwen2.5-Coder-1.5B it takes about two hours on 2 cores): `NAME.safetensors` holds a tensor's quantized rungs and
     their calibration losses once all of them are rounded; `kl.json` each measured lowest rung's KL;
     `identity.json` what was measured (the source, the rounding, the calibration text and windows). A folder
     that holds another measurement is refused, never mixed in."""
@@ -103,6 +103,11 @@ class RungStore:
             self.kls: dict[str, float] = json.loads(kl.read_text()) if kl.exists() else {}
         except ValueError:
             raise EdgewiseError(f"{kl}: unreadable (not JSON); delete it to measure the sensitivities again") from None
+
+    @property
+    def started(self) -> bool:
+        """Whether an earlier run left any of its work here (a rerun resumes it)."""
+        return bool(self.kls) or any(self.folder.glob("*.safetensors"))
 
     def load(self, name: str, rungs: list[Rung]) -> bool:
         """Fill `rungs` (below the source's) from the store; False when the tensor was not rounded yet."""

@@ -478,7 +478,7 @@ def _quantize(gguf: GGUFFile, out: Path, qtype: QT | None, size: int | None, bpw
         width = min(ctx, sensitivity_tokens)
         windows = torch.tensor(ids[: max(1, min(len(ids), sensitivity_tokens) // width) * width]).reshape(-1, width)
         rung_store = None if store is None else RungStore(store, rung_identity(gguf, rounding, ids, ctx, windows))
-        if rung_store is not None and (rung_store.kls or any(rung_store.folder.glob("*.safetensors"))):
+        if rung_store is not None and rung_store.started:
             log(f"resuming the measurement kept in {store}")
         rungs = measure_rungs(gguf, calibrate, windows, rounding, progress, sensitivity_progress, rung_store)
         plans = write_mixed(gguf, out, rungs, budget)
