@@ -10,7 +10,7 @@ variant), files from the same source GGUF:
 - edgewise-mixed: a type per matrix (`measure_rungs` once, then `write_mixed`), one file at the size of each
   llama.cpp-imatrix file that a mixed plan can reach (equal size or smaller). The measurement is kept in
   WORK/MODEL.rungs/ as it goes (over two hours on Qwen2.5-Coder-1.5B on 2 cores): an interrupted run resumes it;
-- edgewise-pruned, edgewise-pruned+distilled: the model pruned once (`shape_model`), quantized as it is and after
+- edgewise-pruned, edgewise-pruned+distilled: the model pruned once (`compress` with pruning alone), quantized as it is and after
   `distill` against the source (checkpointed, so an interrupted run resumes).
 Each file's decode speed on edgewise's runtime (eager, 2 threads, median of 3 runs of 48 tokens) is reported too.
 Each file's held-out perplexity is measured twice on the same text file: by edgewise's runtime (windows of --ctx,
@@ -36,7 +36,6 @@ import argparse
 import math
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -54,7 +53,7 @@ from edgewise.compress.mixed import SENSITIVITY_TOKENS, size_range
 from edgewise.compress.blocks import FORMATS
 from edgewise.compress.mixed import RungStore
 from edgewise.compress.distill import DISTILL_CTX, distill
-from edgewise.compress.pipeline import FALLBACK, MB, compress, compress_gguf, measure_rungs, rung_identity, shape_model, tensor_budget, write_mixed
+from edgewise.compress.pipeline import FALLBACK, MB, compress, compress_gguf, measure_rungs, rung_identity, tensor_budget, write_mixed
 from edgewise.data.text import load_text
 from edgewise.errors import EdgewiseError
 from edgewise.files import write_text_atomic
@@ -177,6 +176,7 @@ def main() -> int:
 
     source = read_gguf(src)
     n_weights = sum(math.prod(t.shape) for t in source.tensors.values())
+    ids = TextTokenizer.from_gguf(source).encode(calib_file.read_text())[: args.calib_tokens]  # the calibration tokens every edgewise step reads
     cached: dict = {}
 
     def moments():
@@ -184,7 +184,6 @@ def main() -> int:
         if "m" not in cached:
             t0 = time.perf_counter()
             lm = LanguageModel.load(src, compile=False)
-            ids = lm.tokenizer.encode(calib_file.read_text())[: args.calib_tokens]
             cached["m"] = second_moments(lm, ids, args.ctx, full=True, sink_weight=SINK_WEIGHT)
             cached["seconds"] = time.perf_counter() - t0
         return cached["m"]
@@ -226,11 +225,10 @@ def main() -> int:
         t0, cached_file = time.perf_counter(), out.exists()
         if not cached_file:
             if not rungs:
-                ids = TextTokenizer.from_gguf(source).encode(calib_file.read_text())[: args.calib_tokens]
                 windows = torch.tensor(ids[:SENSITIVITY_TOKENS]).reshape(-1, min(args.ctx, SENSITIVITY_TOKENS))
                 t1 = time.perf_counter()
                 store = RungStore(work / f"{src.stem}.rungs", rung_identity(source, "gptq", ids, args.ctx, windows))  # kept: a rerun resumes or reuses it
-                cached["resumed"] = bool(store.kls) or any(store.folder.glob("*.safetensors"))
+                cached["resumed"] = store.started
                 rungs.update(measure_rungs(source, moments, windows, "gptq", progress_bar("rounding every type", unit="weight"),
                                            progress_bar("sensitivity", unit="tensor"), store=store))
                 cached["mixed_seconds"] = time.perf_counter() - t1
@@ -243,19 +241,13 @@ def main() -> int:
     if args.prune != "none":
         frac, drop, steps = args.prune.split(",")
         shape = f"{frac}-{f'h{args.prune_heads}-' if args.prune_heads else ''}{drop}"
-        ids = TextTokenizer.from_gguf(source).encode(calib_file.read_text())[: args.calib_tokens]
         pruned = work / f"{src.stem}.pruned.{shape}.gguf"  # the source's types (ffn_down, attn_output requantized): both rows start here
         distilled = work / f"{src.stem}.pruned.{shape}.distilled-{steps}.gguf"  # its trained matrices in F32
         made: dict[Path, float] = {}  # seconds of the intermediate files this run made
-        if not pruned.exists():
-            t0, tmp = time.perf_counter(), work / f".tmp-{os.getpid()}-shape"
-            tmp.mkdir(exist_ok=True)
-            try:
-                student = shape_model(source, ids, tmp, args.ctx, "gptq", prune_ffn=float(frac), prune_heads=args.prune_heads, drop_layers=int(drop),
-                                      log=lambda m: print(m, flush=True), calib_progress=progress_bar("calibrating", unit="window"))
-                os.replace(student.path, pruned)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        if not pruned.exists():  # `edgewise compress` with pruning alone: the pruned model in the source's types
+            t0 = time.perf_counter()
+            compress(src, pruned, calib=str(calib_file), calib_tokens=args.calib_tokens, ctx=args.ctx, rounding="gptq", prune_ffn=float(frac),
+                     prune_heads=args.prune_heads, drop_layers=int(drop), log=lambda m: print(m, flush=True), calib_progress=progress_bar("calibrating", unit="window"))
             made[pruned] = time.perf_counter() - t0
         if int(steps) and not distilled.exists():
             t0 = time.perf_counter()
