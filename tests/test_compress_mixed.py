@@ -220,3 +220,18 @@ def test_an_interrupted_measurement_resumes_to_the_same_file(tiny_source, tmp_pa
     assert out.read_bytes() == (tmp_path / "whole.gguf").read_bytes()
     assert [p.kl for p in resumed.plans] == [p.kl for p in whole.plans]
     assert not store.exists()
+
+
+def test_a_store_with_damaged_json_is_refused(tmp_path):
+    from edgewise.compress.mixed import RungStore
+
+    store = RungStore(tmp_path / "s.rungs", {"source": "a"})
+    assert not store.started
+    store.save_kl("blk.0.attn_q.weight", 0.5)
+    assert RungStore(tmp_path / "s.rungs", {"source": "a"}).kls == {"blk.0.attn_q.weight": 0.5}
+    (tmp_path / "s.rungs" / "kl.json").write_text("{not json")
+    with pytest.raises(EdgewiseError, match=r"kl\.json: unreadable \(not JSON\); delete it"):
+        RungStore(tmp_path / "s.rungs", {"source": "a"})
+    (tmp_path / "s.rungs" / "identity.json").write_text("garbage")
+    with pytest.raises(EdgewiseError, match=r"s\.rungs: rungs measured for another run"):
+        RungStore(tmp_path / "s.rungs", {"source": "a"})
