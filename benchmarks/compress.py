@@ -52,7 +52,7 @@ from edgewise.compress.calibrate import SINK_WEIGHT, second_moments
 from edgewise.compress.mixed import SENSITIVITY_TOKENS, size_range
 from edgewise.compress.blocks import FORMATS
 from edgewise.compress.mixed import RungStore
-from edgewise.compress.distill import DISTILL_CTX, distill
+from edgewise.compress.distill import DISTILL_CTX, DISTILL_LR, distill
 from edgewise.compress.pipeline import FALLBACK, MB, compress, compress_gguf, measure_rungs, rung_identity, tensor_budget, write_mixed
 from edgewise.data.text import load_text
 from edgewise.errors import EdgewiseError
@@ -154,7 +154,7 @@ def main() -> int:
                     "about 2 hours on Qwen2.5-Coder-1.5B on 2 cores)")
     ap.add_argument("--prune-heads", type=float, default=0.0, metavar="FRACTION",
                     help="in the pruned rows, also this share of every layer's query heads (as many from each KV group; default 0)")
-    ap.add_argument("--distill-lr", type=float, default=1e-4, metavar="LR",
+    ap.add_argument("--distill-lr", type=float, default=DISTILL_LR, metavar="LR",
                     help="AdamW's peak learning rate in the distillation (default 1e-4; lower for larger models: on Qwen2.5-Coder-1.5B "
                     "1e-4 raised the KL on the windows it trained on)")
     ap.add_argument("--prune-type", default="Q4_0", help="the pruned model's quantization type (default Q4_0)")
@@ -245,7 +245,7 @@ def main() -> int:
         frac, drop, steps = args.prune.split(",")
         shape = f"{frac}-{f'h{args.prune_heads}-' if args.prune_heads else ''}{drop}"
         pruned = work / f"{src.stem}.pruned.{shape}.gguf"  # the source's types (ffn_down, attn_output requantized): both rows start here
-        lr_tag = "" if args.distill_lr == 1e-4 else f"-lr{args.distill_lr:g}"
+        lr_tag = "" if args.distill_lr == DISTILL_LR else f"-lr{args.distill_lr:g}"
         distilled = work / f"{src.stem}.pruned.{shape}.distilled-{steps}{lr_tag}.gguf"  # its trained matrices in F32
         made: dict[Path, float] = {}  # seconds of the intermediate files this run made
         if not pruned.exists():  # `edgewise compress` with pruning alone: the pruned model in the source's types

@@ -80,7 +80,7 @@ def add_commands(sub) -> None:
     shape.add_argument("--distill-steps", type=number(int, 0), default=0, metavar="N",
                        help="then train the pruned model's matrices N steps (a window of 256 tokens each) to match the source's "
                        "next-token distribution (KL); checkpointed to OUT.gguf.distill, so a rerun resumes")
-    shape.add_argument("--distill-lr", type=positive_float, default=1e-4, help="AdamW's peak learning rate (default 1e-4, which suits SmolLM2-135M; on Qwen2.5-Coder-1.5B it raised the KL "
+    shape.add_argument("--distill-lr", type=positive_float, default=None, help="AdamW's peak learning rate (default 1e-4, which suits SmolLM2-135M; on Qwen2.5-Coder-1.5B it raised the KL "
                        "it trains against, and 1e-5 lowered it: give about 1e-5 for a model of a billion weights or more)")
     p.add_argument("--sensitivity-tokens", type=number(int, 16), default=512, help="with --size/--bpw: calibration tokens each tensor's KL is measured on (default 512)")
     p.set_defaults(handler=cmd_compress)
@@ -110,7 +110,7 @@ def cmd_compress(args) -> int:
         prune_heads=args.prune_heads,
         drop_layers=args.drop_layers,
         distill_steps=args.distill_steps,
-        distill_lr=args.distill_lr,
+        **({} if args.distill_lr is None else {"distill_lr": args.distill_lr}),  # else the library's default (distill.DISTILL_LR)
         distill_progress=progress_bar("distilling", unit="step", postfix=("KL",)),
         teacher_progress=progress_bar("teacher's answers", unit="layer"),
     )

@@ -26,6 +26,7 @@ from gguf import GGUFValueType, LlamaFileType, quants
 
 from edgewise.compress.blocks import FORMATS
 from edgewise.compress.calibrate import SINK_WEIGHT
+from edgewise.compress.distill import DISTILL_LR
 from edgewise.compress.gguf_write import tensor_bytes, write_gguf
 from edgewise.compress.gptq import calibration_loss, gptq_quantize, inverse_cholesky
 from edgewise.compress.mixed import SENSITIVITY_TOKENS, KLProbe, Rung, RungStore, choose, mixed_rungs, predict_kl, size_range
@@ -298,7 +299,7 @@ def shape_model(
     prune_ffn: float = 0.0,
     drop_layers: int = 0,
     distill_steps: int = 0,
-    distill_lr: float = 1e-4,
+    distill_lr: float = DISTILL_LR,
     checkpoint: Path | None = None,
     prune_heads: float = 0.0,
     sensitivity_tokens: int = SENSITIVITY_TOKENS,
@@ -367,7 +368,7 @@ def compress(
     prune_ffn: float = 0.0,
     drop_layers: int = 0,
     distill_steps: int = 0,
-    distill_lr: float = 1e-4,
+    distill_lr: float = DISTILL_LR,
     prune_heads: float = 0.0,
     log: Callable[[str], None] = lambda msg: None,
     calib_progress: Callable[[int, int], None] | None = None,
