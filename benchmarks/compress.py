@@ -155,7 +155,7 @@ def main() -> int:
     ap.add_argument("--prune-heads", type=float, default=0.0, metavar="FRACTION",
                     help="in the pruned rows, also this share of every layer's query heads (as many from each KV group; default 0)")
     ap.add_argument("--distill-lr", type=float, default=DISTILL_LR, metavar="LR",
-                    help="AdamW's peak learning rate in the distillation (default 1e-4; lower for larger models: on Qwen2.5-Coder-1.5B "
+                    help=f"AdamW's peak learning rate in the distillation (default {DISTILL_LR:g}; lower for larger models: on Qwen2.5-Coder-1.5B "
                     "1e-4 raised the KL on the windows it trained on)")
     ap.add_argument("--prune-type", default="Q4_0", help="the pruned model's quantization type (default Q4_0)")
     ap.add_argument("--work", default=str(ROOT / "build" / "compress-bench"), help="folder for the files (kept for reuse)")
@@ -292,7 +292,7 @@ def main() -> int:
         "llama-perplexity's rule (the second half of each window scored); `ppl llama.cpp`: llama-perplexity itself on the same",
         "file and windows: the last two columns cross-check the runtimes. Files kept in " + str(work) + ".",
         (f"edgewise's calibration (every layer input's Hessian, shared by its search, gptq and mixed files) took {cached['seconds']:.0f} s;"
-         if "seconds" in cached else "edgewise's calibration and every file were made by earlier runs of this script and reused here (no times measured);"),
+         if "seconds" in cached else "edgewise's shared calibration was made by an earlier run of this script and reused here (its time not measured);"),
         "the seconds column is each file's quantization alone (`-`: the file was made by an earlier run and reused); the pruned row adds the pruning, "
         "the pruned+distilled row the distillation of that pruned model, where this run made them.",
         ("No mixed files (--no-mixed)." if args.no_mixed else (f"The mixed files' measurement (every type below the source quantized by GPTQ, each tensor's KL measured on {SENSITIVITY_TOKENS} "
