@@ -46,8 +46,9 @@ def cpu_supports_kernels() -> bool:
 
 def build_flags() -> list[str]:
     """Compiler flags: AVX2 + FMA + F16C, the kernels' one instruction set (a wider one would need kernels
-    tested on a CPU that has it)."""
-    return ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+    tested on a CPU that has it); plus AVX-VNNI where this CPU has it, for one fused instruction that gives the
+    same bits as the two it replaces (blocks.h, add_madd), so every test holds on both builds."""
+    return ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"] + (["-mavxvnni"] if "avx_vnni" in cpu_flags() else [])
 
 
 def source_hash() -> str:

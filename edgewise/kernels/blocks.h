@@ -1,4 +1,5 @@
-// GGUF's weight block formats, and the activation quantization every edgewise kernel shares (AVX2).
+// GGUF's weight block formats, and the activation quantization every edgewise kernel shares (AVX2;
+// AVX-VNNI's vpdpwssd where the CPU has it, same bits: add_madd).
 //
 // One definition of each format's bytes, as ggml lays them out (ggml-common.h); a kernel includes
 // this header and never restates a size. Values are in GGUF order: a row of K weights is K / 32
@@ -78,6 +79,18 @@ EW_INLINE float hsum(__m128 v) {
 }
 
 EW_INLINE float hsum(__m256 v) { return hsum(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1))); }
+
+// acc + madd(a, b): int16 pairs multiplied and summed into int32 lanes. Where the CPU has AVX-VNNI (built with
+// -mavxvnni: kernels/__init__.py's build_flags) one instruction, vpdpwssd, does it; the arithmetic is the same
+// (neither saturates: it wraps only at two products of -32768 * -32768, which no kernel's operands reach), so
+// both builds give the same bits.
+EW_INLINE __m256i add_madd(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
 
 EW_INLINE int hsum_i32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));

@@ -384,7 +384,7 @@ inline void rows_dot_k8(const uint8_t* row, int64_t n_super, const ew::Activatio
       const __m256i pick = Format::pick(b);
       for (int r = 0; r < R; ++r) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.codes(first + r, sb) + b * QK));
-        isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_shuffle_epi8(src[r][b / 4], pick)));
+        isum[r] = ew::add_madd(isum[r], _mm256_maddubs_epi16(w, x), _mm256_shuffle_epi8(src[r][b / 4], pick));
       }
     }
     for (int r = 0; r < R; ++r) {
