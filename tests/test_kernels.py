@@ -138,3 +138,16 @@ def test_fallback_without_native_kernels(model_path, monkeypatch, hf_model):
         ref = hf_model(torch.tensor([ids])).logits[0]
     assert (ours - ref).abs().max() < 2.0
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_build_flags_add_avx_vnni_only_where_the_cpu_has_it(monkeypatch):
+    """The AVX-VNNI build (blocks.h add_madd) is chosen from the CPU's flags, and is a separate cached build: its flags are
+    part of the source hash. Both builds give the same bits, so the kernel tests above hold on either."""
+    import edgewise.kernels as kernels
+
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    plain, plain_hash = kernels.build_flags(), kernels.source_hash()
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "f16c", "avx_vnni"})
+    vnni, vnni_hash = kernels.build_flags(), kernels.source_hash()
+    assert "-mavxvnni" not in plain and vnni == plain + ["-mavxvnni"]
+    assert plain_hash != vnni_hash
