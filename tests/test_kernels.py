@@ -151,3 +151,24 @@ def test_build_flags_add_avx_vnni_only_where_the_cpu_has_it(monkeypatch):
     vnni, vnni_hash = kernels.build_flags(), kernels.source_hash()
     assert "-mavxvnni" not in plain and vnni == plain + ["-mavxvnni"]
     assert plain_hash != vnni_hash
+
+
+def test_a_failed_avx_vnni_build_falls_back_to_avx2_with_a_warning(monkeypatch):
+    """A compiler that refuses -mavxvnni (older than GCC 11) costs the fused instruction, not the native kernels."""
+    from torch.utils import cpp_extension
+
+    import edgewise.kernels as kernels
+
+    tried = []
+
+    def load(**kw):
+        tried.append(kw["extra_cflags"])
+        if "-mavxvnni" in kw["extra_cflags"]:
+            raise RuntimeError("g++: error: unrecognized command-line option '-mavxvnni'")
+
+    monkeypatch.delenv("EDGEWISE_NO_NATIVE", raising=False)
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "f16c", "avx_vnni"})
+    monkeypatch.setattr(cpp_extension, "load", load)
+    with pytest.warns(UserWarning, match="AVX-VNNI build of the native kernels failed"):
+        assert kernels.quant_matmul_ops.__wrapped__() is torch.ops.edgewise
+    assert tried == [kernels.build_flags(), [f for f in kernels.build_flags() if f != "-mavxvnni"]]

@@ -51,8 +51,9 @@ def build_flags() -> list[str]:
     return ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"] + (["-mavxvnni"] if "avx_vnni" in cpu_flags() else [])
 
 
-def source_hash() -> str:
-    blob = b"".join(path.read_bytes() for path in SOURCES + HEADERS) + " ".join(build_flags()).encode()
+def source_hash(flags: list[str] | None = None) -> str:
+    """The cached build's name: the sources and the flags they are built with (default `build_flags()`)."""
+    blob = b"".join(path.read_bytes() for path in SOURCES + HEADERS) + " ".join(build_flags() if flags is None else flags).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -63,19 +64,26 @@ def quant_matmul_ops():
         return None
     if not cpu_supports_kernels():
         return None
-    try:
-        from torch.utils import cpp_extension
+    flags = build_flags()
+    attempts = [flags] + ([[f for f in flags if f != "-mavxvnni"]] if "-mavxvnni" in flags else [])  # a compiler too old for AVX-VNNI
+    for k, attempt in enumerate(attempts):
+        try:
+            from torch.utils import cpp_extension
 
-        cpp_extension.load(
-            name=f"edgewise_quant_matmul_{source_hash()}",
-            sources=[str(source) for source in SOURCES],
-            extra_cflags=build_flags(),
-            extra_include_paths=[str(HERE)],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as exc:  # no compiler, no ninja, a build error
-        warnings.warn(f"native quantized kernels unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); using torch's int4/int8 kernels", stacklevel=2)
-        return None
-    return torch.ops.edgewise
+            cpp_extension.load(
+                name=f"edgewise_quant_matmul_{source_hash(attempt)}",
+                sources=[str(source) for source in SOURCES],
+                extra_cflags=attempt,
+                extra_include_paths=[str(HERE)],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
+            return torch.ops.edgewise
+        except Exception as exc:  # no compiler, no ninja, a build error
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            if k + 1 < len(attempts):
+                warnings.warn(f"the AVX-VNNI build of the native kernels failed ({why}); building them for AVX2 alone", stacklevel=2)
+            else:
+                warnings.warn(f"native quantized kernels unavailable ({why}); using torch's int4/int8 kernels", stacklevel=2)
+    return None
