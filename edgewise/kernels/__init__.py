@@ -44,11 +44,14 @@ def cpu_supports_kernels() -> bool:
     return all(f in cpu_flags() for f in REQUIRED_CPU_FLAGS)
 
 
+BASE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # AVX2 + FMA + F16C: the kernels' one instruction set
+
+
 def build_flags() -> list[str]:
-    """Compiler flags: AVX2 + FMA + F16C, the kernels' one instruction set (a wider one would need kernels
-    tested on a CPU that has it); plus AVX-VNNI where this CPU has it, for one fused instruction that gives the
-    same bits as the two it replaces (blocks.h, add_madd), so every test holds on both builds."""
-    return ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"] + (["-mavxvnni"] if "avx_vnni" in cpu_flags() else [])
+    """Compiler flags: BASE_FLAGS (a wider instruction set would need kernels tested on a CPU that has it); plus
+    AVX-VNNI where this CPU has it, for one fused instruction that gives the same bits as the two it replaces
+    (blocks.h, add_madd), so every test holds on both builds."""
+    return BASE_FLAGS + (["-mavxvnni"] if "avx_vnni" in cpu_flags() else [])
 
 
 def source_hash(flags: list[str] | None = None) -> str:
@@ -64,12 +67,12 @@ def quant_matmul_ops():
         return None
     if not cpu_supports_kernels():
         return None
+    from torch.utils import cpp_extension
+
     flags = build_flags()
-    attempts = [flags] + ([[f for f in flags if f != "-mavxvnni"]] if "-mavxvnni" in flags else [])  # a compiler too old for AVX-VNNI
+    attempts = [flags] if flags == BASE_FLAGS else [flags, BASE_FLAGS]  # BASE_FLAGS again: a compiler too old for AVX-VNNI
     for k, attempt in enumerate(attempts):
         try:
-            from torch.utils import cpp_extension
-
             cpp_extension.load(
                 name=f"edgewise_quant_matmul_{source_hash(attempt)}",
                 sources=[str(source) for source in SOURCES],
